@@ -1,0 +1,371 @@
+//! The `vmm/NAME` command language: one command per line.
+//!
+//! Descriptors are named by the client's own descriptor numbers; the caller
+//! supplies an [`FdSource`] that turns such a number into a descriptor the
+//! engine owns (vmmfs copies it from the client with pidfd_getfd(2)).
+
+use crate::error::{Error, Result};
+use std::os::fd::OwnedFd;
+
+/// Turns a descriptor number of the client into a descriptor of our own.
+pub trait FdSource {
+    /// Take a copy of the client's descriptor `client_fd`.
+    fn take(&mut self, client_fd: i32) -> std::io::Result<OwnedFd>;
+}
+
+/// A PCI slot as bhyve writes it: `slot`, `slot:func` or `bus:slot:func`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciSlot {
+    pub bus: u8,
+    pub slot: u8,
+    pub func: u8,
+}
+
+/// vCPU topology (bhyve `-c`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    pub cpus: u16,
+    pub sockets: u16,
+    pub cores: u16,
+    pub threads: u16,
+}
+
+/// Which serial port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComPort {
+    Com1,
+    Com2,
+}
+
+/// One parsed command. Descriptor fields hold the client's descriptor numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `memory SIZE`: guest RAM in bhyve's `-m` syntax.
+    Memory(u64),
+    /// `cpus N [sockets=S] [cores=C] [threads=T]`.
+    Cpus(Topology),
+    /// `bootrom FD`: a flat image mapped just below 4 GiB.
+    Bootrom(i32),
+    /// `kernel FD`: bzImage or ELF vmlinux for direct Linux boot.
+    Kernel(i32),
+    /// `initrd FD`.
+    Initrd(i32),
+    /// `cmdline TEXT`: kernel command line (rest of the line).
+    Cmdline(String),
+    /// `com1 FD_IN FD_OUT` / `com2 FD_IN FD_OUT`.
+    Serial {
+        port: ComPort,
+        input: i32,
+        output: i32,
+    },
+    /// `device SLOT EMULATION [OPTIONS]`: bhyve `-s`; options are bhyve's comma list,
+    /// with descriptors given as `fd=N`.
+    Device {
+        slot: PciSlot,
+        emulation: String,
+        options: Vec<String>,
+    },
+    /// `set KEY=VALUE`: a platform option (bhyve -o style).
+    Set { key: String, value: String },
+    /// `run`: start the vCPUs.
+    Run,
+    /// `reinit`: reset vCPUs and devices, keep VM and memory (bhyve's vm_reinit).
+    Reinit,
+    /// `reset`: force a reset now (bhyvectl --force-reset).
+    Reset,
+    /// `poweroff`: ask the guest to power off (ACPI power button), like SIGTERM to bhyve.
+    PowerOff,
+    /// `force-poweroff`: stop the guest now (bhyvectl --force-poweroff).
+    ForcePowerOff,
+    /// `suspend`: stop the guest with exit status 5.
+    Suspend,
+}
+
+/// Parse a size in bhyve's `-m` syntax: a number of bytes or with K/M/G/T suffix.
+/// A bare number below 1024 means MiB, as bhyve does.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let bad = || Error::InvalidCommand(format!("bad size '{s}'"));
+    let s = s.trim();
+    let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 10),
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        Some('T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let n = if shift == 0 && n < 1024 {
+        n.checked_shl(20).ok_or_else(bad)?
+    } else {
+        n
+    };
+    let bytes = n.checked_mul(1u64 << shift).ok_or_else(bad)?;
+    if bytes == 0 {
+        return Err(bad());
+    }
+    Ok(bytes)
+}
+
+/// Parse a PCI slot: `S`, `S:F` or `B:S:F` (decimal, as bhyve).
+pub fn parse_slot(s: &str) -> Result<PciSlot> {
+    let bad = || Error::InvalidCommand(format!("bad PCI slot '{s}'"));
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| p.parse::<u8>().map_err(|_| bad()))
+        .collect::<Result<_>>()?;
+    let (bus, slot, func) = match parts.as_slice() {
+        [s] => (0, *s, 0),
+        [s, f] => (0, *s, *f),
+        [b, s, f] => (*b, *s, *f),
+        _ => return Err(bad()),
+    };
+    if slot > 31 || func > 7 {
+        return Err(bad());
+    }
+    Ok(PciSlot { bus, slot, func })
+}
+
+fn parse_fd(s: Option<&str>) -> Result<i32> {
+    let s = s.ok_or_else(|| Error::InvalidCommand("missing descriptor number".into()))?;
+    match s.parse::<i32>() {
+        Ok(n) if n >= 0 => Ok(n),
+        _ => Err(Error::InvalidCommand(format!(
+            "bad descriptor number '{s}'"
+        ))),
+    }
+}
+
+fn parse_topology(args: &[&str]) -> Result<Topology> {
+    let bad = |a: &str| Error::InvalidCommand(format!("bad cpus argument '{a}'"));
+    let mut t = Topology {
+        cpus: 0,
+        sockets: 0,
+        cores: 1,
+        threads: 1,
+    };
+    let mut explicit_cpus = false;
+    for a in args {
+        let (k, v) = match a.split_once('=') {
+            Some((k, v)) => (k, v),
+            None => ("cpus", *a),
+        };
+        let v: u16 = v.parse().map_err(|_| bad(a))?;
+        match k {
+            "cpus" => {
+                t.cpus = v;
+                explicit_cpus = true;
+            }
+            "sockets" => t.sockets = v,
+            "cores" => t.cores = v,
+            "threads" => t.threads = v,
+            _ => return Err(bad(a)),
+        }
+    }
+    if explicit_cpus && t.cpus == 0 {
+        return Err(Error::InvalidCommand("vCPU count out of range".into()));
+    }
+    if t.sockets == 0 {
+        t.sockets = if t.cpus == 0 {
+            1
+        } else {
+            (t.cpus / (t.cores * t.threads).max(1)).max(1)
+        };
+    }
+    if t.cpus == 0 {
+        t.cpus = t.sockets * t.cores * t.threads;
+    }
+    if t.cpus == 0 || t.cores == 0 || t.threads == 0 || t.cpus > 255 {
+        return Err(Error::InvalidCommand("vCPU count out of range".into()));
+    }
+    if u32::from(t.sockets) * u32::from(t.cores) * u32::from(t.threads) < u32::from(t.cpus) {
+        return Err(Error::InvalidCommand(
+            "topology smaller than vCPU count".into(),
+        ));
+    }
+    Ok(t)
+}
+
+impl Command {
+    /// Parse one command line (a trailing newline is allowed).
+    pub fn parse(line: &str) -> Result<Command> {
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        if line.contains('\n') || line.contains('\0') {
+            return Err(Error::InvalidCommand("one command per write".into()));
+        }
+        let (verb, rest) = line
+            .trim_start()
+            .split_once(' ')
+            .unwrap_or((line.trim(), ""));
+        let args: Vec<&str> = rest.split_whitespace().collect();
+        let arity = |n: usize| -> Result<()> {
+            if args.len() == n {
+                Ok(())
+            } else {
+                Err(Error::InvalidCommand(format!(
+                    "'{verb}' takes {n} argument(s)"
+                )))
+            }
+        };
+        let cmd = match verb {
+            "memory" => {
+                arity(1)?;
+                Command::Memory(parse_size(args[0])?)
+            }
+            "cpus" => {
+                if args.is_empty() {
+                    return Err(Error::InvalidCommand("'cpus' needs a count".into()));
+                }
+                Command::Cpus(parse_topology(&args)?)
+            }
+            "bootrom" => {
+                arity(1)?;
+                Command::Bootrom(parse_fd(args.first().copied())?)
+            }
+            "kernel" => {
+                arity(1)?;
+                Command::Kernel(parse_fd(args.first().copied())?)
+            }
+            "initrd" => {
+                arity(1)?;
+                Command::Initrd(parse_fd(args.first().copied())?)
+            }
+            "cmdline" => Command::Cmdline(rest.to_string()),
+            "com1" | "com2" => {
+                arity(2)?;
+                Command::Serial {
+                    port: if verb == "com1" {
+                        ComPort::Com1
+                    } else {
+                        ComPort::Com2
+                    },
+                    input: parse_fd(args.first().copied())?,
+                    output: parse_fd(args.get(1).copied())?,
+                }
+            }
+            "device" => {
+                if args.len() < 2 || args.len() > 3 {
+                    return Err(Error::InvalidCommand(
+                        "usage: device SLOT EMULATION [OPTIONS]".into(),
+                    ));
+                }
+                Command::Device {
+                    slot: parse_slot(args[0])?,
+                    emulation: args[1].to_string(),
+                    options: args
+                        .get(2)
+                        .map(|o| {
+                            o.split(',')
+                                .filter(|s| !s.is_empty())
+                                .map(String::from)
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }
+            }
+            "set" => {
+                arity(1)?;
+                let (k, v) = args[0]
+                    .split_once('=')
+                    .ok_or_else(|| Error::InvalidCommand("usage: set KEY=VALUE".into()))?;
+                Command::Set {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                }
+            }
+            "run" | "reinit" | "reset" | "poweroff" | "force-poweroff" | "suspend" => {
+                arity(0)?;
+                match verb {
+                    "run" => Command::Run,
+                    "reinit" => Command::Reinit,
+                    "reset" => Command::Reset,
+                    "poweroff" => Command::PowerOff,
+                    "force-poweroff" => Command::ForcePowerOff,
+                    _ => Command::Suspend,
+                }
+            }
+            "" => return Err(Error::InvalidCommand("empty command".into())),
+            other => return Err(Error::InvalidCommand(format!("unknown command '{other}'"))),
+        };
+        Ok(cmd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_bhyve() {
+        assert_eq!(parse_size("256").unwrap(), 256 << 20);
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999999999T").is_err());
+    }
+
+    #[test]
+    fn commands_parse() {
+        assert_eq!(
+            Command::parse("memory 512M\n").unwrap(),
+            Command::Memory(512 << 20)
+        );
+        assert_eq!(Command::parse("bootrom 5").unwrap(), Command::Bootrom(5));
+        assert_eq!(
+            Command::parse("com1 0 1").unwrap(),
+            Command::Serial {
+                port: ComPort::Com1,
+                input: 0,
+                output: 1
+            }
+        );
+        assert_eq!(
+            Command::parse("cpus cpus=4 sockets=2 cores=2").unwrap(),
+            Command::Cpus(Topology {
+                cpus: 4,
+                sockets: 2,
+                cores: 2,
+                threads: 1
+            })
+        );
+        assert_eq!(
+            Command::parse("device 3:0 virtio-blk fd=7,ro").unwrap(),
+            Command::Device {
+                slot: PciSlot {
+                    bus: 0,
+                    slot: 3,
+                    func: 0
+                },
+                emulation: "virtio-blk".into(),
+                options: vec!["fd=7".into(), "ro".into()],
+            }
+        );
+        assert_eq!(
+            Command::parse("cmdline console=ttyS0 quiet").unwrap(),
+            Command::Cmdline("console=ttyS0 quiet".into())
+        );
+    }
+
+    #[test]
+    fn bad_commands_are_einval() {
+        for bad in [
+            "",
+            "fly",
+            "memory",
+            "bootrom -1",
+            "bootrom x",
+            "run now",
+            "device 40 hostbridge",
+            "cpus 0",
+            "cpus 300",
+            "com1 0",
+            "run\nrun",
+            "set novalue",
+        ] {
+            let e = Command::parse(bad).unwrap_err();
+            assert_eq!(e.errno(), libc::EINVAL, "{bad:?}");
+        }
+    }
+}

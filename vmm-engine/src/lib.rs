@@ -1,0 +1,17 @@
+//! vmm-engine: one VM on KVM, driven by text commands.
+//!
+//! The engine knows nothing of FUSE, users or files by path. Its caller (vmmfs)
+//! hands it descriptors and command lines; it answers with status text and
+//! wakes the caller when the VM's state changes.
+//!
+//! The command language is the `vmm/NAME` protocol documented in vmm(4); the
+//! parser lives in [`command`] so that the boundary can later become a socket to
+//! a per-VM worker process without changing the protocol.
+
+pub mod command;
+pub mod error;
+pub mod vm;
+
+pub use command::{Command, FdSource};
+pub use error::{Error, Result};
+pub use vm::{ExitReason, Segment, Vm, VmState};
