@@ -1,0 +1,50 @@
+//! Every error the daemon returns to a client, and its errno: the one place
+//! where policy outcomes become errnos.
+
+/// A refused or failed vmmfs operation.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// Malformed command, bad name, flags or reserved fields; unknown VM on destroy.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// A VM of that name is visible to the caller.
+    #[error("a VM named '{0}' already exists")]
+    Exists(String),
+    /// Not allowed by vmm policy (privilege, jail, read-only open).
+    #[error("{0}")]
+    NotPermitted(String),
+    /// The caller's per-user VM limit is reached.
+    #[error("VM limit of {0} per user reached")]
+    Limit(usize),
+    /// The VM behind a handle has been destroyed.
+    #[error("the VM has been destroyed")]
+    Gone,
+    /// No such node.
+    #[error("no such node")]
+    NotFound,
+    /// The engine refused or failed.
+    #[error(transparent)]
+    Engine(#[from] vmm_engine::Error),
+    /// Anything else from the OS.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FsError {
+    /// errno seen by the client.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::Exists(_) => libc::EEXIST,
+            FsError::NotPermitted(_) => libc::EPERM,
+            FsError::Limit(_) => libc::ENOMEM,
+            FsError::Gone => libc::ENXIO,
+            FsError::NotFound => libc::ENOENT,
+            FsError::Engine(e) => e.errno(),
+            FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// Result of a vmmfs operation.
+pub type FsResult<T> = Result<T, FsError>;

@@ -1,0 +1,314 @@
+//! The fuser adapter: converts FUSE requests into [`Service`] calls and
+//! results into replies. No policy lives here.
+
+use crate::creds::{pid_namespace, Creds};
+use crate::error::FsError;
+use crate::nodes::Node;
+use crate::service::{Attr, OpenMode, Service};
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyPoll, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Static nodes may be cached: every change to them goes through us and the
+/// reply refreshes the kernel's copy.
+const STATIC_TTL: Duration = Duration::from_secs(60);
+/// VM nodes are never cached: what a lookup finds depends on the caller's
+/// jail, and the kernel's dentry cache is shared by all namespaces.
+const VM_TTL: Duration = Duration::ZERO;
+
+/// Passthrough backing files, one per segment inode (the kernel requires every
+/// open of an inode to use the same one).
+#[derive(Default)]
+struct Backings(Mutex<HashMap<u64, (Arc<BackingId>, i32, usize)>>);
+
+/// The mounted filesystem.
+pub struct VmmFs {
+    service: Arc<Service>,
+    started: SystemTime,
+    passthrough: bool,
+    backings: Backings,
+    /// Segment handle -> its inode, to drop the backing file on release.
+    segment_handles: Mutex<HashMap<u64, u64>>,
+}
+
+fn errno(e: FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl VmmFs {
+    pub fn new(service: Arc<Service>) -> VmmFs {
+        VmmFs {
+            service,
+            started: SystemTime::now(),
+            passthrough: false,
+            backings: Backings::default(),
+            segment_handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn file_attr(&self, a: &Attr) -> FileAttr {
+        let dir = a.node.is_dir();
+        FileAttr {
+            ino: INodeNo(a.node.ino()),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind: if dir { FileType::Directory } else { FileType::RegularFile },
+            perm: a.attrs.mode,
+            nlink: if dir { 2 } else { 1 },
+            uid: a.attrs.uid,
+            gid: a.attrs.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn ttl(node: Node) -> Duration {
+        match node {
+            Node::Vm(_) | Node::Segment(..) => VM_TTL,
+            _ => STATIC_TTL,
+        }
+    }
+
+    fn node(ino: INodeNo) -> Result<Node, Errno> {
+        Node::from_ino(ino.0).ok_or(Errno::ENOENT)
+    }
+}
+
+impl Filesystem for VmmFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // open(O_TRUNC) arrives with the open: `echo create x > vmmctl` is one round trip less.
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        self.passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        if !self.passthrough {
+            log::warn!("kernel lacks FUSE passthrough: vmm.io segments cannot be opened");
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (Ok(parent), Some(name)) = (Self::node(parent), name.to_str()) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Ok(jail) = pid_namespace(req.pid()) else { return reply.error(Errno::ESRCH) };
+        match self.service.lookup(jail, parent, name) {
+            Ok(a) => reply.entry(&Self::ttl(a.node), &self.file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match Self::node(ino).and_then(|n| self.service.getattr(n).map_err(errno)) {
+            Ok(a) => reply.attr(&Self::ttl(a.node), &self.file_attr(&a)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // Sizes and times are not the user's to set: truncation is ignored, as on a device.
+        match Self::node(ino).and_then(|n| self.service.setattr(n, mode, uid, gid).map_err(errno)) {
+            Ok(a) => reply.attr(&Self::ttl(a.node), &self.file_attr(&a)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let node = match Self::node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let creds = match Creds::of_request(req.pid(), req.uid()) {
+            Ok(c) => c,
+            Err(_) => return reply.error(Errno::ESRCH),
+        };
+        if matches!(node, Node::Segment(..)) && !self.passthrough {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
+        let opened = match self.service.open(creds, node, OpenMode::from_flags(flags.0)) {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let Some(memfd) = opened.backing else {
+            return reply.opened(FileHandle(opened.fh), FopenFlags::FOPEN_DIRECT_IO);
+        };
+        let mut backings = self.backings.0.lock();
+        let raw = memfd.as_raw_fd();
+        let slot = backings.entry(ino.0);
+        let id = match slot {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                if o.get().1 != raw {
+                    drop(backings);
+                    self.service.release(opened.fh);
+                    return reply.error(Errno::from_i32(libc::EBUSY));
+                }
+                o.get_mut().2 += 1;
+                o.get().0.clone()
+            }
+            std::collections::hash_map::Entry::Vacant(v) => match reply.open_backing(memfd.as_ref()) {
+                Ok(id) => v.insert((Arc::new(id), raw, 1)).0.clone(),
+                Err(e) => {
+                    drop(backings);
+                    log::error!("passthrough open failed: {e}");
+                    self.service.release(opened.fh);
+                    return reply.error(Errno::from(e));
+                }
+            },
+        };
+        drop(backings);
+        self.segment_handles.lock().insert(opened.fh, ino.0);
+        reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.service.read(fh.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.service.write(fh.0, req.pid(), data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // ENOSYS tells the kernel to stop sending flushes: close(2) costs no round trip.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.service.release(fh.0);
+        if let Some(ino) = self.segment_handles.lock().remove(&fh.0) {
+            let mut b = self.backings.0.lock();
+            if let Some(entry) = b.get_mut(&ino) {
+                entry.2 -= 1;
+                if entry.2 == 0 {
+                    b.remove(&ino);
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let node = match Self::node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let Ok(jail) = pid_namespace(req.pid()) else { return reply.error(Errno::ESRCH) };
+        let entries = match self.service.readdir(jail, node) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let all = [(node, ".".to_string(), true), (Node::Root, "..".to_string(), true)]
+            .into_iter()
+            .chain(entries.into_iter().map(|e| (e.node, e.name, e.node.is_dir())));
+        for (i, (n, name, dir)) in all.enumerate().skip(offset as usize) {
+            let kind = if dir { FileType::Directory } else { FileType::RegularFile };
+            if reply.add(INodeNo(n.ino()), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        match self.service.ioctl(fh.0, cmd, in_data) {
+            Ok(out) => reply.ioctl(0, &out[..out.len().min(out_size as usize)]),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        ph: PollNotifier,
+        _events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        let wake = Box::new(move || {
+            let _ = ph.notify();
+        });
+        match self.service.poll(fh.0, wake) {
+            Ok(true) => reply.poll(PollEvents::POLLIN | PollEvents::POLLRDNORM),
+            Ok(false) => reply.poll(PollEvents::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}
