@@ -23,18 +23,24 @@ pub fn serve(service: Arc<Service>, state_dir: &Path) -> std::io::Result<PathBuf
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    std::thread::Builder::new().name("control".into()).spawn(move || {
-        for conn in listener.incoming().flatten() {
-            if let Err(e) = handle(&service, conn) {
-                log::warn!("control connection: {e}");
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if let Err(e) = handle(&service, conn) {
+                    log::warn!("control connection: {e}");
+                }
             }
-        }
-    })?;
+        })?;
     Ok(path)
 }
 
 fn peer_is_host_root(conn: &UnixStream, host: JailId) -> bool {
-    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: 0,
+    };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`.
     let rc = unsafe {
@@ -52,7 +58,10 @@ fn peer_is_host_root(conn: &UnixStream, host: JailId) -> bool {
 fn handle(service: &Service, conn: UnixStream) -> std::io::Result<()> {
     let mut out = conn.try_clone()?;
     if !peer_is_host_root(&conn, service.registry().host()) {
-        return writeln!(out, "error only root on the host may change jail permissions");
+        return writeln!(
+            out,
+            "error only root on the host may change jail permissions"
+        );
     }
     let mut line = String::new();
     BufReader::new(conn.take_limited()).read_line(&mut line)?;
@@ -80,13 +89,20 @@ fn execute(service: &Service, line: &str) -> Result<String, String> {
         ["list"] => Ok(service
             .jails()
             .iter()
-            .map(|(j, g)| format!("jail ns={} allow.vmm={} allow.vmm_ppt={}\n", j.0, g.vmm as u8, g.ppt as u8))
+            .map(|(j, g)| {
+                format!(
+                    "jail ns={} allow.vmm={} allow.vmm_ppt={}\n",
+                    j.0, g.vmm as u8, g.ppt as u8
+                )
+            })
             .collect()),
         [verb @ ("allow" | "revoke"), pid, what @ ("vmm" | "ppt")] => {
             let pid: u32 = pid.parse().map_err(|_| format!("bad pid '{pid}'"))?;
             let jail = pid_namespace(pid).map_err(|e| format!("pid {pid}: {e}"))?;
             if jail == service.registry().host() {
-                return Err("that process is not in a jail (it shares the host's PID namespace)".into());
+                return Err(
+                    "that process is not in a jail (it shares the host's PID namespace)".into(),
+                );
             }
             let allow = *verb == "allow";
             let g = service
@@ -101,8 +117,16 @@ fn execute(service: &Service, line: &str) -> Result<String, String> {
                     (_, false) => g.ppt = false,
                 })
                 .map_err(|e| format!("saving state: {e}"))?;
-            log::info!("jail {}: allow.vmm={} allow.vmm_ppt={}", jail.0, g.vmm, g.ppt);
-            Ok(format!("jail ns={} allow.vmm={} allow.vmm_ppt={}\n", jail.0, g.vmm as u8, g.ppt as u8))
+            log::info!(
+                "jail {}: allow.vmm={} allow.vmm_ppt={}",
+                jail.0,
+                g.vmm,
+                g.ppt
+            );
+            Ok(format!(
+                "jail ns={} allow.vmm={} allow.vmm_ppt={}\n",
+                jail.0, g.vmm as u8, g.ppt as u8
+            ))
         }
         _ => Err("usage: allow PID vmm|ppt | revoke PID vmm|ppt | list".into()),
     }
@@ -116,8 +140,15 @@ pub fn request(state_dir: &Path, line: &str) -> Result<String, String> {
     writeln!(conn, "{line}").map_err(|e| e.to_string())?;
     let mut reply = String::new();
     std::io::Read::read_to_string(&mut conn, &mut reply).map_err(|e| e.to_string())?;
-    match reply.rsplit_once('\n').map(|(body, _)| body.rsplit_once('\n').unwrap_or(("", body))) {
-        Some((body, "ok")) => Ok(if body.is_empty() { String::new() } else { format!("{body}\n") }),
+    match reply
+        .rsplit_once('\n')
+        .map(|(body, _)| body.rsplit_once('\n').unwrap_or(("", body)))
+    {
+        Some((body, "ok")) => Ok(if body.is_empty() {
+            String::new()
+        } else {
+            format!("{body}\n")
+        }),
         Some((_, err)) => Err(err.strip_prefix("error ").unwrap_or(err).to_string()),
         None => Err("no reply from the daemon".into()),
     }

@@ -37,7 +37,9 @@ pub fn host_namespace() -> std::io::Result<JailId> {
 /// Parse the `Uid:` line of /proc/PID/status into (real, effective).
 pub fn parse_status_uids(status: &str) -> Option<(u32, u32)> {
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    let mut ids = line["Uid:".len()..].split_whitespace().map(|s| s.parse::<u32>());
+    let mut ids = line["Uid:".len()..]
+        .split_whitespace()
+        .map(|s| s.parse::<u32>());
     let ruid = ids.next()?.ok()?;
     let euid = ids.next()?.ok()?;
     Some((ruid, euid))
@@ -51,7 +53,12 @@ impl Creds {
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
         // The kernel checked permissions with fsuid; normally it equals euid.
         let euid = if fsuid != euid { fsuid } else { euid };
-        Ok(Creds { pid, ruid, euid, jail: pid_namespace(pid)? })
+        Ok(Creds {
+            pid,
+            ruid,
+            euid,
+            jail: pid_namespace(pid)?,
+        })
     }
 }
 

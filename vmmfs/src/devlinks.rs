@@ -30,7 +30,11 @@ impl DevLinks {
             if std::fs::symlink_metadata(&link).is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a link to {}; not replacing it", link.display(), target.display()),
+                    format!(
+                        "{} exists and is not a link to {}; not replacing it",
+                        link.display(),
+                        target.display()
+                    ),
                 ));
             }
             std::os::unix::fs::symlink(&target, &link)
@@ -70,8 +74,14 @@ mod tests {
         assert!(std::fs::symlink_metadata(dir.join("vmmctl")).is_err());
         std::fs::write(dir.join("vmm.io"), "someone else's").unwrap();
         assert!(DevLinks::create(&dir, mount).is_err());
-        assert_eq!(std::fs::read_to_string(dir.join("vmm.io")).unwrap(), "someone else's");
-        assert!(std::fs::symlink_metadata(dir.join("vmmctl")).is_err(), "nothing left behind");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("vmm.io")).unwrap(),
+            "someone else's"
+        );
+        assert!(
+            std::fs::symlink_metadata(dir.join("vmmctl")).is_err(),
+            "nothing left behind"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

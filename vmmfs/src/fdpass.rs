@@ -15,7 +15,10 @@ pub struct ClientFds {
 impl ClientFds {
     /// For requests of thread `tid` (FUSE reports thread ids).
     pub fn new(tid: u32) -> ClientFds {
-        ClientFds { pid: tid, pidfd: None }
+        ClientFds {
+            pid: tid,
+            pidfd: None,
+        }
     }
 
     fn pidfd(&mut self) -> io::Result<&OwnedFd> {
@@ -70,14 +73,22 @@ mod tests {
             // A file only this test knows: the copy must see the same open file description.
             {
                 let p = std::env::temp_dir().join(format!("vmmfs-fdpass-{}", std::process::id()));
-                let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&p)
+                    .unwrap();
                 std::fs::remove_file(&p).unwrap();
                 OwnedFd::from(f)
             },
         );
         f.write_all(b"shared").unwrap();
         // Thread id of another thread of this process: exercises the tid -> tgid mapping.
-        let tid = std::thread::spawn(|| unsafe { libc::gettid() } as u32).join().unwrap();
+        let tid = std::thread::spawn(|| unsafe { libc::gettid() } as u32)
+            .join()
+            .unwrap();
         let me = std::process::id();
         let mut src = ClientFds::new(if thread_group(tid).is_ok() { tid } else { me });
         let copy = src.take(f.as_raw_fd()).unwrap();
@@ -86,6 +97,9 @@ mod tests {
         let mut s = String::new();
         copy.read_to_string(&mut s).unwrap();
         assert_eq!(s, "shared");
-        assert_eq!(src.take(99999).unwrap_err().raw_os_error(), Some(libc::EBADF));
+        assert_eq!(
+            src.take(99999).unwrap_err().raw_os_error(),
+            Some(libc::EBADF)
+        );
     }
 }

@@ -6,10 +6,10 @@ use crate::error::FsError;
 use crate::nodes::Node;
 use crate::service::{Attr, OpenMode, Service};
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyPoll, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyPoll,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -25,10 +25,61 @@ const STATIC_TTL: Duration = Duration::from_secs(60);
 /// jail, and the kernel's dentry cache is shared by all namespaces.
 const VM_TTL: Duration = Duration::ZERO;
 
+/// A passthrough backing file shared by the opens of one segment inode.
+struct Backing {
+    id: Arc<BackingId>,
+    /// The memfd it was made from: a replaced segment needs a new one.
+    memfd: i32,
+    opens: usize,
+}
+
 /// Passthrough backing files, one per segment inode (the kernel requires every
 /// open of an inode to use the same one).
 #[derive(Default)]
-struct Backings(Mutex<HashMap<u64, (Arc<BackingId>, i32, usize)>>);
+struct Backings(Mutex<HashMap<u64, Backing>>);
+
+impl Backings {
+    /// The backing file for an open of `ino`, made with `make` on first use.
+    fn acquire(
+        &self,
+        ino: u64,
+        memfd: i32,
+        make: impl FnOnce() -> std::io::Result<BackingId>,
+    ) -> Result<Arc<BackingId>, Errno> {
+        let mut map = self.0.lock();
+        if let Some(b) = map.get_mut(&ino) {
+            if b.memfd != memfd {
+                // Still open on the segment's previous memory.
+                return Err(Errno::from_i32(libc::EBUSY));
+            }
+            b.opens += 1;
+            return Ok(b.id.clone());
+        }
+        let id = Arc::new(make().map_err(|e| {
+            log::error!("passthrough open failed: {e}");
+            Errno::from(e)
+        })?);
+        map.insert(
+            ino,
+            Backing {
+                id: id.clone(),
+                memfd,
+                opens: 1,
+            },
+        );
+        Ok(id)
+    }
+
+    fn release(&self, ino: u64) {
+        let mut map = self.0.lock();
+        if let Some(b) = map.get_mut(&ino) {
+            b.opens -= 1;
+            if b.opens == 0 {
+                map.remove(&ino);
+            }
+        }
+    }
+}
 
 /// The mounted filesystem.
 pub struct VmmFs {
@@ -65,7 +116,11 @@ impl VmmFs {
             mtime: self.started,
             ctime: self.started,
             crtime: self.started,
-            kind: if dir { FileType::Directory } else { FileType::RegularFile },
+            kind: if dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            },
             perm: a.attrs.mode,
             nlink: if dir { 2 } else { 1 },
             uid: a.attrs.uid,
@@ -104,7 +159,9 @@ impl Filesystem for VmmFs {
         let (Ok(parent), Some(name)) = (Self::node(parent), name.to_str()) else {
             return reply.error(Errno::ENOENT);
         };
-        let Ok(jail) = pid_namespace(req.pid()) else { return reply.error(Errno::ESRCH) };
+        let Ok(jail) = pid_namespace(req.pid()) else {
+            return reply.error(Errno::ESRCH);
+        };
         match self.service.lookup(jail, parent, name) {
             Ok(a) => reply.entry(&Self::ttl(a.node), &self.file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
@@ -155,39 +212,28 @@ impl Filesystem for VmmFs {
         if matches!(node, Node::Segment(..)) && !self.passthrough {
             return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
         }
-        let opened = match self.service.open(creds, node, OpenMode::from_flags(flags.0)) {
+        let opened = match self
+            .service
+            .open(creds, node, OpenMode::from_flags(flags.0))
+        {
             Ok(o) => o,
             Err(e) => return reply.error(errno(e)),
         };
         let Some(memfd) = opened.backing else {
             return reply.opened(FileHandle(opened.fh), FopenFlags::FOPEN_DIRECT_IO);
         };
-        let mut backings = self.backings.0.lock();
-        let raw = memfd.as_raw_fd();
-        let slot = backings.entry(ino.0);
-        let id = match slot {
-            std::collections::hash_map::Entry::Occupied(mut o) => {
-                if o.get().1 != raw {
-                    drop(backings);
-                    self.service.release(opened.fh);
-                    return reply.error(Errno::from_i32(libc::EBUSY));
-                }
-                o.get_mut().2 += 1;
-                o.get().0.clone()
+        match self.backings.acquire(ino.0, memfd.as_raw_fd(), || {
+            reply.open_backing(memfd.as_ref())
+        }) {
+            Ok(id) => {
+                self.segment_handles.lock().insert(opened.fh, ino.0);
+                reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id);
             }
-            std::collections::hash_map::Entry::Vacant(v) => match reply.open_backing(memfd.as_ref()) {
-                Ok(id) => v.insert((Arc::new(id), raw, 1)).0.clone(),
-                Err(e) => {
-                    drop(backings);
-                    log::error!("passthrough open failed: {e}");
-                    self.service.release(opened.fh);
-                    return reply.error(Errno::from(e));
-                }
-            },
-        };
-        drop(backings);
-        self.segment_handles.lock().insert(opened.fh, ino.0);
-        reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id);
+            Err(e) => {
+                self.service.release(opened.fh);
+                reply.error(e);
+            }
+        }
     }
 
     fn read(
@@ -225,7 +271,14 @@ impl Filesystem for VmmFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // ENOSYS tells the kernel to stop sending flushes: close(2) costs no round trip.
         reply.error(Errno::ENOSYS);
     }
@@ -242,32 +295,46 @@ impl Filesystem for VmmFs {
     ) {
         self.service.release(fh.0);
         if let Some(ino) = self.segment_handles.lock().remove(&fh.0) {
-            let mut b = self.backings.0.lock();
-            if let Some(entry) = b.get_mut(&ino) {
-                entry.2 -= 1;
-                if entry.2 == 0 {
-                    b.remove(&ino);
-                }
-            }
+            self.backings.release(ino);
         }
         reply.ok();
     }
 
-    fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let node = match Self::node(ino) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let Ok(jail) = pid_namespace(req.pid()) else { return reply.error(Errno::ESRCH) };
+        let Ok(jail) = pid_namespace(req.pid()) else {
+            return reply.error(Errno::ESRCH);
+        };
         let entries = match self.service.readdir(jail, node) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        let all = [(node, ".".to_string(), true), (Node::Root, "..".to_string(), true)]
-            .into_iter()
-            .chain(entries.into_iter().map(|e| (e.node, e.name, e.node.is_dir())));
+        let all = [
+            (node, ".".to_string(), true),
+            (Node::Root, "..".to_string(), true),
+        ]
+        .into_iter()
+        .chain(
+            entries
+                .into_iter()
+                .map(|e| (e.node, e.name, e.node.is_dir())),
+        );
         for (i, (n, name, dir)) in all.enumerate().skip(offset as usize) {
-            let kind = if dir { FileType::Directory } else { FileType::RegularFile };
+            let kind = if dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
             if reply.add(INodeNo(n.ino()), (i + 1) as u64, kind, name) {
                 break;
             }
@@ -310,5 +377,21 @@ impl Filesystem for VmmFs {
             Ok(false) => reply.poll(PollEvents::empty()),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        // No extended attributes; ENOSYS makes the kernel stop asking (e.g. for security labels).
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 }

@@ -18,7 +18,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "vmmfs", version, about = "FreeBSD's vmm device files and access control for KVM, in FUSE")]
+#[command(
+    name = "vmmfs",
+    version,
+    about = "FreeBSD's vmm device files and access control for KVM, in FUSE"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -97,8 +101,14 @@ fn main() -> ExitCode {
 
 fn jail_command(action: JailAction) -> Result<(), String> {
     let (dir, line) = match action {
-        JailAction::Allow(a) => (a.state_dir, format!("allow {} {}", a.pid, if a.ppt { "ppt" } else { "vmm" })),
-        JailAction::Revoke(a) => (a.state_dir, format!("revoke {} {}", a.pid, if a.ppt { "ppt" } else { "vmm" })),
+        JailAction::Allow(a) => (
+            a.state_dir,
+            format!("allow {} {}", a.pid, if a.ppt { "ppt" } else { "vmm" }),
+        ),
+        JailAction::Revoke(a) => (
+            a.state_dir,
+            format!("revoke {} {}", a.pid, if a.ppt { "ppt" } else { "vmm" }),
+        ),
         JailAction::List { state_dir } => (state_dir, "list".to_string()),
     };
     print!("{}", control::request(&dir, &line)?);
@@ -108,7 +118,9 @@ fn jail_command(action: JailAction) -> Result<(), String> {
 fn group_id(name: &str) -> Result<u32, String> {
     match nix::unistd::Group::from_name(name) {
         Ok(Some(g)) => Ok(g.gid.as_raw()),
-        Ok(None) => Err(format!("group '{name}' does not exist (create it with: groupadd {name})")),
+        Ok(None) => Err(format!(
+            "group '{name}' does not exist (create it with: groupadd {name})"
+        )),
         Err(e) => Err(format!("looking up group '{name}': {e}")),
     }
 }
@@ -119,7 +131,10 @@ fn check_mountpoint(path: &Path) -> Result<(), String> {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(format!("mount point {} is not a directory", path.display())),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            log::warn!("{}: stale FUSE mount of a dead daemon; detaching it", path.display());
+            log::warn!(
+                "{}: stale FUSE mount of a dead daemon; detaching it",
+                path.display()
+            );
             nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
                 .map_err(|e| format!("cannot detach stale mount {}: {e}", path.display()))
         }
@@ -128,25 +143,37 @@ fn check_mountpoint(path: &Path) -> Result<(), String> {
 }
 
 fn daemon(args: DaemonArgs) -> Result<(), String> {
-    let mountpoint = args.mountpoint.ok_or("a mount point is required (see --help)")?;
+    let mountpoint = args
+        .mountpoint
+        .ok_or("a mount point is required (see --help)")?;
     let gid = group_id(&args.group)?;
     if !Path::new("/dev/fuse").exists() {
         return Err("/dev/fuse is missing: load the fuse module (modprobe fuse)".into());
     }
     check_mountpoint(&mountpoint)?;
-    let mountpoint = std::fs::canonicalize(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let config = service::Config { group: gid, max_vms_per_user: args.max_vms_per_user.unwrap_or(4 * cpus) };
+    let mountpoint =
+        std::fs::canonicalize(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let config = service::Config {
+        group: gid,
+        max_vms_per_user: args.max_vms_per_user.unwrap_or(4 * cpus),
+    };
     let host = creds::host_namespace().map_err(|e| format!("reading own PID namespace: {e}"))?;
-    std::fs::create_dir_all(&args.state_dir).map_err(|e| format!("{}: {e}", args.state_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(|e| format!("{}: {e}", args.state_dir.display()))?;
     let store = state::StateStore::new(&args.state_dir);
-    let service = Arc::new(service::Service::new(config.clone(), store, host).map_err(|e| e.to_string())?);
+    let service =
+        Arc::new(service::Service::new(config.clone(), store, host).map_err(|e| e.to_string())?);
 
     // Signals go to one thread, which unmounts; block them everywhere else first.
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.add(nix::sys::signal::Signal::SIGINT);
-    signals.thread_block().map_err(|e| format!("blocking signals: {e}"))?;
+    signals
+        .thread_block()
+        .map_err(|e| format!("blocking signals: {e}"))?;
 
     let fs = fs::VmmFs::new(service.clone());
     let mut options = fuser::Config::default();
@@ -163,12 +190,15 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
     options.clone_fd = true;
     let mut session = fuser::Session::new(fs, &mountpoint, &options)
         .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
-    let control = control::serve(service.clone(), &args.state_dir).map_err(|e| format!("control socket: {e}"))?;
+    let control = control::serve(service.clone(), &args.state_dir)
+        .map_err(|e| format!("control socket: {e}"))?;
     let links = if args.dev_links {
-        Some(devlinks::DevLinks::create(Path::new("/dev"), &mountpoint).map_err(|e| {
-            let _ = session.unmount();
-            e.to_string()
-        })?)
+        Some(
+            devlinks::DevLinks::create(Path::new("/dev"), &mountpoint).map_err(|e| {
+                let _ = session.unmount();
+                e.to_string()
+            })?,
+        )
     } else {
         None
     };

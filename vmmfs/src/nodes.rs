@@ -68,8 +68,16 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        for n in [Node::Root, Node::Vmmctl, Node::VmmDir, Node::VmmIoDir, Node::Vm(1), Node::Vm(12345),
-            Node::Segment(1, 0), Node::Segment(7, MAX_SEGMENTS - 1)] {
+        for n in [
+            Node::Root,
+            Node::Vmmctl,
+            Node::VmmDir,
+            Node::VmmIoDir,
+            Node::Vm(1),
+            Node::Vm(12345),
+            Node::Segment(1, 0),
+            Node::Segment(7, MAX_SEGMENTS - 1),
+        ] {
             assert_eq!(Node::from_ino(n.ino()), Some(n));
         }
         assert_eq!(Node::from_ino(0), None);

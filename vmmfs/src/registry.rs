@@ -53,7 +53,6 @@ pub struct VmView {
     pub id: VmId,
     /// Name as listed for the viewer (see [`Registry::list`]).
     pub display: String,
-    pub node: NodeAttrs,
 }
 
 /// What the policy needs to know about the caller's jail.
@@ -90,7 +89,10 @@ impl Registry {
 
     /// The scope of a caller.
     pub fn scope(&self, jail: JailId) -> Scope {
-        Scope { jail, host: jail == self.host }
+        Scope {
+            jail,
+            host: jail == self.host,
+        }
     }
 
     /// PRIV_VMM_CREATE / PRIV_VMM_DESTROY: root outside any jail.
@@ -100,16 +102,29 @@ impl Registry {
 
     /// Create a VM named `name` for `c`, owned by `c.euid` with group `gid`.
     /// `transient_fh`: destroy it when that vmmctl handle is released.
-    pub fn create(&self, c: &Creds, name: &str, gid: u32, transient_fh: Option<u64>) -> FsResult<(VmId, Arc<Vm>)> {
+    pub fn create(
+        &self,
+        c: &Creds,
+        name: &str,
+        gid: u32,
+        transient_fh: Option<u64>,
+    ) -> FsResult<(VmId, Arc<Vm>)> {
         if transient_fh.is_none() && !self.privileged(c) {
-            log::warn!("create {name} refused for uid {} (pid {}): {MONITOR_MODE_MSG}", c.euid, c.pid);
+            log::warn!(
+                "create {name} refused for uid {} (pid {}): {MONITOR_MODE_MSG}",
+                c.euid,
+                c.pid
+            );
             return Err(FsError::NotPermitted(MONITOR_MODE_MSG.into()));
         }
         let scope = self.scope(c.jail);
         let deadline = Instant::now() + DESTROY_WAIT;
         let mut t = self.table.lock();
         loop {
-            let clash = t.values().filter(|e| e.name == name && (scope.host || e.jail == c.jail)).map(|e| e.phase);
+            let clash = t
+                .values()
+                .filter(|e| e.name == name && (scope.host || e.jail == c.jail))
+                .map(|e| e.phase);
             let phases: Vec<Phase> = clash.collect();
             if phases.is_empty() {
                 break;
@@ -131,7 +146,11 @@ impl Registry {
             *n += 1;
             *n - 1
         };
-        let node = NodeAttrs { uid: c.euid, gid, mode: 0o600 };
+        let node = NodeAttrs {
+            uid: c.euid,
+            gid,
+            mode: 0o600,
+        };
         t.insert(
             id,
             Entry {
@@ -151,11 +170,21 @@ impl Registry {
         match built {
             Ok(vm) => {
                 let vm = Arc::new(vm);
-                let e = t.get_mut(&id).expect("creating entries are only removed here");
+                let e = t
+                    .get_mut(&id)
+                    .expect("creating entries are only removed here");
                 e.engine = Some(vm.clone());
                 e.phase = Phase::Alive;
-                log::info!("created VM {name} (id {id}) for uid {} jail {}{}", c.euid, c.jail.0,
-                    if transient_fh.is_some() { ", destroy-on-close" } else { "" });
+                log::info!(
+                    "created VM {name} (id {id}) for uid {} jail {}{}",
+                    c.euid,
+                    c.jail.0,
+                    if transient_fh.is_some() {
+                        ", destroy-on-close"
+                    } else {
+                        ""
+                    }
+                );
                 Ok((id, vm))
             }
             Err(err) => {
@@ -174,9 +203,9 @@ impl Registry {
         if !scope.host || e.jail == self.host {
             return e.name.clone();
         }
-        let shadowed = t.iter().any(|(oid, o)| {
-            *oid != id && o.name == e.name && (o.jail == self.host || *oid < id)
-        });
+        let shadowed = t
+            .iter()
+            .any(|(oid, o)| *oid != id && o.name == e.name && (o.jail == self.host || *oid < id));
         if shadowed {
             format!("{}@{}", e.name, e.jail.0)
         } else {
@@ -206,7 +235,9 @@ impl Registry {
         let e = t.get_mut(&id).expect("found above");
         let creator = e.creator.euid == c.euid && e.jail == c.jail;
         if !creator && !self.privileged(c) {
-            return Err(FsError::NotPermitted(format!("VM '{name}' belongs to another user")));
+            return Err(FsError::NotPermitted(format!(
+                "VM '{name}' belongs to another user"
+            )));
         }
         e.phase = Phase::Destroying;
         drop(t);
@@ -264,8 +295,10 @@ impl Registry {
     pub fn lookup(&self, scope: Scope, name: &str) -> Option<VmView> {
         let t = self.table.lock();
         let id = self.find(&t, scope, name)?;
-        let e = &t[&id];
-        Some(VmView { id, display: name.into(), node: e.node })
+        Some(VmView {
+            id,
+            display: name.into(),
+        })
     }
 
     /// Every VM visible to a viewer.
@@ -273,21 +306,29 @@ impl Registry {
         let t = self.table.lock();
         t.iter()
             .filter(|(_, e)| self.visible(e, scope) && e.phase == Phase::Alive)
-            .map(|(id, e)| VmView { id: *id, display: self.display(&t, *id, e, scope), node: e.node })
+            .map(|(id, e)| VmView {
+                id: *id,
+                display: self.display(&t, *id, e, scope),
+            })
             .collect()
     }
 
     /// Whether `id` is alive and visible in `scope`.
     pub fn is_visible(&self, scope: Scope, id: VmId) -> bool {
         let t = self.table.lock();
-        t.get(&id).is_some_and(|e| e.phase == Phase::Alive && self.visible(e, scope))
+        t.get(&id)
+            .is_some_and(|e| e.phase == Phase::Alive && self.visible(e, scope))
     }
 
     /// The engine VM of a live VM.
     pub fn engine(&self, id: VmId) -> FsResult<Arc<Vm>> {
         let t = self.table.lock();
         match t.get(&id) {
-            Some(Entry { phase: Phase::Alive, engine: Some(vm), .. }) => Ok(vm.clone()),
+            Some(Entry {
+                phase: Phase::Alive,
+                engine: Some(vm),
+                ..
+            }) => Ok(vm.clone()),
             _ => Err(FsError::Gone),
         }
     }
@@ -295,26 +336,44 @@ impl Registry {
     /// Attributes of the VM node.
     pub fn node(&self, id: VmId) -> FsResult<NodeAttrs> {
         let t = self.table.lock();
-        t.get(&id).filter(|e| e.phase == Phase::Alive).map(|e| e.node).ok_or(FsError::NotFound)
+        t.get(&id)
+            .filter(|e| e.phase == Phase::Alive)
+            .map(|e| e.node)
+            .ok_or(FsError::NotFound)
     }
 
     /// Change the VM node's attributes (chmod/chown, already permitted by the kernel).
     pub fn set_node(&self, id: VmId, f: impl FnOnce(&mut NodeAttrs)) -> FsResult<NodeAttrs> {
         let mut t = self.table.lock();
-        let e = t.get_mut(&id).filter(|e| e.phase == Phase::Alive).ok_or(FsError::NotFound)?;
+        let e = t
+            .get_mut(&id)
+            .filter(|e| e.phase == Phase::Alive)
+            .ok_or(FsError::NotFound)?;
         f(&mut e.node);
         Ok(e.node)
     }
 
     /// Index and attributes of segment `seg` of VM `id`, after `f` (the node is
     /// made on first use from the VM's initial ownership: creator, group, 0600).
-    pub fn segment_node(&self, id: VmId, seg: &str, f: impl FnOnce(&mut NodeAttrs)) -> FsResult<(usize, NodeAttrs)> {
+    pub fn segment_node(
+        &self,
+        id: VmId,
+        seg: &str,
+        f: impl FnOnce(&mut NodeAttrs),
+    ) -> FsResult<(usize, NodeAttrs)> {
         let mut t = self.table.lock();
-        let e = t.get_mut(&id).filter(|e| e.phase == Phase::Alive).ok_or(FsError::NotFound)?;
+        let e = t
+            .get_mut(&id)
+            .filter(|e| e.phase == Phase::Alive)
+            .ok_or(FsError::NotFound)?;
         let idx = match e.segments.iter().position(|(n, _)| n == seg) {
             Some(i) => i,
             None => {
-                let initial = NodeAttrs { uid: e.creator.euid, gid: e.node.gid, mode: 0o600 };
+                let initial = NodeAttrs {
+                    uid: e.creator.euid,
+                    gid: e.node.gid,
+                    mode: 0o600,
+                };
                 e.segments.push((seg.to_string(), initial));
                 e.segments.len() - 1
             }
@@ -326,11 +385,18 @@ impl Registry {
     /// Name of segment node `idx` of VM `id`.
     pub fn segment_name(&self, id: VmId, idx: usize) -> FsResult<String> {
         let t = self.table.lock();
-        let e = t.get(&id).filter(|e| e.phase == Phase::Alive).ok_or(FsError::NotFound)?;
-        e.segments.get(idx).map(|(n, _)| n.clone()).ok_or(FsError::NotFound)
+        let e = t
+            .get(&id)
+            .filter(|e| e.phase == Phase::Alive)
+            .ok_or(FsError::NotFound)?;
+        e.segments
+            .get(idx)
+            .map(|(n, _)| n.clone())
+            .ok_or(FsError::NotFound)
     }
 
     /// Number of VMs (any phase).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.table.lock().len()
     }
@@ -345,22 +411,34 @@ mod tests {
     const JAIL_B: JailId = JailId(3);
 
     fn who(euid: u32, jail: JailId) -> Creds {
-        Creds { pid: 1, ruid: euid, euid, jail }
+        Creds {
+            pid: 1,
+            ruid: euid,
+            euid,
+            jail,
+        }
     }
 
     fn reg() -> Registry {
         Registry::new(HOST, 3)
     }
 
-    fn errno<T: std::fmt::Debug>(r: FsResult<T>) -> i32 {
-        r.unwrap_err().errno()
+    fn errno<T>(r: FsResult<T>) -> i32 {
+        match r {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.errno(),
+        }
     }
 
     #[test]
     fn unprivileged_must_use_monitor_mode() {
         let r = reg();
         assert_eq!(errno(r.create(&who(1000, HOST), "a", 0, None)), libc::EPERM);
-        assert_eq!(errno(r.create(&who(0, JAIL_A), "a", 0, None)), libc::EPERM, "jailed root has no privilege");
+        assert_eq!(
+            errno(r.create(&who(0, JAIL_A), "a", 0, None)),
+            libc::EPERM,
+            "jailed root has no privilege"
+        );
         assert!(r.create(&who(0, HOST), "a", 0, None).is_ok());
         assert!(r.create(&who(1000, HOST), "b", 0, Some(7)).is_ok());
     }
@@ -374,13 +452,24 @@ mod tests {
         r.create(&u, "b", 5, Some(1)).unwrap();
         r.create(&u, "c", 5, Some(2)).unwrap();
         assert_eq!(errno(r.create(&u, "d", 5, Some(1))), libc::ENOMEM);
-        assert!(r.create(&who(1001, HOST), "d", 5, Some(3)).is_ok(), "limit is per user");
+        assert!(
+            r.create(&who(1001, HOST), "d", 5, Some(3)).is_ok(),
+            "limit is per user"
+        );
         assert_eq!(errno(r.destroy(&who(1001, HOST), "a")), libc::EPERM);
         assert_eq!(errno(r.destroy(&u, "zzz")), libc::EINVAL);
         r.destroy(&u, "a").unwrap();
         assert_eq!(errno(r.destroy(&u, "a")), libc::EINVAL);
         r.destroy(&who(0, HOST), "d").unwrap();
-        assert_eq!(r.lookup(r.scope(HOST), "b").unwrap().node, NodeAttrs { uid: 1000, gid: 5, mode: 0o600 });
+        let b = r.lookup(r.scope(HOST), "b").unwrap().id;
+        assert_eq!(
+            r.node(b).unwrap(),
+            NodeAttrs {
+                uid: 1000,
+                gid: 5,
+                mode: 0o600
+            }
+        );
         r.release_handle(1);
         assert!(r.lookup(r.scope(HOST), "b").is_none());
         assert!(r.lookup(r.scope(HOST), "c").is_some());
@@ -394,17 +483,30 @@ mod tests {
         let (id_host, _) = r.create(&who(0, HOST), "x", 0, None).unwrap();
         let (id_a, _) = r.create(&who(0, JAIL_A), "x", 0, Some(1)).unwrap();
         r.create(&who(0, JAIL_B), "x", 0, Some(2)).unwrap();
-        assert_eq!(errno(r.create(&who(0, JAIL_A), "x", 0, Some(3))), libc::EEXIST);
+        assert_eq!(
+            errno(r.create(&who(0, JAIL_A), "x", 0, Some(3))),
+            libc::EEXIST
+        );
         assert_eq!(r.lookup(r.scope(JAIL_A), "x").unwrap().id, id_a);
         assert_eq!(r.list(r.scope(JAIL_A)).len(), 1);
         assert!(!r.is_visible(r.scope(JAIL_A), id_host));
-        let host_names: Vec<String> = r.list(r.scope(HOST)).into_iter().map(|v| v.display).collect();
-        assert_eq!(host_names, vec!["x".to_string(), "x@2".into(), "x@3".into()]);
+        let host_names: Vec<String> = r
+            .list(r.scope(HOST))
+            .into_iter()
+            .map(|v| v.display)
+            .collect();
+        assert_eq!(
+            host_names,
+            vec!["x".to_string(), "x@2".into(), "x@3".into()]
+        );
         assert_eq!(r.lookup(r.scope(HOST), "x@2").unwrap().id, id_a);
         assert_eq!(errno(r.create(&who(0, HOST), "x", 0, None)), libc::EEXIST);
         // A jail cannot destroy what it cannot see; root on the host can destroy anything.
         r.destroy(&who(0, JAIL_A), "x").unwrap();
-        assert!(r.lookup(r.scope(HOST), "x").is_some(), "host VM survived the jail's destroy");
+        assert!(
+            r.lookup(r.scope(HOST), "x").is_some(),
+            "host VM survived the jail's destroy"
+        );
         assert_eq!(errno(r.destroy(&who(0, JAIL_A), "x")), libc::EINVAL);
         r.destroy(&who(0, HOST), "x@3").unwrap();
         r.destroy(&who(0, HOST), "x").unwrap();
@@ -415,9 +517,17 @@ mod tests {
     fn jailed_creator_needs_same_jail() {
         let r = reg();
         r.create(&who(1000, HOST), "v", 0, Some(1)).unwrap();
-        assert_eq!(errno(r.destroy(&who(1000, JAIL_A), "v")), libc::EINVAL, "invisible from the jail");
+        assert_eq!(
+            errno(r.destroy(&who(1000, JAIL_A), "v")),
+            libc::EINVAL,
+            "invisible from the jail"
+        );
         r.create(&who(1000, JAIL_A), "w", 0, Some(2)).unwrap();
-        assert_eq!(errno(r.destroy(&who(1000, HOST), "w")), libc::EPERM, "same uid, other jail");
+        assert_eq!(
+            errno(r.destroy(&who(1000, HOST), "w")),
+            libc::EPERM,
+            "same uid, other jail"
+        );
     }
 
     #[test]

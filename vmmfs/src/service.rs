@@ -41,16 +41,13 @@ pub struct Opened {
 /// Open flags the policy looks at.
 #[derive(Debug, Clone, Copy)]
 pub struct OpenMode {
-    pub read: bool,
     pub write: bool,
 }
 
 impl OpenMode {
     pub fn from_flags(flags: i32) -> OpenMode {
-        match flags & libc::O_ACCMODE {
-            libc::O_RDONLY => OpenMode { read: true, write: false },
-            libc::O_WRONLY => OpenMode { read: false, write: true },
-            _ => OpenMode { read: true, write: true },
+        OpenMode {
+            write: flags & libc::O_ACCMODE != libc::O_RDONLY,
         }
     }
 }
@@ -108,7 +105,11 @@ pub struct Service {
 
 impl Service {
     /// Load state and start with no VMs.
-    pub fn new(config: Config, store: StateStore, host: JailId) -> Result<Service, crate::state::StateError> {
+    pub fn new(
+        config: Config,
+        store: StateStore,
+        host: JailId,
+    ) -> Result<Service, crate::state::StateError> {
         let state = store.load(config.group)?;
         Ok(Service {
             registry: Registry::new(host, config.max_vms_per_user),
@@ -131,9 +132,17 @@ impl Service {
 
     fn grants(&self, jail: JailId) -> Grants {
         if jail == self.registry.host() {
-            return Grants { vmm: true, ppt: true };
+            return Grants {
+                vmm: true,
+                ppt: true,
+            };
         }
-        self.state.lock().jails.get(&jail).copied().unwrap_or_default()
+        self.state
+            .lock()
+            .jails
+            .get(&jail)
+            .copied()
+            .unwrap_or_default()
     }
 
     fn static_attrs(&self, node: Node) -> NodeAttrs {
@@ -142,7 +151,11 @@ impl Service {
             Node::Vmmctl => s.vmmctl,
             Node::VmmDir => s.vmm_dir,
             Node::VmmIoDir => s.vmmio_dir,
-            _ => NodeAttrs { uid: 0, gid: 0, mode: 0o755 },
+            _ => NodeAttrs {
+                uid: 0,
+                gid: 0,
+                mode: 0o755,
+            },
         }
     }
 
@@ -161,7 +174,12 @@ impl Service {
     }
 
     fn segment(&self, id: VmId, name: &str) -> FsResult<vmm_engine::Segment> {
-        self.registry.engine(id)?.segments().into_iter().find(|s| s.name == name).ok_or(FsError::NotFound)
+        self.registry
+            .engine(id)?
+            .segments()
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or(FsError::NotFound)
     }
 
     /// Look `name` up in directory `parent` for a caller in `jail`.
@@ -171,7 +189,9 @@ impl Service {
             (Node::Root, "vmmctl") => Node::Vmmctl,
             (Node::Root, "vmm") => Node::VmmDir,
             (Node::Root, "vmm.io") => Node::VmmIoDir,
-            (Node::VmmDir, n) => Node::Vm(self.registry.lookup(scope, n).ok_or(FsError::NotFound)?.id),
+            (Node::VmmDir, n) => {
+                Node::Vm(self.registry.lookup(scope, n).ok_or(FsError::NotFound)?.id)
+            }
             (Node::VmmIoDir, n) => {
                 let (vm, seg) = n.rsplit_once('.').ok_or(FsError::NotFound)?;
                 let id = self.registry.lookup(scope, vm).ok_or(FsError::NotFound)?.id;
@@ -190,22 +210,35 @@ impl Service {
     /// Entries of a directory (without `.` and `..`) as the caller sees them.
     pub fn readdir(&self, jail: JailId, dir: Node) -> FsResult<Vec<DirEntry>> {
         let scope = self.scope(jail);
-        let entry = |node, name: &str| DirEntry { node, name: name.to_string() };
+        let entry = |node, name: &str| DirEntry {
+            node,
+            name: name.to_string(),
+        };
         Ok(match dir {
             Node::Root => vec![
                 entry(Node::Vmmctl, "vmmctl"),
                 entry(Node::VmmDir, "vmm"),
                 entry(Node::VmmIoDir, "vmm.io"),
             ],
-            Node::VmmDir => self.registry.list(scope).iter().map(|v| entry(Node::Vm(v.id), &v.display)).collect(),
+            Node::VmmDir => self
+                .registry
+                .list(scope)
+                .iter()
+                .map(|v| entry(Node::Vm(v.id), &v.display))
+                .collect(),
             Node::VmmIoDir => {
                 let mut out = Vec::new();
                 for v in self.registry.list(scope) {
-                    let Ok(vm) = self.registry.engine(v.id) else { continue };
+                    let Ok(vm) = self.registry.engine(v.id) else {
+                        continue;
+                    };
                     for seg in vm.segments() {
                         if let Ok((idx, _)) = self.registry.segment_node(v.id, &seg.name, |_| ()) {
                             if idx < MAX_SEGMENTS {
-                                out.push(entry(Node::Segment(v.id, idx), &format!("{}.{}", v.display, seg.name)));
+                                out.push(entry(
+                                    Node::Segment(v.id, idx),
+                                    &format!("{}.{}", v.display, seg.name),
+                                ));
                             }
                         }
                     }
@@ -217,7 +250,13 @@ impl Service {
     }
 
     /// chmod/chown/chgrp, already permitted by the kernel (default_permissions).
-    pub fn setattr(&self, node: Node, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) -> FsResult<Attr> {
+    pub fn setattr(
+        &self,
+        node: Node,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> FsResult<Attr> {
         let apply = |a: &mut NodeAttrs| {
             if let Some(m) = mode {
                 a.mode = (m & 0o7777) as u16;
@@ -269,8 +308,14 @@ impl Service {
         if self.grants(creds.jail).vmm {
             return Ok(());
         }
-        log::info!("{what} refused for pid {}: jail {} lacks allow.vmm", creds.pid, creds.jail.0);
-        Err(FsError::NotPermitted("VMs cannot be used in the current jail".into()))
+        log::info!(
+            "{what} refused for pid {}: jail {} lacks allow.vmm",
+            creds.pid,
+            creds.jail.0
+        );
+        Err(FsError::NotPermitted(
+            "VMs cannot be used in the current jail".into(),
+        ))
     }
 
     /// Open a file. The kernel already checked the mode bits.
@@ -279,9 +324,14 @@ impl Service {
             Node::Vmmctl => {
                 self.jail_check(&creds, "open vmmctl")?;
                 if !mode.write {
-                    return Err(FsError::NotPermitted("vmmctl must be opened for writing".into()));
+                    return Err(FsError::NotPermitted(
+                        "vmmctl must be opened for writing".into(),
+                    ));
                 }
-                Ok(Opened { fh: self.add_handle(Handle::Ctl(creds)), backing: None })
+                Ok(Opened {
+                    fh: self.add_handle(Handle::Ctl(creds)),
+                    backing: None,
+                })
             }
             Node::Vm(id) => {
                 self.jail_check(&creds, "open vmm/NAME")?;
@@ -290,8 +340,17 @@ impl Service {
                 }
                 let vm = self.registry.engine(id)?;
                 self.watch(id, &vm);
-                let h = VmHandle { id, seen: vm.generation(), vm, snapshot: Vec::new(), error: None };
-                Ok(Opened { fh: self.add_handle(Handle::Vm(h)), backing: None })
+                let h = VmHandle {
+                    id,
+                    seen: vm.generation(),
+                    vm,
+                    snapshot: Vec::new(),
+                    error: None,
+                };
+                Ok(Opened {
+                    fh: self.add_handle(Handle::Vm(h)),
+                    backing: None,
+                })
             }
             Node::Segment(id, idx) => {
                 self.jail_check(&creds, "open vmm.io/NAME.SEG")?;
@@ -299,7 +358,10 @@ impl Service {
                     return Err(FsError::NotFound);
                 }
                 let seg = self.segment(id, &self.registry.segment_name(id, idx)?)?;
-                Ok(Opened { fh: self.add_handle(Handle::Segment), backing: Some(seg.fd) })
+                Ok(Opened {
+                    fh: self.add_handle(Handle::Segment),
+                    backing: Some(seg.fd),
+                })
             }
             _ => Err(FsError::Invalid("not a file".into())),
         }
@@ -337,7 +399,9 @@ impl Service {
                 }
                 result.map(|()| data.len())
             }
-            Some(Handle::Segment) => Err(FsError::Invalid("segments are written through mmap".into())),
+            Some(Handle::Segment) => {
+                Err(FsError::Invalid("segments are written through mmap".into()))
+            }
             None => Err(FsError::Invalid("unknown handle".into())),
         }
     }
@@ -357,7 +421,12 @@ impl Service {
         match req {
             CtlRequest::Create { name, transient } => {
                 self.jail_check(creds, "create")?;
-                let (id, vm) = self.registry.create(creds, &name, self.config.group, transient.then_some(fh))?;
+                let (id, vm) = self.registry.create(
+                    creds,
+                    &name,
+                    self.config.group,
+                    transient.then_some(fh),
+                )?;
                 self.watch(id, &vm);
                 Ok(())
             }
@@ -435,7 +504,12 @@ impl Service {
 
     /// Every jail with a grant.
     pub fn jails(&self) -> Vec<(JailId, Grants)> {
-        self.state.lock().jails.iter().map(|(j, g)| (*j, *g)).collect()
+        self.state
+            .lock()
+            .jails
+            .iter()
+            .map(|(j, g)| (*j, *g))
+            .collect()
     }
 
     /// Destroy every VM (shutdown).

@@ -41,18 +41,37 @@ pub struct State {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: corrupt state file: {why} (fix or remove it; vmmfs will not guess)")]
-    Corrupt { path: PathBuf, line: usize, why: String },
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
 }
 
 impl State {
     /// FreeBSD's defaults: vmmctl root:GROUP 0660, directories root:root 0755.
     pub fn defaults(group: u32) -> State {
         State {
-            vmmctl: NodeAttrs { uid: 0, gid: group, mode: 0o660 },
-            vmm_dir: NodeAttrs { uid: 0, gid: 0, mode: 0o755 },
-            vmmio_dir: NodeAttrs { uid: 0, gid: 0, mode: 0o755 },
+            vmmctl: NodeAttrs {
+                uid: 0,
+                gid: group,
+                mode: 0o660,
+            },
+            vmm_dir: NodeAttrs {
+                uid: 0,
+                gid: 0,
+                mode: 0o755,
+            },
+            vmmio_dir: NodeAttrs {
+                uid: 0,
+                gid: 0,
+                mode: 0o755,
+            },
             jails: BTreeMap::new(),
         }
     }
@@ -60,7 +79,11 @@ impl State {
     /// Text form.
     pub fn render(&self) -> String {
         let mut s = format!("{HEADER}\n");
-        for (key, a) in [("vmmctl", &self.vmmctl), ("vmm", &self.vmm_dir), ("vmm.io", &self.vmmio_dir)] {
+        for (key, a) in [
+            ("vmmctl", &self.vmmctl),
+            ("vmm", &self.vmm_dir),
+            ("vmm.io", &self.vmmio_dir),
+        ] {
             s += &format!("{key} uid={} gid={} mode={:04o}\n", a.uid, a.gid, a.mode);
         }
         for (j, g) in &self.jails {
@@ -106,13 +129,17 @@ impl State {
                     if uid > u32::MAX as u64 || gid > u32::MAX as u64 || mode > 0o7777 {
                         return Err((n, "value out of range".into()));
                     }
-                    let a = Some(NodeAttrs { uid: uid as u32, gid: gid as u32, mode: mode as u16 });
+                    let a = NodeAttrs {
+                        uid: uid as u32,
+                        gid: gid as u32,
+                        mode: mode as u16,
+                    };
                     let slot = match kind {
                         "vmmctl" => &mut vmmctl,
                         "vmm" => &mut vmm,
                         _ => &mut vmmio,
                     };
-                    if slot.replace(a.unwrap()).is_some() {
+                    if slot.replace(a).is_some() {
                         return Err((n, format!("'{kind}' given twice")));
                     }
                 }
@@ -123,7 +150,10 @@ impl State {
                         1 => Ok(true),
                         _ => Err((n, format!("'{k}' must be 0 or 1"))),
                     };
-                    let g = Grants { vmm: flag("vmm")?, ppt: flag("ppt")? };
+                    let g = Grants {
+                        vmm: flag("vmm")?,
+                        ppt: flag("ppt")?,
+                    };
                     jails.insert(JailId(num("ns", 10)?), g);
                 }
                 _ => return Err((n, format!("unknown entry '{kind}'"))),
@@ -147,25 +177,29 @@ pub struct StateStore {
 
 impl StateStore {
     pub fn new(dir: &Path) -> StateStore {
-        StateStore { dir: dir.to_path_buf() }
+        StateStore {
+            dir: dir.to_path_buf(),
+        }
     }
 
     fn path(&self) -> PathBuf {
         self.dir.join("state")
     }
 
-    /// The state directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Load the state; a missing file means a first start (defaults are
     /// written), a corrupt one is an error.
     pub fn load(&self, group: u32) -> Result<State, StateError> {
         let path = self.path();
-        let io = |source| StateError::Io { path: path.clone(), source };
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
         match fs::read_to_string(&path) {
-            Ok(text) => State::parse(&text).map_err(|(line, why)| StateError::Corrupt { path: path.clone(), line, why }),
+            Ok(text) => State::parse(&text).map_err(|(line, why)| StateError::Corrupt {
+                path: path.clone(),
+                line,
+                why,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let state = State::defaults(group);
                 self.save(&state).map_err(io)?;
@@ -179,7 +213,12 @@ impl StateStore {
     pub fn save(&self, state: &State) -> std::io::Result<()> {
         fs::create_dir_all(&self.dir)?;
         let tmp = self.dir.join(".state.tmp");
-        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(state.render().as_bytes())?;
         f.sync_all()?;
         fs::rename(&tmp, self.path())?;
@@ -196,7 +235,13 @@ mod tests {
     fn round_trip() {
         let mut s = State::defaults(123);
         s.vmmctl.mode = 0o666;
-        s.jails.insert(JailId(4026532000), Grants { vmm: true, ppt: false });
+        s.jails.insert(
+            JailId(4026532000),
+            Grants {
+                vmm: true,
+                ppt: false,
+            },
+        );
         assert_eq!(State::parse(&s.render()).unwrap(), s);
     }
 

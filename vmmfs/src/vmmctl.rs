@@ -35,7 +35,10 @@ pub fn validate_name(name: &str) -> FsResult<()> {
     if name == "." || name == ".." {
         return bad("'.' and '..' are reserved");
     }
-    if name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '/') {
+    if name
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '/')
+    {
         return bad("whitespace, control characters, '\"' and '/' are not allowed");
     }
     Ok(())
@@ -43,18 +46,25 @@ pub fn validate_name(name: &str) -> FsResult<()> {
 
 /// Parse one write(2) to vmmctl: `create NAME`, `create NAME destroy-on-close`, `destroy NAME`.
 pub fn parse_line(data: &[u8]) -> FsResult<CtlRequest> {
-    let text = std::str::from_utf8(data).map_err(|_| FsError::Invalid("command is not UTF-8".into()))?;
+    let text =
+        std::str::from_utf8(data).map_err(|_| FsError::Invalid("command is not UTF-8".into()))?;
     let text = text.strip_suffix('\n').unwrap_or(text);
     if text.contains('\n') {
         return Err(FsError::Invalid("one command per write".into()));
     }
     let words: Vec<&str> = text.split(' ').collect();
     let req = match words.as_slice() {
-        ["create", name] => CtlRequest::Create { name: name.to_string(), transient: false },
-        ["create", name, "destroy-on-close"] => {
-            CtlRequest::Create { name: name.to_string(), transient: true }
-        }
-        ["destroy", name] => CtlRequest::Destroy { name: name.to_string() },
+        ["create", name] => CtlRequest::Create {
+            name: name.to_string(),
+            transient: false,
+        },
+        ["create", name, "destroy-on-close"] => CtlRequest::Create {
+            name: name.to_string(),
+            transient: true,
+        },
+        ["destroy", name] => CtlRequest::Destroy {
+            name: name.to_string(),
+        },
         _ => {
             return Err(FsError::Invalid(
                 "usage: create NAME [destroy-on-close] | destroy NAME".into(),
@@ -86,7 +96,10 @@ fn all_zero(bytes: &[u8]) -> bool {
 /// Decode an ioctl's input structure.
 pub fn parse_ioctl(cmd: u32, data: &[u8]) -> FsResult<CtlRequest> {
     if data.len() != IOCTL_STRUCT_SIZE {
-        return Err(FsError::Invalid(format!("ioctl argument of {} bytes", data.len())));
+        return Err(FsError::Invalid(format!(
+            "ioctl argument of {} bytes",
+            data.len()
+        )));
     }
     let name = &data[..NAME_FIELD];
     match cmd {
@@ -109,7 +122,9 @@ pub fn parse_ioctl(cmd: u32, data: &[u8]) -> FsResult<CtlRequest> {
             if !all_zero(&data[232..]) {
                 return Err(FsError::Invalid("reserved fields must be zero".into()));
             }
-            Ok(CtlRequest::Destroy { name: c_name(name)? })
+            Ok(CtlRequest::Destroy {
+                name: c_name(name)?,
+            })
         }
         _ => Err(FsError::Invalid(format!("unknown ioctl {cmd:#x}"))),
     }
@@ -129,7 +144,8 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_freebsd_encoding() {
         // _IOWR = dir 3 << 30 | size << 16 | type << 8 | nr
-        let iowr = |nr: u32| (3u32 << 30) | ((IOCTL_STRUCT_SIZE as u32) << 16) | ((b'V' as u32) << 8) | nr;
+        let iowr =
+            |nr: u32| (3u32 << 30) | ((IOCTL_STRUCT_SIZE as u32) << 16) | ((b'V' as u32) << 8) | nr;
         assert_eq!(iowr(0), VMMCTL_VM_CREATE);
         assert_eq!(iowr(1), VMMCTL_VM_DESTROY);
     }
@@ -138,19 +154,47 @@ mod tests {
     fn lines() {
         assert_eq!(
             parse_line(b"create foo\n").unwrap(),
-            CtlRequest::Create { name: "foo".into(), transient: false }
+            CtlRequest::Create {
+                name: "foo".into(),
+                transient: false
+            }
         );
         assert_eq!(
             parse_line(b"create foo destroy-on-close").unwrap(),
-            CtlRequest::Create { name: "foo".into(), transient: true }
+            CtlRequest::Create {
+                name: "foo".into(),
+                transient: true
+            }
         );
-        assert_eq!(parse_line(b"destroy foo").unwrap(), CtlRequest::Destroy { name: "foo".into() });
-        for bad in [&b"create"[..], b"create  foo", b"create foo bar", b"make foo", b"create foo\ncreate bar",
-            b"create .", b"create ..", b"create a/b", b"create a\"b", b"create a\tb", b"\xff", b""] {
-            assert_eq!(parse_line(bad).unwrap_err().errno(), libc::EINVAL, "{bad:?}");
+        assert_eq!(
+            parse_line(b"destroy foo").unwrap(),
+            CtlRequest::Destroy { name: "foo".into() }
+        );
+        for bad in [
+            &b"create"[..],
+            b"create  foo",
+            b"create foo bar",
+            b"make foo",
+            b"create foo\ncreate bar",
+            b"create .",
+            b"create ..",
+            b"create a/b",
+            b"create a\"b",
+            b"create a\tb",
+            b"\xff",
+            b"",
+        ] {
+            assert_eq!(
+                parse_line(bad).unwrap_err().errno(),
+                libc::EINVAL,
+                "{bad:?}"
+            );
         }
         let long = format!("create {}", "x".repeat(230));
-        assert_eq!(parse_line(long.as_bytes()).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            parse_line(long.as_bytes()).unwrap_err().errno(),
+            libc::EINVAL
+        );
         let ok = format!("create {}", "x".repeat(229));
         assert!(parse_line(ok.as_bytes()).is_ok());
     }
@@ -159,20 +203,49 @@ mod tests {
     fn ioctls() {
         assert_eq!(
             parse_ioctl(VMMCTL_VM_CREATE, &create_struct(b"vm1", 1)).unwrap(),
-            CtlRequest::Create { name: "vm1".into(), transient: true }
+            CtlRequest::Create {
+                name: "vm1".into(),
+                transient: true
+            }
         );
-        assert_eq!(parse_ioctl(VMMCTL_VM_CREATE, &create_struct(b"vm1", 2)).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            parse_ioctl(VMMCTL_VM_CREATE, &create_struct(b"vm1", 2))
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL
+        );
         let mut reserved = create_struct(b"vm1", 0);
         reserved[295] = 1;
-        assert_eq!(parse_ioctl(VMMCTL_VM_CREATE, &reserved).unwrap_err().errno(), libc::EINVAL);
-        assert_eq!(parse_ioctl(VMMCTL_VM_CREATE, &create_struct(b"", 0)).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            parse_ioctl(VMMCTL_VM_CREATE, &reserved)
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            parse_ioctl(VMMCTL_VM_CREATE, &create_struct(b"", 0))
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL
+        );
         let unterminated = create_struct(&[b'a'; 230], 0);
-        assert_eq!(parse_ioctl(VMMCTL_VM_CREATE, &unterminated).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            parse_ioctl(VMMCTL_VM_CREATE, &unterminated)
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL
+        );
         let mut d = vec![0u8; IOCTL_STRUCT_SIZE];
         d[..3].copy_from_slice(b"vm1");
-        assert_eq!(parse_ioctl(VMMCTL_VM_DESTROY, &d).unwrap(), CtlRequest::Destroy { name: "vm1".into() });
+        assert_eq!(
+            parse_ioctl(VMMCTL_VM_DESTROY, &d).unwrap(),
+            CtlRequest::Destroy { name: "vm1".into() }
+        );
         d[240] = 1;
-        assert_eq!(parse_ioctl(VMMCTL_VM_DESTROY, &d).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            parse_ioctl(VMMCTL_VM_DESTROY, &d).unwrap_err().errno(),
+            libc::EINVAL
+        );
         assert_eq!(parse_ioctl(0x1234, &d).unwrap_err().errno(), libc::EINVAL);
     }
 }
