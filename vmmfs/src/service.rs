@@ -63,8 +63,11 @@ struct VmHandle {
     vm: Arc<Vm>,
     /// Engine generation this handle last read: poll is ready when it moved.
     seen: u64,
-    /// Status text served for reads after offset 0.
-    snapshot: Vec<u8>,
+    /// Status text being read, and how much of it was served. Reads at offset 0
+    /// start a fresh one; other reads continue it (the kernel's file offset
+    /// also moves with writes, so it is not used); once it is exhausted (read
+    /// returned 0) or after a write, the next read starts afresh.
+    snapshot: Option<(Vec<u8>, usize)>,
     /// Message of the last failed command, reported by the next read.
     error: Option<String>,
 }
@@ -344,7 +347,7 @@ impl Service {
                     id,
                     seen: vm.generation(),
                     vm,
-                    snapshot: Vec::new(),
+                    snapshot: None,
                     error: None,
                 };
                 Ok(Opened {
@@ -396,6 +399,7 @@ impl Service {
                     .and_then(|cmd| Ok(vm.execute(cmd, &mut ClientFds::new(tid))?));
                 if let Some(Handle::Vm(h)) = self.handles.lock().get_mut(&fh) {
                     h.error = result.as_ref().err().map(|e| e.to_string());
+                    h.snapshot = None;
                 }
                 result.map(|()| data.len())
             }
@@ -434,7 +438,7 @@ impl Service {
         }
     }
 
-    /// A read of vmm/NAME: the status text, from a fresh snapshot at offset 0.
+    /// A read of vmm/NAME: the status text (see [`VmHandle::snapshot`]).
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let mut handles = self.handles.lock();
         let h = match handles.get_mut(&fh) {
@@ -442,21 +446,27 @@ impl Service {
             Some(_) => return Err(FsError::Invalid("nothing to read".into())),
             None => return Err(FsError::Invalid("unknown handle".into())),
         };
-        if offset == 0 {
+        if offset == 0 || h.snapshot.is_none() {
             if self.registry.engine(h.id).is_err() {
                 return Err(FsError::Gone);
             }
             h.seen = h.vm.generation();
-            let mut text = String::new();
-            if let Some(e) = h.error.take() {
-                text = format!("error={e}\n");
-            }
+            let mut text = h
+                .error
+                .take()
+                .map(|e| format!("error={e}\n"))
+                .unwrap_or_default();
             text += &h.vm.status();
-            h.snapshot = text.into_bytes();
+            h.snapshot = Some((text.into_bytes(), 0));
         }
-        let start = (offset as usize).min(h.snapshot.len());
-        let end = start.saturating_add(size as usize).min(h.snapshot.len());
-        Ok(h.snapshot[start..end].to_vec())
+        let (text, served) = h.snapshot.as_mut().expect("set above");
+        let end = served.saturating_add(size as usize).min(text.len());
+        let chunk = text[*served..end].to_vec();
+        *served = end;
+        if chunk.is_empty() {
+            h.snapshot = None;
+        }
+        Ok(chunk)
     }
 
     /// poll(2) on vmm/NAME: readable when the VM changed since this handle last
