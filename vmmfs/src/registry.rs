@@ -550,4 +550,42 @@ mod tests {
         assert!(t0.elapsed() >= Duration::from_millis(90));
         finisher.join().unwrap();
     }
+
+    #[test]
+    fn concurrent_users_keep_names_unique() {
+        let r = Arc::new(Registry::new(HOST, 1000));
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let me = who(0, HOST);
+                    for i in 0..40 {
+                        let name = format!("n{}", (i + w) % 5);
+                        match r.create(&me, &name, 0, None) {
+                            Ok(_) | Err(FsError::Exists(_)) => {}
+                            Err(e) => panic!("create: {e}"),
+                        }
+                        match r.destroy(&me, &name) {
+                            Ok(()) | Err(FsError::Invalid(_)) => {}
+                            Err(e) => panic!("destroy: {e}"),
+                        }
+                        let names: Vec<String> = r
+                            .list(r.scope(HOST))
+                            .into_iter()
+                            .map(|v| v.display)
+                            .collect();
+                        let mut unique = names.clone();
+                        unique.sort();
+                        unique.dedup();
+                        assert_eq!(names.len(), unique.len(), "{names:?}");
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        r.destroy_all();
+        assert_eq!(r.len(), 0);
+    }
 }
