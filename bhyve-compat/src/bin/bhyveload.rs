@@ -1,0 +1,8 @@
+//! `bhyveload` for vmmfs; see bhyveload(8).
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let prog = bhyve_compat::progname("bhyveload");
+    let code = bhyve_compat::load::bhyveload_main(&prog, &bhyve_compat::args());
+    std::process::exit(code);
+}

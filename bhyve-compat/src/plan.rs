@@ -1,0 +1,549 @@
+//! From bhyve's flat configuration to a VM plan: what to open and which
+//! `vmm/NAME` commands to send. Pure (no I/O), so it is unit-tested.
+
+use crate::config::{parse_memsize, Config};
+use crate::error::{Error, Result};
+
+/// Serial port back end (`lpc.comN.path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// The invoking process's stdin/stdout.
+    Stdio,
+    /// A tty (or any file) opened read-write as the invoking user.
+    Path(String),
+}
+
+/// Network back end of a virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// User-mode NAT (passt), with `hostfwd` rules.
+    Slirp { hostfwd: Vec<HostFwd>, open: bool },
+    /// A Linux tap interface (`tapN`, or any name), via /dev/net/tun.
+    Tap(String),
+}
+
+/// One `hostfwd=proto:hostaddr:hostport-guestaddr:guestport` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFwd {
+    pub udp: bool,
+    pub host_addr: Option<String>,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+/// What a PCI device needs from the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// Nothing (hostbridge, lpc, virtio-rnd, virtio-console).
+    None,
+    /// A disk image or block device.
+    Disk { path: String, ro: bool },
+    /// A network back end.
+    Net(NetBackend),
+    /// PCI passthrough of host device bus/slot/function.
+    Passthru { host: String },
+}
+
+/// One `-s` device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub bus: u8,
+    pub slot: u8,
+    pub func: u8,
+    pub emulation: String,
+    pub backend: Backend,
+    /// Options passed on to the engine (`ro`, `sectorsize=512`, `mac=...`).
+    pub options: Vec<String>,
+}
+
+impl Device {
+    /// `B:S:F` as the engine's command takes it.
+    pub fn slot_str(&self) -> String {
+        format!("{}:{}:{}", self.bus, self.slot, self.func)
+    }
+}
+
+/// Direct Linux boot (`linux.kernel`, `linux.initrd`, `linux.cmdline`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinuxBoot {
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+/// vCPU topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    pub cpus: u16,
+    pub sockets: u16,
+    pub cores: u16,
+    pub threads: u16,
+}
+
+/// Everything needed to build and run one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub name: String,
+    pub memsize: u64,
+    /// The memory size as given (for the `memory` command).
+    pub memsize_str: String,
+    pub topology: Topology,
+    pub bootrom: Option<String>,
+    pub linux: Option<LinuxBoot>,
+    pub com1: Option<Console>,
+    pub com2: Option<Console>,
+    pub devices: Vec<Device>,
+    pub monitor: bool,
+    pub destroy_on_poweroff: bool,
+    /// Platform options sent as `set KEY=VALUE` (best effort).
+    pub platform: Vec<(String, String)>,
+}
+
+/// Platform variables handed to the engine with `set`; the engine may ignore
+/// those it has no use for.
+const PLATFORM_VARS: &[&str] = &[
+    "acpi_tables",
+    "x86.vmexit_on_hlt",
+    "x86.vmexit_on_pause",
+    "x86.strictio",
+    "x86.strictmsr",
+    "x86.x2apic",
+    "x86.mptable",
+    "rtc.use_localtime",
+    "virtio_msix",
+    "memory.wired",
+    "memory.guest_in_core",
+    "uuid",
+];
+
+fn parse_int(var: &str, v: &str, min: u32, max: u32) -> Result<u32> {
+    let bad = || Error::Config(format!("Invalid value for {var}: '{v}'"));
+    let n = if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        u32::from_str_radix(h, 16).map_err(|_| bad())?
+    } else {
+        v.parse::<u32>().map_err(|_| bad())?
+    };
+    if n < min || n > max {
+        return Err(bad());
+    }
+    Ok(n)
+}
+
+/// bhyve's `calc_topology`.
+pub fn topology(cfg: &Config) -> Result<Topology> {
+    let get = |k: &str| -> Result<Option<u32>> {
+        cfg.get(k)
+            .map(|v| parse_int(k, v, 1, u32::from(u16::MAX)))
+            .transpose()
+    };
+    let cpus = get("cpus")?;
+    let cores = get("cores")?.unwrap_or(1);
+    let threads = get("threads")?.unwrap_or(1);
+    let sockets = get("sockets")?.unwrap_or(cpus.unwrap_or(1));
+    let n = u64::from(sockets) * u64::from(cores) * u64::from(threads);
+    if n > u64::from(u16::MAX) {
+        return Err(Error::Config(format!(
+            "Computed number of vCPUs too high: {n}"
+        )));
+    }
+    if let Some(c) = cpus {
+        if u64::from(c) != n {
+            return Err(Error::Config(format!(
+                "Topology ({sockets} sockets, {cores} cores, {threads} threads) does not match {c} vCPUs"
+            )));
+        }
+    }
+    Ok(Topology {
+        cpus: n as u16,
+        sockets: sockets as u16,
+        cores: cores as u16,
+        threads: threads as u16,
+    })
+}
+
+/// Parse `hostfwd` rules: `proto:hostaddr:hostport-guestaddr:guestport`,
+/// several separated by `;`.
+pub fn parse_hostfwd(s: &str) -> Result<Vec<HostFwd>> {
+    let mut out = Vec::new();
+    for rule in s.split(';').filter(|r| !r.is_empty()) {
+        let bad = || Error::Config(format!("slirp: invalid hostfwd rule '{rule}'"));
+        let (host, guest) = rule.split_once('-').ok_or_else(bad)?;
+        let mut h = host.splitn(3, ':');
+        let proto = h.next().ok_or_else(bad)?;
+        let haddr = h.next().ok_or_else(bad)?;
+        let hport = h.next().ok_or_else(bad)?;
+        let udp = match proto {
+            "tcp" | "" => false,
+            "udp" => true,
+            _ => return Err(bad()),
+        };
+        let (_gaddr, gport) = guest.rsplit_once(':').ok_or_else(bad)?;
+        let host_port: u16 = hport.parse().map_err(|_| bad())?;
+        let guest_port: u16 = gport.parse().map_err(|_| bad())?;
+        if host_port == 0 || guest_port == 0 {
+            return Err(bad());
+        }
+        out.push(HostFwd {
+            udp,
+            host_addr: (!haddr.is_empty()).then(|| haddr.to_string()),
+            host_port,
+            guest_port,
+        });
+    }
+    Ok(out)
+}
+
+fn check_token(var: &str, v: &str) -> Result<()> {
+    if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == ',') {
+        return Err(Error::Config(format!("Invalid value for {var}: '{v}'")));
+    }
+    Ok(())
+}
+
+fn device_from(cfg: &Config, b: u8, s: u8, f: u8, emul: &str) -> Result<Device> {
+    let node = format!("pci.{b}.{s}.{f}");
+    let mut options = Vec::new();
+    let mut backend = Backend::None;
+    let children = cfg.children(&node);
+    let get = |k: &str| {
+        children
+            .iter()
+            .find(|(ck, _)| ck == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let mut consumed: Vec<&str> = vec!["device"];
+    match emul {
+        "virtio-blk" => {
+            let path = get("path").ok_or_else(|| {
+                Error::Config(format!(
+                    "virtio-blk: backing device required (pci slot {b}:{s}:{f})"
+                ))
+            })?;
+            let ro = cfg.get_bool(&format!("{node}.ro"), false)?;
+            backend = Backend::Disk {
+                path: path.to_string(),
+                ro,
+            };
+            consumed.extend(["path", "ro"]);
+        }
+        "virtio-net" => {
+            let be = get("backend").ok_or_else(|| {
+                Error::Config(format!(
+                    "virtio-net: backend required (pci slot {b}:{s}:{f})"
+                ))
+            })?;
+            consumed.extend(["backend", "hostfwd", "open"]);
+            if be == "slirp" {
+                backend = Backend::Net(NetBackend::Slirp {
+                    hostfwd: get("hostfwd")
+                        .map(parse_hostfwd)
+                        .transpose()?
+                        .unwrap_or_default(),
+                    open: cfg.get_bool(&format!("{node}.open"), false)?,
+                });
+            } else if be.starts_with("tap") || be.starts_with("vmnet") {
+                if be.len() > 15 {
+                    return Err(Error::Config(format!(
+                        "virtio-net: invalid tap name '{be}'"
+                    )));
+                }
+                backend = Backend::Net(NetBackend::Tap(be.to_string()));
+            } else {
+                return Err(Error::Config(format!(
+                    "virtio-net: unsupported backend '{be}' (slirp and tap are supported)"
+                )));
+            }
+        }
+        "passthru" => {
+            let host =
+                if let (Some(hb), Some(hs), Some(hf)) = (get("bus"), get("slot"), get("func")) {
+                    format!("{hb}/{hs}/{hf}")
+                } else if let Some(p) = get("pptdev") {
+                    p.to_string()
+                } else {
+                    return Err(Error::Config(format!(
+                        "passthru: missing host device (pci slot {b}:{s}:{f})"
+                    )));
+                };
+            consumed.extend(["bus", "slot", "func", "pptdev"]);
+            backend = Backend::Passthru { host };
+        }
+        _ => {}
+    }
+    for (k, v) in &children {
+        if consumed.contains(&k.as_str()) || k.contains('.') {
+            continue;
+        }
+        check_token(&format!("{node}.{k}"), v)?;
+        if v == "true" {
+            options.push(k.clone());
+        } else {
+            options.push(format!("{k}={v}"));
+        }
+    }
+    if let Backend::Disk { ro: true, .. } = backend {
+        options.insert(0, "ro".into());
+    }
+    Ok(Device {
+        bus: b,
+        slot: s,
+        func: f,
+        emulation: emul.to_string(),
+        backend,
+        options,
+    })
+}
+
+fn console(cfg: &Config, port: &str) -> Option<Console> {
+    cfg.get(&format!("lpc.{port}.path")).map(|p| {
+        if p == "stdio" {
+            Console::Stdio
+        } else {
+            Console::Path(p.to_string())
+        }
+    })
+}
+
+/// Build the plan; errors carry bhyve's messages and exit statuses.
+pub fn plan(cfg: &Config) -> Result<Plan> {
+    let name = cfg.get("name").ok_or(Error::Usage(None))?.to_string();
+    let topology = topology(cfg)?;
+    let memsize_str = cfg.get("memory.size").unwrap_or("256M").to_string();
+    let memsize = parse_memsize(&memsize_str)
+        .ok_or_else(|| Error::BadOption(format!("invalid memsize '{memsize_str}'")))?;
+    let bootrom = cfg.get("lpc.bootrom").map(String::from);
+    let linux = cfg.get("linux.kernel").map(|k| LinuxBoot {
+        kernel: k.to_string(),
+        initrd: cfg.get("linux.initrd").map(String::from),
+        cmdline: cfg.get("linux.cmdline").map(String::from),
+    });
+    if linux.is_none() && (cfg.get("linux.initrd").is_some() || cfg.get("linux.cmdline").is_some())
+    {
+        return Err(Error::Config(
+            "linux.initrd and linux.cmdline require linux.kernel".into(),
+        ));
+    }
+    if linux.is_some() && bootrom.is_some() {
+        return Err(Error::Config(
+            "lpc.bootrom and linux.kernel are mutually exclusive".into(),
+        ));
+    }
+    let com1 = console(cfg, "com1");
+    let com2 = console(cfg, "com2");
+    if com1 == Some(Console::Stdio) && com2 == Some(Console::Stdio) {
+        return Err(Error::Config(
+            "Unable to initialize backend 'stdio' for LPC device com2: stdio is already in use"
+                .into(),
+        ));
+    }
+    let mut devices = Vec::new();
+    for (k, emul) in cfg.children("pci") {
+        let Some(prefix) = k.strip_suffix(".device") else {
+            continue;
+        };
+        let nums: Vec<u8> = prefix
+            .split('.')
+            .map(|p| p.parse::<u8>().ok())
+            .collect::<Option<_>>()
+            .unwrap_or_default();
+        let [b, s, f] = nums.as_slice() else {
+            return Err(Error::Config(format!("invalid PCI config node pci.{k}")));
+        };
+        if *s > 31 || *f > 7 {
+            return Err(Error::Config(format!("invalid PCI config node pci.{k}")));
+        }
+        if !crate::config::PCI_EMULATIONS.contains(&emul.as_str()) {
+            return Err(Error::Config(format!(
+                "pci slot {b}:{s}:{f}: unknown device \"{emul}\""
+            )));
+        }
+        devices.push(device_from(cfg, *b, *s, *f, &emul)?);
+    }
+    devices.sort_by_key(|d| (d.bus, d.slot, d.func));
+    let mut platform = Vec::new();
+    for var in PLATFORM_VARS {
+        if let Some(v) = cfg.get(var) {
+            check_token(var, v)?;
+            platform.push((var.to_string(), v.to_string()));
+        }
+    }
+    Ok(Plan {
+        name,
+        memsize,
+        memsize_str,
+        topology,
+        bootrom,
+        linux,
+        com1,
+        com2,
+        devices,
+        monitor: cfg.get_bool("monitor", false)?,
+        destroy_on_poweroff: cfg.get_bool("destroy_on_poweroff", false)?,
+        platform,
+    })
+}
+
+impl Plan {
+    /// Whether bhyve creates and configures the VM itself (boot ROM or direct
+    /// Linux boot). Otherwise the VM must exist, prepared by bhyveload(8).
+    pub fn self_booting(&self) -> bool {
+        self.bootrom.is_some() || self.linux.is_some()
+    }
+
+    /// `cpus` command.
+    pub fn cpus_command(&self) -> String {
+        let t = self.topology;
+        format!(
+            "cpus {} sockets={} cores={} threads={}",
+            t.cpus, t.sockets, t.cores, t.threads
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Config {
+        let mut c = Config::with_defaults();
+        c.set("name", "vm1");
+        for (k, v) in pairs {
+            c.set(k, v);
+        }
+        c
+    }
+
+    #[test]
+    fn topology_like_bhyve() {
+        let t = topology(&cfg(&[("cpus", "4")])).unwrap();
+        assert_eq!((t.cpus, t.sockets, t.cores, t.threads), (4, 4, 1, 1));
+        let t = topology(&cfg(&[("cpus", "4"), ("sockets", "2"), ("cores", "2")])).unwrap();
+        assert_eq!((t.cpus, t.sockets, t.cores), (4, 2, 2));
+        let t = topology(&cfg(&[("sockets", "2"), ("threads", "2")])).unwrap();
+        assert_eq!(t.cpus, 4);
+        let e = topology(&cfg(&[("cpus", "3"), ("sockets", "2")])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Topology (2 sockets, 1 cores, 1 threads) does not match 3 vCPUs"
+        );
+        assert!(topology(&cfg(&[("cpus", "0")])).is_err());
+        assert!(topology(&cfg(&[("cpus", "x")])).is_err());
+        assert!(topology(&cfg(&[("cpus", "70000")])).is_err());
+        assert!(topology(&cfg(&[("sockets", "300"), ("cores", "300")])).is_err());
+        let t = topology(&cfg(&[])).unwrap();
+        assert_eq!(t.cpus, 1);
+    }
+
+    #[test]
+    fn devices_and_consoles() {
+        let mut c = cfg(&[("lpc.com1.path", "stdio"), ("lpc.bootrom", "/r.bin")]);
+        c.parse_pci_slot("0,hostbridge").unwrap();
+        c.parse_pci_slot("3,virtio-blk,/d.img,ro,sectorsize=4096")
+            .unwrap();
+        c.parse_pci_slot("2,virtio-net,slirp,hostfwd=tcp:127.0.0.1:2222-:22;udp::53-:53")
+            .unwrap();
+        c.parse_pci_slot("4,virtio-net,tap7,mac=00:a0:98:00:00:01")
+            .unwrap();
+        c.parse_pci_slot("5,virtio-rnd").unwrap();
+        let p = plan(&c).unwrap();
+        assert_eq!(p.com1, Some(Console::Stdio));
+        assert!(p.self_booting());
+        assert_eq!(p.devices.len(), 5);
+        assert_eq!(p.devices[0].emulation, "hostbridge");
+        let net = &p.devices[1];
+        assert_eq!(net.slot, 2);
+        match &net.backend {
+            Backend::Net(NetBackend::Slirp { hostfwd, .. }) => {
+                assert_eq!(hostfwd.len(), 2);
+                assert_eq!(hostfwd[0].host_addr.as_deref(), Some("127.0.0.1"));
+                assert_eq!((hostfwd[0].host_port, hostfwd[0].guest_port), (2222, 22));
+                assert!(hostfwd[1].udp);
+            }
+            other => panic!("{other:?}"),
+        }
+        let blk = &p.devices[2];
+        assert_eq!(
+            blk.backend,
+            Backend::Disk {
+                path: "/d.img".into(),
+                ro: true
+            }
+        );
+        assert_eq!(
+            blk.options,
+            vec!["ro".to_string(), "sectorsize=4096".to_string()]
+        );
+        assert_eq!(
+            p.devices[3].backend,
+            Backend::Net(NetBackend::Tap("tap7".into()))
+        );
+        assert_eq!(
+            p.devices[3].options,
+            vec!["mac=00:a0:98:00:00:01".to_string()]
+        );
+        assert_eq!(p.devices[4].slot_str(), "0:5:0");
+    }
+
+    #[test]
+    fn rejects() {
+        let e = plan(&cfg(&[("memory.size", "lots")])).unwrap_err();
+        assert_eq!(e.bhyve_status(), 64);
+        assert!(plan(&cfg(&[
+            ("lpc.com1.path", "stdio"),
+            ("lpc.com2.path", "stdio")
+        ]))
+        .is_err());
+        assert!(plan(&cfg(&[("linux.kernel", "/k"), ("lpc.bootrom", "/r")])).is_err());
+        assert!(plan(&cfg(&[("linux.cmdline", "x")])).is_err());
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("3,virtio-net,netgraph").unwrap();
+        assert!(plan(&c).is_err());
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("3,virtio-blk").unwrap();
+        assert!(plan(&c).is_err());
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("3,virtio-net,slirp,hostfwd=bogus")
+            .unwrap();
+        assert!(plan(&c).is_err());
+        let mut c = Config::with_defaults();
+        c.set("pci.0.40.0.device", "virtio-rnd");
+        c.set("name", "x");
+        assert!(plan(&c).is_err());
+        let mut c = cfg(&[]);
+        c.set("pci.0.3.0.device", "virtio-rnd");
+        c.set("pci.0.3.0.evil", "a b");
+        assert!(plan(&c).is_err());
+    }
+
+    #[test]
+    fn linux_boot() {
+        let p = plan(&cfg(&[
+            ("linux.kernel", "/boot/vmlinuz"),
+            ("linux.cmdline", "console=ttyS0 quiet"),
+            ("cpus", "2"),
+        ]))
+        .unwrap();
+        assert!(p.self_booting());
+        assert_eq!(
+            p.linux.as_ref().unwrap().cmdline.as_deref(),
+            Some("console=ttyS0 quiet")
+        );
+        assert_eq!(p.cpus_command(), "cpus 2 sockets=2 cores=1 threads=1");
+        let p = plan(&cfg(&[])).unwrap();
+        assert!(!p.self_booting());
+        assert_eq!(p.memsize, 256 << 20);
+    }
+
+    #[test]
+    fn passthru_host() {
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("6,passthru,2/0/0").unwrap();
+        let p = plan(&c).unwrap();
+        assert_eq!(
+            p.devices[0].backend,
+            Backend::Passthru {
+                host: "2/0/0".into()
+            }
+        );
+    }
+}

@@ -1,0 +1,365 @@
+//! Host resources a VM uses (boot ROM, kernel, disks, consoles, network back
+//! ends), opened as the invoking user *before* the VM is created, and the
+//! `vmm/NAME` commands that hand their descriptors to the daemon.
+
+use crate::error::{Error, Result};
+use crate::plan::{Backend, Console, NetBackend, Plan};
+use nix::errno::Errno;
+use nix::fcntl::{open, OFlag};
+use nix::sys::stat::Mode;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::process::{Child, Command, Stdio};
+
+/// A serial port's descriptors.
+#[derive(Debug)]
+pub enum ConsoleFds {
+    /// fds 0 and 1.
+    Stdio,
+    /// One read-write descriptor.
+    File(OwnedFd),
+}
+
+impl ConsoleFds {
+    fn pair(&self) -> (RawFd, RawFd) {
+        match self {
+            ConsoleFds::Stdio => (0, 1),
+            ConsoleFds::File(f) => (f.as_raw_fd(), f.as_raw_fd()),
+        }
+    }
+}
+
+/// Everything opened for a plan; descriptors stay open for bhyve's lifetime.
+#[derive(Debug, Default)]
+pub struct Resources {
+    pub bootrom: Option<OwnedFd>,
+    pub kernel: Option<OwnedFd>,
+    pub initrd: Option<OwnedFd>,
+    pub com1: Option<ConsoleFds>,
+    pub com2: Option<ConsoleFds>,
+    /// Per device of the plan (same order): its descriptor, if it has one.
+    pub devices: Vec<Option<OwnedFd>>,
+    /// Helper processes (passt), ended when bhyve ends.
+    pub helpers: Vec<Child>,
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        for h in &mut self.helpers {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
+}
+
+fn open_ro(path: &str) -> std::result::Result<OwnedFd, Errno> {
+    open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+}
+
+fn open_console(path: &str) -> Result<OwnedFd> {
+    open(
+        path,
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::sys(format!("open {path}"), e))
+}
+
+/// Open a disk image read-write, falling back to read-only as bhyve's
+/// block_if does; returns the descriptor and whether it is read-only.
+fn open_disk(path: &str, ro: bool) -> Result<(OwnedFd, bool)> {
+    let bad = |e| Error::sys(format!("Could not open backing file: {path}"), e);
+    if ro {
+        return open_ro(path).map(|f| (f, true)).map_err(bad);
+    }
+    match open(path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty()) {
+        Ok(f) => Ok((f, false)),
+        Err(first) => match open_ro(path) {
+            Ok(f) => Ok((f, true)),
+            Err(_) => Err(bad(first)),
+        },
+    }
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Attach to tap interface `name` through /dev/net/tun (needs a persistent tap
+/// owned by the user, or CAP_NET_ADMIN).
+fn open_tap(name: &str) -> Result<OwnedFd> {
+    let fail = |e| Error::sys(format!("open of tap device {name} failed"), e);
+    let fd = open(
+        "/dev/net/tun",
+        OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(fail)?;
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: IFF_TAP | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    let n = name.len().min(15);
+    req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: TUNSETIFF reads a struct ifreq (40 bytes) we own for the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
+    if r < 0 {
+        return Err(fail(Errno::last()));
+    }
+    Ok(fd)
+}
+
+/// Start passt (user-mode NAT, runs as the invoking user) on one end of a
+/// socketpair; the other end goes to the VM.
+fn start_slirp(hostfwd: &[crate::plan::HostFwd], helpers: &mut Vec<Child>) -> Result<OwnedFd> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| Error::sys("slirp: socketpair", e))?;
+    // The child's copy must survive exec: dup it without CLOEXEC.
+    let theirs_raw = nix::unistd::dup(&theirs).map_err(|e| Error::sys("slirp: dup", e))?;
+    let mut cmd = Command::new("passt");
+    cmd.args(["-f", "-q", "-1", "-F"])
+        .arg(theirs_raw.as_raw_fd().to_string())
+        .args(["-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2"])
+        .args(["--dns-forward", "10.0.2.3"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    for r in hostfwd {
+        let spec = match &r.host_addr {
+            Some(a) => format!("{a}/{}:{}", r.host_port, r.guest_port),
+            None => format!("{}:{}", r.host_port, r.guest_port),
+        };
+        if r.udp {
+            udp.push(spec);
+        } else {
+            tcp.push(spec);
+        }
+    }
+    for t in tcp {
+        cmd.args(["-t", &t]);
+    }
+    for u in udp {
+        cmd.args(["-u", &u]);
+    }
+    if !hostfwd.iter().any(|r| !r.udp) {
+        cmd.args(["-t", "none"]);
+    }
+    if !hostfwd.iter().any(|r| r.udp) {
+        cmd.args(["-u", "none"]);
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::io("slirp: cannot start passt", &e))?;
+    drop(theirs_raw);
+    drop(theirs);
+    helpers.push(child);
+    Ok(ours)
+}
+
+/// VFIO: open /dev/vfio/vfio and the device's group as the user, then report
+/// that this engine has no passthrough.
+fn passthru(host: &str) -> Result<OwnedFd> {
+    let ctl = "/dev/vfio/vfio";
+    open(ctl, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::sys(format!("failed to open {ctl}"), e))?;
+    let parts: Vec<&str> = host.split('/').collect();
+    if let [b, s, f] = parts.as_slice() {
+        let (b, s, f): (u32, u32, u32) = (
+            b.parse().unwrap_or(0),
+            s.parse().unwrap_or(0),
+            f.parse().unwrap_or(0),
+        );
+        let link = format!("/sys/bus/pci/devices/0000:{b:02x}:{s:02x}.{f:x}/iommu_group");
+        if let Ok(target) = std::fs::read_link(&link) {
+            if let Some(group) = target.file_name().and_then(|g| g.to_str()) {
+                let gpath = format!("/dev/vfio/{group}");
+                open(
+                    gpath.as_str(),
+                    OFlag::O_RDWR | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| Error::sys(format!("failed to open {gpath}"), e))?;
+            }
+        }
+    }
+    Err(Error::Config(format!(
+        "passthru {host}: PCI passthrough is not supported by this engine"
+    )))
+}
+
+/// Open every resource of `plan` as the invoking user.
+pub fn open_resources(plan: &Plan) -> Result<Resources> {
+    let mut r = Resources::default();
+    if let Some(rom) = &plan.bootrom {
+        r.bootrom = Some(open_ro(rom).map_err(|e| {
+            Error::Config(format!("Error opening bootrom \"{rom}\": {}", e.desc()))
+        })?);
+    }
+    if let Some(l) = &plan.linux {
+        r.kernel =
+            Some(open_ro(&l.kernel).map_err(|e| Error::sys(format!("open {}", l.kernel), e))?);
+        if let Some(i) = &l.initrd {
+            r.initrd = Some(open_ro(i).map_err(|e| Error::sys(format!("open {i}"), e))?);
+        }
+    }
+    for (port, con) in [(&mut r.com1, &plan.com1), (&mut r.com2, &plan.com2)] {
+        *port = match con {
+            None => None,
+            Some(Console::Stdio) => Some(ConsoleFds::Stdio),
+            Some(Console::Path(p)) => Some(ConsoleFds::File(open_console(p)?)),
+        };
+    }
+    for d in &plan.devices {
+        let fd = match &d.backend {
+            Backend::None => None,
+            Backend::Disk { path, ro } => Some(open_disk(path, *ro)?.0),
+            Backend::Net(NetBackend::Tap(name)) => Some(open_tap(name)?),
+            Backend::Net(NetBackend::Slirp { hostfwd, .. }) => {
+                Some(start_slirp(hostfwd, &mut r.helpers)?)
+            }
+            Backend::Passthru { host } => Some(passthru(host)?),
+        };
+        r.devices.push(fd);
+    }
+    Ok(r)
+}
+
+/// One command for the VM; `optional` ones may be refused by the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmCommand {
+    pub line: String,
+    pub optional: bool,
+}
+
+/// The configuration commands for `plan` with the descriptors of `res`.
+/// `with_memory`: include `memory` (false when the VM already has memory, as
+/// prepared by bhyveload).
+pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmCommand> {
+    let mut out = Vec::new();
+    let mut push = |line: String, optional: bool| out.push(VmCommand { line, optional });
+    if with_memory {
+        push(format!("memory {}", plan.memsize), false);
+    }
+    push(plan.cpus_command(), false);
+    for (k, v) in &plan.platform {
+        push(format!("set {k}={v}"), true);
+    }
+    if let Some(fd) = &res.bootrom {
+        push(format!("bootrom {}", fd.as_raw_fd()), false);
+    }
+    if let Some(fd) = &res.kernel {
+        push(format!("kernel {}", fd.as_raw_fd()), false);
+    }
+    if let Some(fd) = &res.initrd {
+        push(format!("initrd {}", fd.as_raw_fd()), false);
+    }
+    if let Some(c) = plan.linux.as_ref().and_then(|l| l.cmdline.as_ref()) {
+        push(format!("cmdline {c}"), false);
+    }
+    for (name, con) in [("com1", &res.com1), ("com2", &res.com2)] {
+        if let Some(c) = con {
+            let (i, o) = c.pair();
+            push(format!("{name} {i} {o}"), false);
+        }
+    }
+    for (d, fd) in plan.devices.iter().zip(res.devices.iter()) {
+        let mut opts: Vec<String> = Vec::new();
+        if let Backend::Net(nb) = &d.backend {
+            opts.push(
+                match nb {
+                    NetBackend::Slirp { .. } => "slirp",
+                    NetBackend::Tap(_) => "tap",
+                }
+                .into(),
+            );
+        }
+        if let Some(fd) = fd {
+            opts.push(format!("fd={}", fd.as_raw_fd()));
+        }
+        opts.extend(d.options.iter().cloned());
+        let mut line = format!("device {} {}", d.slot_str(), d.emulation);
+        if !opts.is_empty() {
+            line.push(' ');
+            line.push_str(&opts.join(","));
+        }
+        push(line, false);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn command_lines() {
+        let mut c = Config::with_defaults();
+        c.set("name", "vm1");
+        c.set("memory.size", "64M");
+        c.set("lpc.com1.path", "stdio");
+        c.set("acpi_tables", "true");
+        c.parse_pci_slot("0,hostbridge").unwrap();
+        c.parse_pci_slot("4,virtio-rnd").unwrap();
+        let plan = crate::plan::plan(&c).unwrap();
+        let mut res = open_resources(&plan).unwrap();
+        res.bootrom = Some(open_ro("/dev/null").unwrap());
+        let fd = res.bootrom.as_ref().unwrap().as_raw_fd();
+        let lines: Vec<String> = commands(&plan, &res, true)
+            .into_iter()
+            .map(|c| c.line)
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                "memory 67108864".to_string(),
+                "cpus 1 sockets=1 cores=1 threads=1".into(),
+                "set acpi_tables=true".into(),
+                "set x86.strictmsr=true".into(),
+                format!("bootrom {fd}"),
+                "com1 0 1".into(),
+                "device 0:0:0 hostbridge".into(),
+                "device 0:4:0 virtio-rnd".into(),
+            ]
+        );
+        let lines = commands(&plan, &res, false);
+        assert!(!lines[0].line.starts_with("memory"));
+    }
+
+    #[test]
+    fn unopenable_resources_fail_with_os_error() {
+        let mut c = Config::with_defaults();
+        c.set("name", "vm1");
+        c.set("lpc.bootrom", "/nonexistent/rom");
+        let plan = crate::plan::plan(&c).unwrap();
+        let e = open_resources(&plan).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Error opening bootrom \"/nonexistent/rom\": No such file or directory"
+        );
+        let mut c = Config::with_defaults();
+        c.set("name", "vm1");
+        c.parse_pci_slot("3,virtio-blk,/nonexistent/disk").unwrap();
+        let plan = crate::plan::plan(&c).unwrap();
+        let e = open_resources(&plan).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Could not open backing file: /nonexistent/disk: No such file or directory"
+        );
+        assert_eq!(e.bhyve_status(), 4);
+    }
+}

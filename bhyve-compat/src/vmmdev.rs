@@ -1,0 +1,317 @@
+//! Client side of vmmfs: `$VMM_DEV_DIR/vmmctl`, `vmm/NAME`, `vmm.io/NAME.SEG`.
+//! Nothing here touches /dev/kvm.
+
+use crate::error::{Error, Result};
+use nix::errno::Errno;
+use nix::fcntl::{open, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::stat::Mode;
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// Where the vmmfs files are.
+#[derive(Debug, Clone)]
+pub struct VmmDev {
+    dir: PathBuf,
+}
+
+impl VmmDev {
+    /// `$VMM_DEV_DIR`, default `/dev`.
+    pub fn from_env() -> Self {
+        let dir = std::env::var_os("VMM_DEV_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/dev"));
+        VmmDev { dir }
+    }
+
+    /// Files under `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        VmmDev { dir: dir.into() }
+    }
+
+    /// The vmmctl path.
+    pub fn ctl_path(&self) -> PathBuf {
+        self.dir.join("vmmctl")
+    }
+
+    /// The `vmm/NAME` path.
+    pub fn vm_path(&self, name: &str) -> PathBuf {
+        self.dir.join("vmm").join(name)
+    }
+
+    /// Open vmmctl read-write.
+    pub fn open_ctl(&self) -> std::result::Result<Ctl, Errno> {
+        let fd = open(
+            &self.ctl_path(),
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Ctl { fd })
+    }
+
+    /// Open `vmm/NAME` read-write.
+    pub fn open_vm(&self, name: &str) -> std::result::Result<VmHandle, Errno> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(Errno::ENOENT);
+        }
+        let fd = open(
+            &self.vm_path(name),
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(VmHandle {
+            fd,
+            name: name.to_string(),
+        })
+    }
+
+    /// Segments of VM `name`: (segment name, size in bytes), sorted by name.
+    pub fn segments(&self, name: &str) -> std::result::Result<Vec<(String, u64)>, Errno> {
+        let dir = self.dir.join("vmm.io");
+        let prefix = format!("{name}.");
+        let mut out = Vec::new();
+        let rd = std::fs::read_dir(&dir)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        for ent in rd.flatten() {
+            let fname = ent.file_name();
+            let Some(fname) = fname.to_str() else {
+                continue;
+            };
+            let Some(seg) = fname.strip_prefix(&prefix) else {
+                continue;
+            };
+            if seg.is_empty() || seg.contains('.') {
+                continue;
+            }
+            let size = std::fs::metadata(dir.join(fname))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            out.push((seg.to_string(), size));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// An open vmmctl.
+#[derive(Debug)]
+pub struct Ctl {
+    fd: OwnedFd,
+}
+
+fn write_line(fd: BorrowedFd<'_>, line: &str) -> std::result::Result<(), Errno> {
+    loop {
+        match nix::unistd::write(fd, line.as_bytes()) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Ctl {
+    /// `create NAME [destroy-on-close]`.
+    pub fn create(&self, name: &str, destroy_on_close: bool) -> std::result::Result<(), Errno> {
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(Errno::EINVAL);
+        }
+        let cmd = if destroy_on_close {
+            format!("create {name} destroy-on-close")
+        } else {
+            format!("create {name}")
+        };
+        write_line(self.fd.as_fd(), &cmd)
+    }
+
+    /// `destroy NAME`.
+    pub fn destroy(&self, name: &str) -> std::result::Result<(), Errno> {
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(Errno::EINVAL);
+        }
+        write_line(self.fd.as_fd(), &format!("destroy {name}"))
+    }
+}
+
+impl AsFd for Ctl {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// A VM's status: `key=value` lines read from `vmm/NAME`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    pub vars: BTreeMap<String, String>,
+    /// The `error=` line left by a failed command, if any.
+    pub error: Option<String>,
+}
+
+impl Status {
+    /// Parse the status text.
+    pub fn parse(text: &str) -> Status {
+        let mut s = Status::default();
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                if k == "error" {
+                    s.error = Some(v.to_string());
+                } else {
+                    s.vars.insert(k.to_string(), v.to_string());
+                }
+            }
+        }
+        s
+    }
+
+    /// `state=`.
+    pub fn state(&self) -> &str {
+        self.vars.get("state").map(String::as_str).unwrap_or("")
+    }
+
+    /// `status=` as a number (when exited).
+    pub fn exit_status(&self) -> Option<i32> {
+        self.vars.get("status").and_then(|v| v.parse().ok())
+    }
+
+    /// `memory=` bytes.
+    pub fn memory(&self) -> Option<u64> {
+        self.vars.get("memory").and_then(|v| v.parse().ok())
+    }
+}
+
+/// An open `vmm/NAME`.
+#[derive(Debug)]
+pub struct VmHandle {
+    fd: OwnedFd,
+    name: String,
+}
+
+/// What woke [`VmHandle::wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The VM's state may have changed.
+    Vm,
+    /// The extra descriptor with this index is readable or hung up.
+    Extra(usize),
+    /// Timeout.
+    Timeout,
+}
+
+impl VmHandle {
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Send one command; on failure, the daemon's message (`error=`) is attached.
+    pub fn command(&self, cmd: &str) -> Result<()> {
+        log::debug!("vmm/{}: {cmd}", self.name);
+        match write_line(self.fd.as_fd(), cmd) {
+            Ok(()) => Ok(()),
+            Err(errno) => {
+                let detail = self.status().ok().and_then(|s| s.error);
+                Err(Error::Command {
+                    command: cmd.to_string(),
+                    errno,
+                    detail,
+                })
+            }
+        }
+    }
+
+    /// Read the status text (from offset 0).
+    pub fn status(&self) -> std::result::Result<Status, Errno> {
+        let mut buf = vec![0u8; 8192];
+        let mut len = 0usize;
+        loop {
+            if len == buf.len() {
+                if buf.len() >= 1 << 20 {
+                    break;
+                }
+                buf.resize(buf.len() * 2, 0);
+            }
+            match nix::sys::uio::pread(self.fd.as_fd(), &mut buf[len..], len as i64) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Status::parse(&String::from_utf8_lossy(&buf[..len])))
+    }
+
+    /// Wait until the VM's handle polls readable, one of `extra` is readable
+    /// or hung up, or `timeout_ms` passes (-1: no timeout).
+    pub fn wait(
+        &self,
+        extra: &[BorrowedFd<'_>],
+        timeout_ms: i32,
+    ) -> std::result::Result<Wake, Errno> {
+        let mut fds = Vec::with_capacity(extra.len() + 1);
+        fds.push(PollFd::new(self.fd.as_fd(), PollFlags::POLLIN));
+        for e in extra {
+            fds.push(PollFd::new(*e, PollFlags::POLLIN));
+        }
+        let timeout = if timeout_ms < 0 {
+            PollTimeout::NONE
+        } else {
+            PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::MAX)
+        };
+        loop {
+            match poll(&mut fds, timeout) {
+                Ok(0) => return Ok(Wake::Timeout),
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        for (i, p) in fds.iter().enumerate().skip(1) {
+            if p.revents().is_some_and(|r| !r.is_empty()) {
+                return Ok(Wake::Extra(i - 1));
+            }
+        }
+        Ok(Wake::Vm)
+    }
+
+    /// The raw descriptor.
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for VmHandle {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_parsing() {
+        let s = Status::parse("error=bad image\nname=vm1\nstate=exited\ncpus=1\nmemory=67108864\nexit=poweroff\nstatus=1\n");
+        assert_eq!(s.error.as_deref(), Some("bad image"));
+        assert_eq!(s.state(), "exited");
+        assert_eq!(s.exit_status(), Some(1));
+        assert_eq!(s.memory(), Some(64 << 20));
+        let s = Status::parse("garbage\n\nstate=running");
+        assert_eq!(s.state(), "running");
+        assert_eq!(s.exit_status(), None);
+    }
+
+    #[test]
+    fn paths() {
+        let d = VmmDev::new("/mnt");
+        assert_eq!(d.ctl_path(), PathBuf::from("/mnt/vmmctl"));
+        assert_eq!(d.vm_path("a"), PathBuf::from("/mnt/vmm/a"));
+        assert_eq!(d.open_vm("../x").unwrap_err(), Errno::ENOENT);
+    }
+}
