@@ -1,0 +1,641 @@
+//! The runner's machinery: the daemon under test, users, probes run as
+//! other users or in PID namespaces, holders of transient VMs, jails.
+
+use crate::probe;
+use nix::unistd::{Group, User};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Group whose members may create VMs.
+pub const GROUP: &str = "vmm";
+/// Members of [`GROUP`].
+pub const MEMBER1: &str = "vmmtest1";
+pub const MEMBER2: &str = "vmmtest2";
+/// Not a member.
+pub const OUTSIDER: &str = "vmmtest3";
+/// `--max-vms-per-user` of the daemon under test.
+pub const MAX_VMS: usize = 3;
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A test user.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub uid: u32,
+    /// Primary group.
+    pub gid: u32,
+}
+
+/// The users and the group the suite needs.
+#[derive(Debug, Clone)]
+pub struct Users {
+    pub vmm_gid: u32,
+    pub m1: TestUser,
+    pub m2: TestUser,
+    pub out: TestUser,
+}
+
+fn in_group(u: &User, gid: u32) -> Result<bool, String> {
+    let name = std::ffi::CString::new(u.name.as_str()).map_err(|e| e.to_string())?;
+    let groups = nix::unistd::getgrouplist(&name, u.gid)
+        .map_err(|e| format!("getgrouplist {}: {e}", u.name))?;
+    Ok(groups.iter().any(|g| g.as_raw() == gid))
+}
+
+impl Users {
+    /// Check that the group and users exist with the right memberships.
+    pub fn check() -> Result<Users, String> {
+        let hint = "create them with `sudo scripts/setup` (CI: .ci/run does it)";
+        let group = Group::from_name(GROUP)
+            .map_err(|e| format!("getgrnam {GROUP}: {e}"))?
+            .ok_or(format!("group '{GROUP}' does not exist; {hint}"))?;
+        let gid = group.gid.as_raw();
+        let get = |name: &str, member: bool| -> Result<TestUser, String> {
+            let u = User::from_name(name)
+                .map_err(|e| format!("getpwnam {name}: {e}"))?
+                .ok_or(format!("user '{name}' does not exist; {hint}"))?;
+            if u.uid.as_raw() == 0 {
+                return Err(format!("user '{name}' must not be uid 0"));
+            }
+            if in_group(&u, gid)? != member {
+                return Err(format!(
+                    "user '{name}' must {}be a member of group '{GROUP}'; {hint}",
+                    if member { "" } else { "not " }
+                ));
+            }
+            Ok(TestUser {
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+            })
+        };
+        Ok(Users {
+            vmm_gid: gid,
+            m1: get(MEMBER1, true)?,
+            m2: get(MEMBER2, true)?,
+            out: get(OUTSIDER, false)?,
+        })
+    }
+}
+
+/// Where a probe runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The daemon's PID namespace.
+    Host,
+    /// A new PID namespace nobody granted anything (`unshare --pid --fork`).
+    FreshJail,
+    /// The PID namespace of this host pid (`nsenter --target PID --pid`).
+    Jail(u32),
+}
+
+/// Who runs a probe, and where.
+#[derive(Debug, Clone, Copy)]
+pub struct Who<'a> {
+    pub user: Option<&'a str>,
+    pub ruid: Option<u32>,
+    pub place: Place,
+}
+
+impl<'a> Who<'a> {
+    pub fn root() -> Who<'static> {
+        Who {
+            user: None,
+            ruid: None,
+            place: Place::Host,
+        }
+    }
+    pub fn user(name: &'a str) -> Who<'a> {
+        Who {
+            user: Some(name),
+            ruid: None,
+            place: Place::Host,
+        }
+    }
+    pub fn at(self, place: Place) -> Who<'a> {
+        Who { place, ..self }
+    }
+    pub fn with_ruid(self, ruid: u32) -> Who<'a> {
+        Who {
+            ruid: Some(ruid),
+            ..self
+        }
+    }
+}
+
+/// Wait for `child` at most `limit`; None if it is still running.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+            _ => return None,
+        }
+    }
+}
+
+fn kill(pid: u32, sig: i32) {
+    // SAFETY: sending a signal to a process we started.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&want))
+}
+
+/// Last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A process holding a vmmctl descriptor with transient VMs on it.
+pub struct Holder {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    /// Host pid of the probe (== the child for host holders).
+    pub pid: u32,
+}
+
+impl Holder {
+    /// SIGKILL the holder (host holders only: it is our direct child).
+    pub fn sigkill(&mut self) {
+        kill(self.pid, libc::SIGKILL);
+        let _ = wait_timeout(&mut self.child, Duration::from_secs(5));
+    }
+
+    /// Let the holder close its descriptor and exit normally.
+    pub fn release(&mut self) {
+        drop(self.stdin.take());
+        if wait_timeout(&mut self.child, Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A long-lived PID namespace: `unshare --pid --fork sleep`; `pid` is the
+/// host pid of the namespace's init.
+pub struct Jail {
+    unshare: Child,
+    pub pid: u32,
+}
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        // Killing a namespace's init kills everything in it.
+        kill(self.pid, libc::SIGKILL);
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+fn ppid_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...: comm may contain spaces; split after the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| ppid_of(*pid) == Some(parent))
+        .collect()
+}
+
+fn pidns(pid: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/pid"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// The test environment: temp dirs, the daemon, the users.
+pub struct Env {
+    pub exe: PathBuf,
+    pub vmmfs: PathBuf,
+    pub base: PathBuf,
+    pub mount: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    pub users: Users,
+    daemon: Option<Child>,
+    keep_log: bool,
+}
+
+impl Env {
+    /// Make the temp directories (the mount point's parent must be
+    /// searchable by the test users).
+    pub fn new(exe: PathBuf, vmmfs: PathBuf, users: Users) -> Result<Env, String> {
+        let base = nix::unistd::mkdtemp("/tmp/vmmfs-conformance.XXXXXX")
+            .map_err(|e| format!("mkdtemp: {e}"))?;
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        let mount = base.join("mnt");
+        let state_dir = base.join("state");
+        std::fs::create_dir(&mount).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&mount, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        std::fs::create_dir(&state_dir).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| e.to_string())?;
+        let log = base.join("vmmfs.log");
+        Ok(Env {
+            exe,
+            vmmfs,
+            base,
+            mount,
+            state_dir,
+            log,
+            users,
+            daemon: None,
+            keep_log: false,
+        })
+    }
+
+    pub fn ctl(&self) -> String {
+        self.mount.join("vmmctl").to_string_lossy().into_owned()
+    }
+    pub fn vm(&self, name: &str) -> String {
+        self.mount
+            .join("vmm")
+            .join(name)
+            .to_string_lossy()
+            .into_owned()
+    }
+    pub fn seg(&self, name: &str) -> String {
+        self.mount
+            .join("vmm.io")
+            .join(format!("{name}.sysmem"))
+            .to_string_lossy()
+            .into_owned()
+    }
+    pub fn vm_dir(&self) -> String {
+        self.mount.join("vmm").to_string_lossy().into_owned()
+    }
+    pub fn io_dir(&self) -> String {
+        self.mount.join("vmm.io").to_string_lossy().into_owned()
+    }
+
+    /// Keep the daemon log (copied next to the temp dir) when cleaning up.
+    pub fn keep_log(&mut self) {
+        self.keep_log = true;
+    }
+
+    /// Start the daemon and wait for MOUNT/vmmctl.
+    pub fn start(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("{}: {e}", self.log.display()))?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let mut child = Command::new(&self.vmmfs)
+            .args(["--group", GROUP, "--state-dir"])
+            .arg(&self.state_dir)
+            .args(["--max-vms-per-user", &MAX_VMS.to_string()])
+            .arg(&self.mount)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.vmmfs.display()))?;
+        let ctl = self.mount.join("vmmctl");
+        let end = Instant::now() + MOUNT_TIMEOUT;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(format!(
+                    "vmmfs exited ({st}) before mounting; log {}:\n{}",
+                    self.log.display(),
+                    tail(&self.log, 20)
+                ));
+            }
+            if is_mounted(&self.mount) && ctl.exists() {
+                break;
+            }
+            if Instant::now() >= end {
+                self.daemon = Some(child);
+                self.stop();
+                return Err(format!(
+                    "{} did not appear within {MOUNT_TIMEOUT:?}; log:\n{}",
+                    ctl.display(),
+                    tail(&self.log, 20)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.daemon = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM the daemon, wait, SIGKILL if needed; unmount if it left the mount.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            kill(child.id(), libc::SIGTERM);
+            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
+                eprintln!("conformance: vmmfs ignored SIGTERM for 10 s; killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        unmount(&self.mount);
+    }
+
+    /// Stop and start again with the same state directory.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.stop();
+        self.start()
+    }
+
+    /// Whether the daemon is still running.
+    pub fn daemon_alive(&mut self) -> bool {
+        self.daemon
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn command(&self, who: Who, args: &[&str]) -> Command {
+        let mut cmd = match who.place {
+            Place::Host => Command::new(&self.exe),
+            Place::FreshJail => {
+                let mut c = Command::new("unshare");
+                c.args(["--pid", "--fork", "--kill-child", "--"])
+                    .arg(&self.exe);
+                c
+            }
+            Place::Jail(pid) => {
+                let mut c = Command::new("nsenter");
+                c.args(["--target", &pid.to_string(), "--pid", "--"])
+                    .arg(&self.exe);
+                c
+            }
+        };
+        cmd.arg("probe");
+        if let Some(u) = who.user {
+            cmd.args(["--user", u]);
+        }
+        if let Some(r) = who.ruid {
+            cmd.args(["--ruid", &r.to_string()]);
+        }
+        cmd.args(args);
+        cmd
+    }
+
+    /// Run a probe; the observed value: `OK ...`, the errno name of `ERR E...`,
+    /// or a description of what went wrong with the probe itself.
+    pub fn probe(&self, who: Who, args: &[&str]) -> String {
+        let mut child = match self
+            .command(who, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => return format!("PROBE-SPAWN-FAILED {e}"),
+        };
+        let Some(st) = wait_timeout(&mut child, PROBE_TIMEOUT) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return format!("TIMEOUT({}s)", PROBE_TIMEOUT.as_secs());
+        };
+        let mut out = String::new();
+        let mut err = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        if !st.success() {
+            return format!("PROBE-FAILED({st}) {}", err.lines().next().unwrap_or(""));
+        }
+        observed(out.lines().next().unwrap_or("NO-OUTPUT"))
+    }
+
+    /// Start a holder: creates `names` (comma separated) destroy-on-close and
+    /// waits. Err(observed) if it did not get READY.
+    pub fn hold(&self, who: Who, names: &str, via: &str) -> Result<Holder, String> {
+        let ctl = self.ctl();
+        let mut child = self
+            .command(who, &["hold-create", &ctl, names, via])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("PROBE-SPAWN-FAILED {e}"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(READY_TIMEOUT)
+            .unwrap_or_else(|_| "TIMEOUT".into());
+        let mut holder = Holder {
+            pid: child.id(),
+            child,
+            stdin,
+        };
+        match line.trim().strip_prefix("READY ") {
+            Some(pid) if who.place == Place::Host => {
+                holder.pid = pid.parse().unwrap_or(holder.pid);
+                Ok(holder)
+            }
+            Some(_) => Ok(holder),
+            None => {
+                let obs = if line.trim().is_empty() {
+                    "NO-OUTPUT".into()
+                } else {
+                    observed(line.trim())
+                };
+                holder.release();
+                Err(obs)
+            }
+        }
+    }
+
+    /// A new long-lived PID namespace.
+    pub fn jail(&self) -> Result<Jail, String> {
+        let mut unshare = Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "sleep", "100000"])
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("unshare: {e}"))?;
+        let end = Instant::now() + Duration::from_secs(5);
+        let host = pidns("self");
+        loop {
+            if let Some(pid) = children_of(unshare.id()).first().copied() {
+                let ns = pidns(&pid.to_string());
+                if ns.is_some() && ns != host {
+                    return Ok(Jail { unshare, pid });
+                }
+            }
+            if Instant::now() >= end || matches!(unshare.try_wait(), Ok(Some(_))) {
+                let _ = unshare.kill();
+                let _ = unshare.wait();
+                return Err("unshare --pid --fork sleep: no child in a new PID namespace".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `vmmfs jail VERB --pid PID --state-dir DIR` as `who` (root by default):
+    /// "OK" or a description of the failure.
+    pub fn jail_cmd(&self, verb: &str, pid: u32, as_user: Option<&TestUser>) -> String {
+        let mut cmd = Command::new(&self.vmmfs);
+        cmd.args(["jail", verb, "--pid", &pid.to_string(), "--state-dir"])
+            .arg(&self.state_dir);
+        if let Some(u) = as_user {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(u.uid).gid(u.gid);
+        }
+        match cmd.stdin(Stdio::null()).output() {
+            Ok(o) if o.status.success() => "OK".into(),
+            Ok(o) => format!(
+                "FAILED({}) {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+            ),
+            Err(e) => format!("SPAWN-FAILED {e}"),
+        }
+    }
+
+    /// Whether `path` disappears within `limit` (seen by root on the host).
+    pub fn gone_within(&self, path: &str, limit: Duration) -> String {
+        let end = Instant::now() + limit;
+        loop {
+            if std::fs::symlink_metadata(path).is_err() {
+                return "gone".into();
+            }
+            if Instant::now() >= end {
+                return format!("still present after {}ms", limit.as_millis());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// stat as root on the host.
+    pub fn stat(&self, path: &str) -> String {
+        observed(&probe::stat_line(Path::new(path)))
+    }
+
+    /// Log text written since `from` bytes.
+    pub fn log_since(&self, from: u64) -> String {
+        let text = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(text.get(from as usize..).unwrap_or(&[])).into_owned()
+    }
+
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop();
+        if self.keep_log {
+            let keep = PathBuf::from(format!("{}.log", self.base.display()));
+            if std::fs::copy(&self.log, &keep).is_ok() {
+                eprintln!("conformance: daemon log kept at {}", keep.display());
+            }
+        }
+        if !is_mounted(&self.mount) {
+            let _ = std::fs::remove_dir_all(&self.base);
+        } else {
+            eprintln!(
+                "conformance: {} is still mounted; leaving {}",
+                self.mount.display(),
+                self.base.display()
+            );
+        }
+    }
+}
+
+/// Unmount a FUSE mount left behind: fusermount3 -u, then lazily.
+pub fn unmount(mount: &Path) {
+    for args in [&["-u"][..], &["-u", "-z"][..]] {
+        if !is_mounted(mount) {
+            return;
+        }
+        let _ = Command::new("fusermount3")
+            .args(args)
+            .arg(mount)
+            .stderr(Stdio::null())
+            .status();
+    }
+    if is_mounted(mount) {
+        let _ = Command::new("umount").arg("-l").arg(mount).status();
+    }
+}
+
+/// A probe's result line as the table shows it: `ERR EPERM` -> `EPERM`.
+pub fn observed(line: &str) -> String {
+    match line.strip_prefix("ERR ") {
+        Some(rest) => rest.to_string(),
+        None => line.to_string(),
+    }
+}
+
+/// Print to stderr right away (progress while the suite runs).
+pub fn progress(msg: &str) {
+    let mut e = std::io::stderr();
+    let _ = writeln!(e, "{msg}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observed_strips_err() {
+        assert_eq!(observed("ERR EPERM"), "EPERM");
+        assert_eq!(observed("OK uid=0"), "OK uid=0");
+        assert_eq!(observed("write=ENXIO read=ENXIO"), "write=ENXIO read=ENXIO");
+    }
+
+    #[test]
+    fn own_parent_is_found() {
+        let me = std::process::id();
+        let parent = ppid_of(me).unwrap();
+        assert!(children_of(parent).contains(&me));
+    }
+
+    #[test]
+    fn root_is_mounted() {
+        assert!(is_mounted(Path::new("/")));
+        assert!(!is_mounted(Path::new("/definitely/not/a/mount")));
+    }
+}
