@@ -107,7 +107,10 @@ pub fn parse_ctl_args(args: &[String]) -> Result<CtlArgs, String> {
 }
 
 fn vm_open_failed(name: &str, e: Errno) -> i32 {
-    eprintln!("vm_open: {name} could not be opened: {}", e.desc());
+    eprintln!(
+        "vm_open: {name} could not be opened: {}",
+        crate::error::strerror(e)
+    );
     1
 }
 
@@ -152,7 +155,7 @@ pub fn bhyvectl_main(prog: &str, args: &[String]) -> i32 {
             let msg = if e == Errno::EPERM {
                 Error::Unprivileged.to_string()
             } else {
-                e.desc().to_string()
+                crate::error::strerror(e)
             };
             warnx(prog, &format!("vm_create: {msg}"));
             return 1;
@@ -201,7 +204,10 @@ pub fn bhyvectl_main(prog: &str, args: &[String]) -> i32 {
                 } else {
                     "vm_force_poweroff"
                 };
-                let desc = e.errno().map(|n| n.desc()).unwrap_or("error");
+                let desc = e
+                    .errno()
+                    .map(crate::error::strerror)
+                    .unwrap_or_else(|| e.to_string());
                 warnx(prog, &format!("{what}: {desc}"));
                 rc = 1;
             }
@@ -220,7 +226,7 @@ pub fn bhyvectl_main(prog: &str, args: &[String]) -> i32 {
             }
         };
         if let Err(e) = ctl.destroy(&name) {
-            warnx(prog, &format!("vm_destroy: {}", e.desc()));
+            warnx(prog, &format!("vm_destroy: {}", crate::error::strerror(e)));
             rc = 1;
         }
     }

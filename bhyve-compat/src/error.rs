@@ -18,7 +18,7 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
     /// An OS call failed: "WHAT: strerror" (exit 4).
-    #[error("{what}: {}", .errno.desc())]
+    #[error("{what}: {}", strerror(*.errno))]
     Sys { what: String, errno: Errno },
     /// A vmm/NAME command failed; `detail` is the daemon's message if any.
     #[error("{}", command_message(.command, .errno, .detail))]
@@ -37,8 +37,8 @@ pub enum Error {
 
 fn command_message(command: &str, errno: &Errno, detail: &Option<String>) -> String {
     match detail {
-        Some(d) if !d.is_empty() => format!("{command}: {d} ({})", errno.desc()),
-        _ => format!("{command}: {}", errno.desc()),
+        Some(d) if !d.is_empty() => format!("{command}: {d} ({})", strerror(*errno)),
+        _ => format!("{command}: {}", strerror(*errno)),
     }
 }
 
@@ -75,6 +75,16 @@ impl Error {
     }
 }
 
+/// The C library's text for `errno` (strerror(3)), without Rust's
+/// " (os error N)" suffix.
+pub fn strerror(errno: Errno) -> String {
+    let s = std::io::Error::from_raw_os_error(errno as i32).to_string();
+    match s.rfind(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -96,6 +106,7 @@ mod tests {
         };
         assert_eq!(e.to_string(), "bootrom 5: bad image (Invalid argument)");
         assert_eq!(Error::Usage(None).bhyve_status(), 1);
+        assert_eq!(strerror(Errno::EOPNOTSUPP), "Operation not supported");
         assert_eq!(Error::BadOption("x".into()).bhyve_status(), 64);
     }
 }

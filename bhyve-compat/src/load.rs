@@ -124,7 +124,7 @@ fn load(a: &LoadArgs) -> Result<(), Error> {
             Error::Other(format!(
                 "vm_open: {} could not be opened: {}",
                 a.name,
-                e.desc()
+                crate::error::strerror(e)
             ))
         })?;
         let st = vm

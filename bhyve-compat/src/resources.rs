@@ -206,7 +206,10 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
     let mut r = Resources::default();
     if let Some(rom) = &plan.bootrom {
         r.bootrom = Some(open_ro(rom).map_err(|e| {
-            Error::Config(format!("Error opening bootrom \"{rom}\": {}", e.desc()))
+            Error::Config(format!(
+                "Error opening bootrom \"{rom}\": {}",
+                crate::error::strerror(e)
+            ))
         })?);
     }
     if let Some(l) = &plan.linux {

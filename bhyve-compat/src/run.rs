@@ -129,7 +129,7 @@ fn create_or_open(prog: &str, dev: &VmmDev, ctl: &Ctl, p: &Plan) -> Result<Vm> {
             return Err(Error::Other(format!(
                 "vm_open: {} could not be opened: {}",
                 p.name,
-                e.desc()
+                crate::error::strerror(e)
             )));
         }
     };
