@@ -269,8 +269,10 @@ pub fn main(args: &[String]) -> i32 {
         usage("--ruid needs --user");
     }
     let line = run(&args);
-    println!("{line}");
-    let _ = std::io::stdout().flush();
+    // The runner may have stopped listening (a holder's reader reads one line).
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
     0
 }
 
@@ -399,8 +401,10 @@ fn hold_create(ctl: &str, names: &str, via: &str) -> String {
             return res(Err(e));
         }
     }
-    println!("READY {}", std::process::id());
-    let _ = std::io::stdout().flush();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "READY {}", std::process::id());
+    let _ = out.flush();
+    drop(out);
     // Hold the descriptor until the runner closes our stdin (or kills us).
     let mut sink = String::new();
     while std::io::stdin()
