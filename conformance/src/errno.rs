@@ -48,11 +48,7 @@ const NAMES: &[(i32, &str)] = &[
 
 /// Symbolic name of an errno (`E123` for one not in the table).
 pub fn name(errno: i32) -> String {
-    NAMES
-        .iter()
-        .find(|(n, _)| *n == errno)
-        .map(|(_, s)| s.to_string())
-        .unwrap_or_else(|| format!("E{errno}"))
+    NAMES.iter().find(|(n, _)| *n == errno).map(|(_, s)| s.to_string()).unwrap_or_else(|| format!("E{errno}"))
 }
 
 /// errno of a symbolic name (inverse of [`name`]).
@@ -110,10 +106,7 @@ mod tests {
 
     #[test]
     fn io_errors() {
-        assert_eq!(
-            of_io(&std::io::Error::from_raw_os_error(libc::ENXIO)),
-            "ENXIO"
-        );
+        assert_eq!(of_io(&std::io::Error::from_raw_os_error(libc::ENXIO)), "ENXIO");
         assert_eq!(of_io(&std::io::Error::other("x")), "EIO");
     }
 }

@@ -43,8 +43,7 @@ pub struct Users {
 
 fn in_group(u: &User, gid: u32) -> Result<bool, String> {
     let name = std::ffi::CString::new(u.name.as_str()).map_err(|e| e.to_string())?;
-    let groups = nix::unistd::getgrouplist(&name, u.gid)
-        .map_err(|e| format!("getgrouplist {}: {e}", u.name))?;
+    let groups = nix::unistd::getgrouplist(&name, u.gid).map_err(|e| format!("getgrouplist {}: {e}", u.name))?;
     Ok(groups.iter().any(|g| g.as_raw() == gid))
 }
 
@@ -69,17 +68,9 @@ impl Users {
                     if member { "" } else { "not " }
                 ));
             }
-            Ok(TestUser {
-                uid: u.uid.as_raw(),
-                gid: u.gid.as_raw(),
-            })
+            Ok(TestUser { uid: u.uid.as_raw(), gid: u.gid.as_raw() })
         };
-        Ok(Users {
-            vmm_gid: gid,
-            m1: get(MEMBER1, true)?,
-            m2: get(MEMBER2, true)?,
-            out: get(OUTSIDER, false)?,
-        })
+        Ok(Users { vmm_gid: gid, m1: get(MEMBER1, true)?, m2: get(MEMBER2, true)?, out: get(OUTSIDER, false)? })
     }
 }
 
@@ -104,27 +95,16 @@ pub struct Who<'a> {
 
 impl<'a> Who<'a> {
     pub fn root() -> Who<'static> {
-        Who {
-            user: None,
-            ruid: None,
-            place: Place::Host,
-        }
+        Who { user: None, ruid: None, place: Place::Host }
     }
     pub fn user(name: &'a str) -> Who<'a> {
-        Who {
-            user: Some(name),
-            ruid: None,
-            place: Place::Host,
-        }
+        Who { user: Some(name), ruid: None, place: Place::Host }
     }
     pub fn at(self, place: Place) -> Who<'a> {
         Who { place, ..self }
     }
     pub fn with_ruid(self, ruid: u32) -> Who<'a> {
-        Who {
-            ruid: Some(ruid),
-            ..self
-        }
+        Who { ruid: Some(ruid), ..self }
     }
 }
 
@@ -211,12 +191,7 @@ impl Drop for Jail {
 fn ppid_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // pid (comm) state ppid ...: comm may contain spaces; split after the last ')'.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn children_of(parent: u32) -> Vec<u32> {
@@ -230,9 +205,7 @@ fn children_of(parent: u32) -> Vec<u32> {
 
 fn pidns(pid: &str) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(format!("/proc/{pid}/ns/pid"))
-        .ok()
-        .map(|m| m.ino())
+    std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok().map(|m| m.ino())
 }
 
 /// The test environment: temp dirs, the daemon, the users.
@@ -252,48 +225,26 @@ impl Env {
     /// Make the temp directories (the mount point's parent must be
     /// searchable by the test users).
     pub fn new(exe: PathBuf, vmmfs: PathBuf, users: Users) -> Result<Env, String> {
-        let base = nix::unistd::mkdtemp("/tmp/vmmfs-conformance.XXXXXX")
-            .map_err(|e| format!("mkdtemp: {e}"))?;
-        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| e.to_string())?;
+        let base = nix::unistd::mkdtemp("/tmp/vmmfs-conformance.XXXXXX").map_err(|e| format!("mkdtemp: {e}"))?;
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
         let mount = base.join("mnt");
         let state_dir = base.join("state");
         std::fs::create_dir(&mount).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(&mount, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&mount, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
         std::fs::create_dir(&state_dir).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
         let log = base.join("vmmfs.log");
-        Ok(Env {
-            exe,
-            vmmfs,
-            base,
-            mount,
-            state_dir,
-            log,
-            users,
-            daemon: None,
-            keep_log: false,
-        })
+        Ok(Env { exe, vmmfs, base, mount, state_dir, log, users, daemon: None, keep_log: false })
     }
 
     pub fn ctl(&self) -> String {
         self.mount.join("vmmctl").to_string_lossy().into_owned()
     }
     pub fn vm(&self, name: &str) -> String {
-        self.mount
-            .join("vmm")
-            .join(name)
-            .to_string_lossy()
-            .into_owned()
+        self.mount.join("vmm").join(name).to_string_lossy().into_owned()
     }
     pub fn seg(&self, name: &str) -> String {
-        self.mount
-            .join("vmm.io")
-            .join(format!("{name}.sysmem"))
-            .to_string_lossy()
-            .into_owned()
+        self.mount.join("vmm.io").join(format!("{name}.sysmem")).to_string_lossy().into_owned()
     }
     pub fn vm_dir(&self) -> String {
         self.mount.join("vmm").to_string_lossy().into_owned()
@@ -375,9 +326,7 @@ impl Env {
 
     /// Whether the daemon is still running.
     pub fn daemon_alive(&mut self) -> bool {
-        self.daemon
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.daemon.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     fn command(&self, who: Who, args: &[&str]) -> Command {
@@ -385,14 +334,12 @@ impl Env {
             Place::Host => Command::new(&self.exe),
             Place::FreshJail => {
                 let mut c = Command::new("unshare");
-                c.args(["--pid", "--fork", "--kill-child", "--"])
-                    .arg(&self.exe);
+                c.args(["--pid", "--fork", "--kill-child", "--"]).arg(&self.exe);
                 c
             }
             Place::Jail(pid) => {
                 let mut c = Command::new("nsenter");
-                c.args(["--target", &pid.to_string(), "--pid", "--"])
-                    .arg(&self.exe);
+                c.args(["--target", &pid.to_string(), "--pid", "--"]).arg(&self.exe);
                 c
             }
         };
@@ -410,16 +357,11 @@ impl Env {
     /// Run a probe; the observed value: `OK ...`, the errno name of `ERR E...`,
     /// or a description of what went wrong with the probe itself.
     pub fn probe(&self, who: Who, args: &[&str]) -> String {
-        let mut child = match self
-            .command(who, args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) => return format!("PROBE-SPAWN-FAILED {e}"),
-        };
+        let mut child =
+            match self.command(who, args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
+                Ok(c) => c,
+                Err(e) => return format!("PROBE-SPAWN-FAILED {e}"),
+            };
         let Some(st) = wait_timeout(&mut child, PROBE_TIMEOUT) else {
             let _ = child.kill();
             let _ = child.wait();
@@ -458,14 +400,8 @@ impl Env {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx
-            .recv_timeout(READY_TIMEOUT)
-            .unwrap_or_else(|_| "TIMEOUT".into());
-        let mut holder = Holder {
-            pid: child.id(),
-            child,
-            stdin,
-        };
+        let line = rx.recv_timeout(READY_TIMEOUT).unwrap_or_else(|_| "TIMEOUT".into());
+        let mut holder = Holder { pid: child.id(), child, stdin };
         match line.trim().strip_prefix("READY ") {
             Some(pid) if who.place == Place::Host => {
                 holder.pid = pid.parse().unwrap_or(holder.pid);
@@ -473,11 +409,7 @@ impl Env {
             }
             Some(_) => Ok(holder),
             None => {
-                let obs = if line.trim().is_empty() {
-                    "NO-OUTPUT".into()
-                } else {
-                    observed(line.trim())
-                };
+                let obs = if line.trim().is_empty() { "NO-OUTPUT".into() } else { observed(line.trim()) };
                 holder.release();
                 Err(obs)
             }
@@ -513,22 +445,16 @@ impl Env {
     /// "OK" or a description of the failure.
     pub fn jail_cmd(&self, verb: &str, pid: u32, as_user: Option<&TestUser>) -> String {
         let mut cmd = Command::new(&self.vmmfs);
-        cmd.args(["jail", verb, "--pid", &pid.to_string(), "--state-dir"])
-            .arg(&self.state_dir);
+        cmd.args(["jail", verb, "--pid", &pid.to_string(), "--state-dir"]).arg(&self.state_dir);
         if let Some(u) = as_user {
             use std::os::unix::process::CommandExt;
             cmd.uid(u.uid).gid(u.gid);
         }
         match cmd.stdin(Stdio::null()).output() {
             Ok(o) if o.status.success() => "OK".into(),
-            Ok(o) => format!(
-                "FAILED({}) {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-            ),
+            Ok(o) => {
+                format!("FAILED({}) {}", o.status, String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or(""))
+            }
             Err(e) => format!("SPAWN-FAILED {e}"),
         }
     }
@@ -575,11 +501,7 @@ impl Drop for Env {
         if !is_mounted(&self.mount) {
             let _ = std::fs::remove_dir_all(&self.base);
         } else {
-            eprintln!(
-                "conformance: {} is still mounted; leaving {}",
-                self.mount.display(),
-                self.base.display()
-            );
+            eprintln!("conformance: {} is still mounted; leaving {}", self.mount.display(), self.base.display());
         }
     }
 }
@@ -590,11 +512,7 @@ pub fn unmount(mount: &Path) {
         if !is_mounted(mount) {
             return;
         }
-        let _ = Command::new("fusermount3")
-            .args(args)
-            .arg(mount)
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("fusermount3").args(args).arg(mount).stderr(Stdio::null()).status();
     }
     if is_mounted(mount) {
         let _ = Command::new("umount").arg("-l").arg(mount).status();

@@ -37,10 +37,7 @@ pub const fn iowr(group: u8, nr: u8, size: usize) -> u32 {
 
 fn name_field(name: &[u8]) -> Result<[u8; NAME_FIELD], String> {
     if name.len() > NAME_FIELD {
-        return Err(format!(
-            "name of {} bytes does not fit in char[{NAME_FIELD}]",
-            name.len()
-        ));
+        return Err(format!("name of {} bytes does not fit in char[{NAME_FIELD}]", name.len()));
     }
     let mut f = [0u8; NAME_FIELD];
     f[..name.len()].copy_from_slice(name);
@@ -53,15 +50,9 @@ impl VmCreate {
     pub fn new(name: &[u8], flags: u32, reserved_idx: Option<usize>) -> Result<VmCreate, String> {
         let mut reserved = [0i32; 15];
         if let Some(i) = reserved_idx {
-            *reserved
-                .get_mut(i)
-                .ok_or(format!("reserved index {i} out of 0..15"))? = 1;
+            *reserved.get_mut(i).ok_or(format!("reserved index {i} out of 0..15"))? = 1;
         }
-        Ok(VmCreate {
-            name: name_field(name)?,
-            flags,
-            reserved,
-        })
+        Ok(VmCreate { name: name_field(name)?, flags, reserved })
     }
 }
 
@@ -70,14 +61,9 @@ impl VmDestroy {
     pub fn new(name: &[u8], reserved_idx: Option<usize>) -> Result<VmDestroy, String> {
         let mut reserved = [0i32; 16];
         if let Some(i) = reserved_idx {
-            *reserved
-                .get_mut(i)
-                .ok_or(format!("reserved index {i} out of 0..16"))? = 1;
+            *reserved.get_mut(i).ok_or(format!("reserved index {i} out of 0..16"))? = 1;
         }
-        Ok(VmDestroy {
-            name: name_field(name)?,
-            reserved,
-        })
+        Ok(VmDestroy { name: name_field(name)?, reserved })
     }
 }
 
@@ -90,9 +76,7 @@ pub unsafe fn ioctl<T>(fd: i32, request: u32, arg: &mut T) -> Result<(), i32> {
     // SAFETY: the caller guarantees `arg` matches `request`.
     let r = unsafe { libc::ioctl(fd, request as libc::c_ulong, arg as *mut T) };
     if r < 0 {
-        Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO))
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
     } else {
         Ok(())
     }
@@ -126,10 +110,7 @@ mod tests {
         assert_eq!(c.reserved[14], 1);
         assert_eq!(c.reserved[..14], [0; 14]);
         let full = VmCreate::new(&[b'x'; 230], 0, None).unwrap();
-        assert!(
-            full.name.iter().all(|&b| b == b'x'),
-            "230-byte name has no NUL"
-        );
+        assert!(full.name.iter().all(|&b| b == b'x'), "230-byte name has no NUL");
         assert!(VmCreate::new(&[b'x'; 231], 0, None).is_err());
         assert!(VmCreate::new(b"a", 0, Some(15)).is_err());
         let d = VmDestroy::new(b"vm1", Some(15)).unwrap();

@@ -35,20 +35,13 @@ struct Options {
 }
 
 fn parse(args: &[String]) -> Result<Option<Options>, String> {
-    let mut o = Options {
-        vmmfs: None,
-        allow_skip: false,
-        only: Vec::new(),
-        keep_log: false,
-    };
+    let mut o = Options { vmmfs: None, allow_skip: false, only: Vec::new(), keep_log: false };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--vmmfs" => o.vmmfs = Some(it.next().ok_or("--vmmfs needs a path")?.into()),
             "--allow-skip" => o.allow_skip = true,
-            "--only" => o
-                .only
-                .push(it.next().ok_or("--only needs a group")?.clone()),
+            "--only" => o.only.push(it.next().ok_or("--only needs a group")?.clone()),
             "--keep-log" => o.keep_log = true,
             "--list" => {
                 for (name, _) in cases::GROUPS {
@@ -76,9 +69,7 @@ fn fatal(msg: &str) -> i32 {
 }
 
 fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false)
 }
 
 fn run(o: Options) -> i32 {
@@ -87,16 +78,10 @@ fn run(o: Options) -> i32 {
         return fatal("must run as root (it mounts, switches users and creates PID namespaces)");
     }
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let missing: Vec<&str> = ["/dev/fuse", "/dev/kvm"]
-        .into_iter()
-        .filter(|d| !Path::new(d).exists())
-        .collect();
+    let missing: Vec<&str> = ["/dev/fuse", "/dev/kvm"].into_iter().filter(|d| !Path::new(d).exists()).collect();
     if !missing.is_empty() {
         let bar = "*".repeat(72);
-        eprintln!(
-            "{bar}\n* conformance: {} missing: cannot run the suite",
-            missing.join(" and ")
-        );
+        eprintln!("{bar}\n* conformance: {} missing: cannot run the suite", missing.join(" and "));
         if ci {
             eprintln!("* CI=true: this is a failure\n{bar}");
             return 1;
@@ -107,24 +92,16 @@ fn run(o: Options) -> i32 {
     }
     for tool in ["unshare", "nsenter", "fusermount3"] {
         if !on_path(tool) {
-            return fatal(&format!(
-                "'{tool}' not found in PATH (util-linux, fuse3: run scripts/setup)"
-            ));
+            return fatal(&format!("'{tool}' not found in PATH (util-linux, fuse3: run scripts/setup)"));
         }
     }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => return fatal(&format!("current_exe: {e}")),
     };
-    let vmmfs = o
-        .vmmfs
-        .clone()
-        .unwrap_or_else(|| exe.parent().unwrap_or(Path::new(".")).join("vmmfs"));
+    let vmmfs = o.vmmfs.clone().unwrap_or_else(|| exe.parent().unwrap_or(Path::new(".")).join("vmmfs"));
     if !vmmfs.is_file() {
-        return fatal(&format!(
-            "vmmfs binary {} not found (build it, or pass --vmmfs PATH)",
-            vmmfs.display()
-        ));
+        return fatal(&format!("vmmfs binary {} not found (build it, or pass --vmmfs PATH)", vmmfs.display()));
     }
     let users = match harness::Users::check() {
         Ok(u) => u,
@@ -133,9 +110,7 @@ fn run(o: Options) -> i32 {
     // The probes run as vmmtest* and must be able to execute this binary.
     if let Some(bad) = exe.ancestors().skip(1).find(|d| {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(d)
-            .map(|m| m.permissions().mode() & 0o001 == 0)
-            .unwrap_or(false)
+        std::fs::metadata(d).map(|m| m.permissions().mode() & 0o001 == 0).unwrap_or(false)
     }) {
         return fatal(&format!(
             "{} is not searchable by other users, so the probes (run as vmmtest*) cannot execute {}",
@@ -152,12 +127,7 @@ fn run(o: Options) -> i32 {
         Ok(e) => e,
         Err(e) => return fatal(&e),
     };
-    eprintln!(
-        "conformance: mount {} state {} log {}",
-        env.mount.display(),
-        env.state_dir.display(),
-        env.log.display()
-    );
+    eprintln!("conformance: mount {} state {} log {}", env.mount.display(), env.state_dir.display(), env.log.display());
     if let Err(e) = env.start() {
         env.keep_log();
         return fatal(&format!("cannot start vmmfs: {e}"));

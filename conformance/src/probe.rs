@@ -30,7 +30,8 @@ conformance probe [--user NAME] [--ruid UID] OP ARGS...
   stale-fd CTL NAME vm|seg destroy|close
                                       ops on a descriptor of a destroyed VM
   reuse CTL NAME destroy|close        create the name again right after its VM went
-  jail-inherit CTL NAME write|ioctl   open on the host, create from a new PID namespace";
+  jail-inherit CTL NAME write|ioctl|destroy-write|destroy-ioctl
+                                      open on the host; create (or destroy) from a new PID namespace";
 
 fn cpath(p: &str) -> CString {
     CString::new(p).unwrap_or_else(|_| usage("path contains NUL"))
@@ -49,9 +50,7 @@ fn res(r: Result<(), i32>) -> String {
 }
 
 fn errno_now() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
 /// A descriptor closed on drop.
@@ -109,10 +108,7 @@ fn access_mode(s: &str) -> i32 {
 
 fn key_of(status: &[u8], key: &str) -> String {
     let text = String::from_utf8_lossy(status);
-    match text
-        .lines()
-        .find(|l| l.split_once('=').is_some_and(|(k, _)| k == key))
-    {
+    match text.lines().find(|l| l.split_once('=').is_some_and(|(k, _)| k == key)) {
         Some(l) => format!("OK {l}"),
         None => format!("ERR NOKEY({key})"),
     }
@@ -130,12 +126,7 @@ pub fn stat_line(path: &Path) -> String {
             } else {
                 "other"
             };
-            format!(
-                "OK uid={} gid={} mode={:04o} type={kind}",
-                m.uid(),
-                m.gid(),
-                m.mode() & 0o7777
-            )
+            format!("OK uid={} gid={} mode={:04o} type={kind}", m.uid(), m.gid(), m.mode() & 0o7777)
         }
         Err(e) => format!("ERR {}", errno::of_io(&e)),
     }
@@ -160,10 +151,7 @@ pub fn readdir_line(path: &Path) -> String {
 }
 
 fn mount_of(ctl: &str) -> PathBuf {
-    Path::new(ctl)
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .to_path_buf()
+    Path::new(ctl).parent().unwrap_or(Path::new("/")).to_path_buf()
 }
 
 fn exists(p: &Path) -> bool {
@@ -279,9 +267,7 @@ pub fn main(args: &[String]) -> i32 {
 fn run(args: &[&str]) -> String {
     match args {
         ["open", path, mode] => res(open(path, access_mode(mode)).map(drop)),
-        ["write", path, text] => {
-            res(open(path, libc::O_RDWR).and_then(|fd| write_fd(&fd, text.as_bytes())))
-        }
+        ["write", path, text] => res(open(path, libc::O_RDWR).and_then(|fd| write_fd(&fd, text.as_bytes()))),
         ["write-read", path, text, key] => match open(path, libc::O_RDWR) {
             Ok(fd) => match write_fd(&fd, text.as_bytes()).and_then(|()| pread_fd(&fd, 65536)) {
                 Ok(status) => key_of(&status, key),
@@ -308,11 +294,7 @@ fn run(args: &[&str]) -> String {
             let mode = u32::from_str_radix(mode, 8).unwrap_or_else(|_| usage("mode is octal"));
             let c = cpath(path);
             // SAFETY: valid C string.
-            res(if unsafe { libc::chmod(c.as_ptr(), mode) } == 0 {
-                Ok(())
-            } else {
-                Err(errno_now())
-            })
+            res(if unsafe { libc::chmod(c.as_ptr(), mode) } == 0 { Ok(()) } else { Err(errno_now()) })
         }
         ["chown", path, uid, gid] => {
             let id = |s: &str| {
@@ -344,14 +326,7 @@ const MAP_LEN: usize = 4096;
 fn map(fd: &Fd) -> Result<*mut u8, i32> {
     // SAFETY: a fresh shared mapping of a file we opened.
     let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            MAP_LEN,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.0,
-            0,
-        )
+        libc::mmap(std::ptr::null_mut(), MAP_LEN, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.0, 0)
     };
     if p == libc::MAP_FAILED {
         Err(errno_now())
@@ -407,11 +382,7 @@ fn hold_create(ctl: &str, names: &str, via: &str) -> String {
     drop(out);
     // Hold the descriptor until the runner closes our stdin (or kills us).
     let mut sink = String::new();
-    while std::io::stdin()
-        .lock()
-        .read_line(&mut sink)
-        .is_ok_and(|n| n > 0)
-    {
+    while std::io::stdin().lock().read_line(&mut sink).is_ok_and(|n| n > 0) {
         sink.clear();
     }
     drop(fd);
@@ -424,12 +395,10 @@ fn create_many(ctl: &str, prefix: &str, n: u64) -> String {
         Err(e) => return res(Err(e)),
     };
     let out: Vec<String> = (1..=n)
-        .map(
-            |i| match write_fd(&fd, &create_line(&format!("{prefix}{i}"), true)) {
-                Ok(()) => "OK".to_string(),
-                Err(e) => errno::name(e),
-            },
-        )
+        .map(|i| match write_fd(&fd, &create_line(&format!("{prefix}{i}"), true)) {
+            Ok(()) => "OK".to_string(),
+            Err(e) => errno::name(e),
+        })
         .collect();
     out.join(",")
 }
@@ -578,9 +547,7 @@ fn reuse(ctl: &str, name: &str, how: &str) -> String {
             let end = Instant::now() + Duration::from_secs(1);
             loop {
                 match transient_create(&fd, name, "write") {
-                    Err(libc::EEXIST) if Instant::now() < end => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
+                    Err(libc::EEXIST) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
                     r => return res(r),
                 }
             }
@@ -590,6 +557,9 @@ fn reuse(ctl: &str, name: &str, how: &str) -> String {
 }
 
 fn jail_inherit(ctl: &str, name: &str, via: &str) -> String {
+    if !["write", "ioctl", "destroy-write", "destroy-ioctl"].contains(&via) {
+        usage("jail-inherit: write, ioctl, destroy-write or destroy-ioctl");
+    }
     let fd = match open(ctl, libc::O_RDWR) {
         Ok(fd) => fd,
         Err(e) => return format!("ERR host-open {}", errno::name(e)),
@@ -609,7 +579,11 @@ fn jail_inherit(ctl: &str, name: &str, via: &str) -> String {
         return format!("ERR fork {}", errno::last());
     }
     if pid == 0 {
-        let r = transient_create(&fd, name, via);
+        let r = match via {
+            "destroy-write" => write_fd(&fd, format!("destroy {name}").as_bytes()),
+            "destroy-ioctl" => ioctl_destroy(&fd, name, None),
+            _ => transient_create(&fd, name, via),
+        };
         let code: i32 = match r {
             Ok(()) => 0,
             Err(e) => e,
@@ -658,8 +632,7 @@ mod tests {
 
     #[test]
     fn stat_and_readdir_of_a_temp_dir() {
-        let dir =
-            std::env::temp_dir().join(format!("conformance-probe-test-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("conformance-probe-test-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         std::fs::write(dir.join("b"), vec![0u8; 4096]).unwrap();
         let f = dir.join("b");
@@ -667,10 +640,7 @@ mod tests {
         // SAFETY: valid C string.
         assert_eq!(unsafe { libc::chmod(c.as_ptr(), 0o640) }, 0);
         let s = stat_line(&f);
-        assert!(
-            s.starts_with("OK uid=") && s.ends_with("mode=0640 type=file"),
-            "{s}"
-        );
+        assert!(s.starts_with("OK uid=") && s.ends_with("mode=0640 type=file"), "{s}");
         assert!(stat_line(&dir).ends_with("type=dir"));
         assert_eq!(stat_line(&dir.join("nope")), "ERR ENOENT");
         assert_eq!(readdir_line(&dir), "OK b,sub");

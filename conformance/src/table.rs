@@ -19,10 +19,7 @@ const MAX_WIDTH: usize = 72;
 
 fn cell(s: &str) -> String {
     // Keep the table one line per row whatever a probe printed.
-    let flat: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let flat: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     if flat.chars().count() > MAX_WIDTH {
         let cut: String = flat.chars().take(MAX_WIDTH - 3).collect();
         format!("{cut}...")
@@ -37,12 +34,7 @@ pub fn render(rows: &[Row]) -> String {
         .iter()
         .map(|r| {
             let verdict = if r.passed() { "PASS" } else { "FAIL" };
-            [
-                cell(&r.case),
-                cell(&r.expected),
-                cell(&r.observed),
-                verdict.to_string(),
-            ]
+            [cell(&r.case), cell(&r.expected), cell(&r.observed), verdict.to_string()]
         })
         .collect();
     let header = ["case", "expected", "observed", "result"].map(String::from);
@@ -68,11 +60,7 @@ pub fn render(rows: &[Row]) -> String {
         s.trim_end().to_string() + "\n"
     };
     let mut out = line(&header);
-    out += &width
-        .iter()
-        .map(|w| "-".repeat(*w))
-        .collect::<Vec<_>>()
-        .join("-|-");
+    out += &width.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-|-");
     out += "\n";
     for c in &cells {
         out += &line(c);
@@ -93,19 +81,12 @@ mod tests {
     use super::*;
 
     fn row(case: &str, expected: &str, observed: &str) -> Row {
-        Row {
-            case: case.into(),
-            expected: expected.into(),
-            observed: observed.into(),
-        }
+        Row { case: case.into(), expected: expected.into(), observed: observed.into() }
     }
 
     #[test]
     fn renders_aligned_columns_and_summary() {
-        let rows = [
-            row("vmmctl mode", "OK 0:5 0660", "OK 0:5 0660"),
-            row("ro open", "EPERM", "OK"),
-        ];
+        let rows = [row("vmmctl mode", "OK 0:5 0660", "OK 0:5 0660"), row("ro open", "EPERM", "OK")];
         let t = render(&rows);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 5);
@@ -129,9 +110,6 @@ mod tests {
     #[test]
     fn summary_counts() {
         assert_eq!(summary(&[]), "0 passed, 0 failed");
-        assert_eq!(
-            summary(&[row("a", "OK", "OK"), row("b", "OK", "OK")]),
-            "2 passed, 0 failed"
-        );
+        assert_eq!(summary(&[row("a", "OK", "OK"), row("b", "OK", "OK")]), "2 passed, 0 failed");
     }
 }
