@@ -8,10 +8,16 @@
 //! parser lives in [`command`] so that the boundary can later become a socket to
 //! a per-VM worker process without changing the protocol.
 
+pub mod acpi;
+pub mod boot;
 pub mod command;
+pub mod devices;
 pub mod error;
+pub mod memory;
+pub mod vcpu;
 pub mod vm;
 
 pub use command::{Command, FdSource};
 pub use error::{Error, Result};
+pub use vcpu::kick_signal;
 pub use vm::{ExitReason, Segment, Vm, VmState};

@@ -1,19 +1,40 @@
-//! A VM: KVM VM descriptor, memory segments, state machine.
+//! A VM: KVM VM descriptor, memory segments, vCPU threads, state machine.
 //!
-//! Skeleton: creation with guest RAM, configuration commands, status and
-//! notification. vCPU threads, boot and platform devices plug in here.
+//! Locking: `ctl` serializes commands and owns the machinery (KVM
+//! descriptors, mappings, threads); it is held while vCPU threads are
+//! stopped and joined. `st` holds what status readers need and is only held
+//! briefly, so vCPU threads can report an exit (and the notifier can read
+//! status) while a command waits for them.
 
-use crate::command::{Command, FdSource};
+use crate::boot;
+use crate::command::{ComPort, Command, FdSource, PciSlot, Topology};
+use crate::devices::{Counters, PciEmulation, Platform, PlatformConfig};
 use crate::error::{Error, Result};
-use kvm_ioctls::{Kvm, VmFd};
+use crate::memory::{self, GuestMemory, Mapping, Region, FOUR_GIB, MAX_BOOTROM};
+use crate::vcpu::{self, RunCtx, Vcpu};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, CpuId,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use parking_lot::Mutex;
 use std::fmt::Write as _;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::JoinHandle;
 
 /// Default guest RAM, as bhyve.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// Largest kernel image accepted by `kernel`.
+pub const MAX_KERNEL: u64 = 512 << 20;
+
+const SLOT_LOW: u32 = 0;
+const SLOT_HIGH: u32 = 1;
+const SLOT_BOOTROM: u32 = 2;
+/// KVM's real-mode helpers (Intel) live in the PCI hole, below a 16 MiB bootrom.
+const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
+const TSS_ADDR: usize = 0xfeff_d000;
 
 /// Why a guest stopped, with bhyve's exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,24 +108,98 @@ pub struct Segment {
     pub fd: Arc<OwnedFd>,
 }
 
-type Notifier = Box<dyn Fn() + Send + Sync>;
+type Notifier = Arc<dyn Fn() + Send + Sync>;
 
-struct Inner {
+/// What status readers see.
+struct Status {
     state: VmState,
-    vm: Option<VmFd>,
     memory: u64,
     cpus: u16,
     segments: Vec<Segment>,
-    /// Host mappings of segments that are guest-visible: (addr, len).
-    mappings: Vec<(usize, usize)>,
+}
+
+/// Serial port descriptors.
+struct SerialFds {
+    input: Arc<OwnedFd>,
+    output: Arc<OwnedFd>,
+}
+
+/// Threads of one run.
+struct Runtime {
+    ctx: Arc<RunCtx>,
+    vcpus: Vec<JoinHandle<Vcpu>>,
+    helpers: Vec<JoinHandle<()>>,
+}
+
+impl Runtime {
+    /// Stop every thread and take the vCPUs back. Returns whether this call
+    /// stopped the guest (false: it had already exited by itself).
+    fn stop(mut self, out: &mut Vec<Vcpu>) -> bool {
+        let first = self.ctx.stop();
+        for h in self.vcpus.drain(..) {
+            match h.join() {
+                Ok(v) => out.push(v),
+                Err(_) => log::error!("a vCPU thread panicked; its vCPU is lost"),
+            }
+        }
+        for h in self.helpers.drain(..) {
+            let _ = h.join();
+        }
+        out.sort_by_key(|v| v.id);
+        first
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if !self.vcpus.is_empty() || !self.helpers.is_empty() {
+            let mut v = Vec::new();
+            let rt = Runtime {
+                ctx: self.ctx.clone(),
+                vcpus: std::mem::take(&mut self.vcpus),
+                helpers: std::mem::take(&mut self.helpers),
+            };
+            rt.stop(&mut v);
+        }
+    }
+}
+
+/// The machinery, owned by whoever holds the command lock.
+struct Control {
+    // Declared first so it drops (threads joined) before what they use.
+    runtime: Option<Runtime>,
+    vcpus: Vec<Vcpu>,
+    vm: Option<Arc<VmFd>>,
+    irqchip: Option<IrqSnapshot>,
+    topology: Topology,
+    memory: u64,
+    ram: Option<Mapping>,
+    bootrom: Option<(Mapping, u64)>,
+    kernel: Option<Vec<u8>>,
+    initrd: Option<Vec<u8>>,
+    cmdline: String,
+    serial: [Option<SerialFds>; 2],
+    pci: Vec<(PciSlot, PciEmulation)>,
+}
+
+/// Power-on state of the in-kernel PIC/IOAPIC and PIT.
+struct IrqSnapshot {
+    chips: Vec<kvm_irqchip>,
+    pit: Option<kvm_pit_state2>,
+}
+
+struct Core {
+    ctl: Mutex<Control>,
+    st: Mutex<Status>,
+    generation: AtomicU64,
+    notifier: Mutex<Option<Notifier>>,
+    counters: Arc<Counters>,
 }
 
 /// One virtual machine.
 pub struct Vm {
     name: String,
-    inner: Mutex<Inner>,
-    generation: AtomicU64,
-    notifier: Mutex<Option<Notifier>>,
+    core: Arc<Core>,
 }
 
 fn kvm() -> Result<&'static Kvm> {
@@ -114,45 +209,52 @@ fn kvm() -> Result<&'static Kvm> {
         .map_err(|e| Error::kvm("open /dev/kvm", std::io::Error::from_raw_os_error(*e)))
 }
 
-fn memfd(name: &str, size: u64) -> Result<OwnedFd> {
-    let cname =
-        std::ffi::CString::new(name).map_err(|_| Error::InvalidCommand("bad name".into()))?;
-    // SAFETY: plain syscall on a valid C string.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just returned by the kernel and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: valid descriptor.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } < 0 {
-        return Err(Error::NoMemory(format!(
-            "{name}: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(fd)
+fn supported_cpuid() -> Result<&'static CpuId> {
+    static CPUID: OnceLock<std::result::Result<CpuId, i32>> = OnceLock::new();
+    let k = kvm()?;
+    CPUID
+        .get_or_init(|| {
+            k.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(|e| e.errno())
+        })
+        .as_ref()
+        .map_err(|e| {
+            Error::kvm(
+                "KVM_GET_SUPPORTED_CPUID",
+                std::io::Error::from_raw_os_error(*e),
+            )
+        })
 }
 
-fn map_shared(fd: &OwnedFd, size: u64) -> Result<usize> {
-    // SAFETY: mapping a memfd we own; the mapping is tracked and unmapped in Drop.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(Error::NoMemory(format!(
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        )));
+impl Core {
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let f = self.notifier.lock().clone();
+        if let Some(f) = f {
+            f();
+        }
     }
-    Ok(p as usize)
+
+    /// A guest exit reported by a vCPU or the watchdog.
+    fn guest_exited(&self, reason: ExitReason) {
+        {
+            let mut st = self.st.lock();
+            if st.state != VmState::Running {
+                return;
+            }
+            log::info!("guest exited: {} ({reason:?})", reason.name());
+            st.state = VmState::Exited(reason);
+        }
+        self.changed();
+    }
+
+    fn set_state(&self, s: VmState) {
+        self.st.lock().state = s;
+    }
+
+    fn state(&self) -> VmState {
+        self.st.lock().state.clone()
+    }
 }
 
 impl Vm {
@@ -161,20 +263,42 @@ impl Vm {
         let vm = kvm()?
             .create_vm()
             .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
-        let mut inner = Inner {
+        let mut ctl = Control {
+            runtime: None,
+            vcpus: Vec::new(),
+            vm: Some(Arc::new(vm)),
+            irqchip: None,
+            topology: Topology {
+                cpus: 1,
+                sockets: 1,
+                cores: 1,
+                threads: 1,
+            },
+            memory: 0,
+            ram: None,
+            bootrom: None,
+            kernel: None,
+            initrd: None,
+            cmdline: String::new(),
+            serial: [None, None],
+            pci: Vec::new(),
+        };
+        let mut st = Status {
             state: VmState::Configuring,
-            vm: Some(vm),
             memory: DEFAULT_MEMORY,
             cpus: 1,
             segments: Vec::new(),
-            mappings: Vec::new(),
         };
-        inner.set_memory(DEFAULT_MEMORY)?;
+        ctl.set_memory(&mut st, DEFAULT_MEMORY)?;
         Ok(Vm {
             name: name.to_string(),
-            inner: Mutex::new(inner),
-            generation: AtomicU64::new(0),
-            notifier: Mutex::new(None),
+            core: Arc::new(Core {
+                ctl: Mutex::new(ctl),
+                st: Mutex::new(st),
+                generation: AtomicU64::new(0),
+                notifier: Mutex::new(None),
+                counters: Arc::new(Counters::default()),
+            }),
         })
     }
 
@@ -185,123 +309,247 @@ impl Vm {
 
     /// Current state.
     pub fn state(&self) -> VmState {
-        self.inner.lock().state.clone()
+        self.core.state()
     }
 
     /// Increases on every state change (for poll).
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.core.generation.load(Ordering::Acquire)
     }
 
-    /// Called (from any thread) after each state change.
+    /// Called (from any thread, including vCPU threads) after each state
+    /// change. It must not call [`Vm::execute`] or [`Vm::destroy`].
     pub fn set_notifier(&self, f: Box<dyn Fn() + Send + Sync>) {
-        *self.notifier.lock() = Some(f);
-    }
-
-    fn changed(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        if let Some(f) = self.notifier.lock().as_ref() {
-            f();
-        }
+        *self.core.notifier.lock() = Some(Arc::from(f));
     }
 
     /// Memory segments, guest RAM first.
     pub fn segments(&self) -> Vec<Segment> {
-        self.inner.lock().segments.clone()
+        self.core.st.lock().segments.clone()
+    }
+
+    /// Total vCPU exits to user space over the VM's life.
+    pub fn exits(&self) -> u64 {
+        self.core.counters.exits.load(Ordering::Relaxed)
+    }
+
+    /// Microseconds from `run` to the guest's first write to the boot-timer
+    /// port (0x440), if it wrote.
+    pub fn boot_time_us(&self) -> Option<u64> {
+        match self.core.counters.boot_time.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(n - 1),
+        }
     }
 
     /// Run one command.
-    pub fn execute(&self, cmd: Command, _fds: &mut dyn FdSource) -> Result<()> {
-        let mut inner = self.inner.lock();
-        if inner.state == VmState::Destroyed {
+    pub fn execute(&self, cmd: Command, fds: &mut dyn FdSource) -> Result<()> {
+        let core = &self.core;
+        let mut ctl = core.ctl.lock();
+        let state = core.state();
+        if state == VmState::Destroyed {
             return Err(Error::Destroyed);
         }
+        let configuring = || -> Result<()> {
+            match &state {
+                VmState::Configuring => Ok(()),
+                s => Err(Error::WrongState(s.name())),
+            }
+        };
+        let running = || -> Result<()> {
+            match &state {
+                VmState::Running => Ok(()),
+                s => Err(Error::WrongState(s.name())),
+            }
+        };
+        let take = |fds: &mut dyn FdSource, n: i32| -> Result<OwnedFd> {
+            fds.take(n)
+                .map_err(|e| Error::io(format!("descriptor {n}"), e))
+        };
         match cmd {
             Command::Memory(bytes) => {
-                inner.require_configuring()?;
-                inner.set_memory(bytes)?;
+                configuring()?;
+                let mut st = core.st.lock();
+                ctl.set_memory(&mut st, bytes)?;
             }
             Command::Cpus(t) => {
-                inner.require_configuring()?;
-                inner.cpus = t.cpus;
+                configuring()?;
+                ctl.topology = t;
+                core.st.lock().cpus = t.cpus;
             }
-            other => return Err(Error::Unsupported(format!("{other:?}"))),
+            Command::Bootrom(n) => {
+                configuring()?;
+                let fd = take(fds, n)?;
+                let img = boot::read_image(fd, "bootrom", MAX_BOOTROM)?;
+                boot::check_bootrom(&img)?;
+                let mut st = core.st.lock();
+                ctl.set_bootrom(&mut st, &img)?;
+            }
+            Command::Kernel(n) => {
+                configuring()?;
+                let img = boot::read_image(take(fds, n)?, "kernel", MAX_KERNEL)?;
+                if !boot::linux::is_bzimage(&img) && !boot::linux::is_elf64(&img) {
+                    return Err(Error::InvalidCommand(
+                        "kernel is neither a bzImage nor an x86-64 ELF".into(),
+                    ));
+                }
+                ctl.kernel = Some(img);
+            }
+            Command::Initrd(n) => {
+                configuring()?;
+                let limit = ctl.memory.min(MAX_KERNEL * 4);
+                ctl.initrd = Some(boot::read_image(take(fds, n)?, "initrd", limit)?);
+            }
+            Command::Cmdline(s) => {
+                configuring()?;
+                ctl.cmdline = s;
+            }
+            Command::Serial {
+                port,
+                input,
+                output,
+            } => {
+                configuring()?;
+                let i = Arc::new(take(fds, input)?);
+                let o = Arc::new(take(fds, output)?);
+                ctl.serial[port as usize] = Some(SerialFds {
+                    input: i,
+                    output: o,
+                });
+            }
+            Command::Device {
+                slot,
+                emulation,
+                options: _,
+            } => {
+                configuring()?;
+                let e = PciEmulation::parse(&emulation)
+                    .ok_or_else(|| Error::Unsupported(format!("device emulation '{emulation}'")))?;
+                ctl.pci.retain(|(s, _)| *s != slot);
+                ctl.pci.push((slot, e));
+            }
+            Command::Set { key, .. } => {
+                return Err(Error::Unsupported(format!("option '{key}'")));
+            }
+            Command::Run => {
+                configuring()?;
+                ctl.start(core)?;
+                core.counters.boot_time.store(0, Ordering::Release);
+                core.set_state(VmState::Running);
+            }
+            Command::Reinit => {
+                ctl.stop_threads();
+                ctl.reset_machine()?;
+                core.set_state(VmState::Configuring);
+            }
+            Command::Reset | Command::ForcePowerOff | Command::Suspend => {
+                running()?;
+                let reason = match cmd {
+                    Command::Reset => ExitReason::Reboot,
+                    Command::Suspend => ExitReason::Suspend,
+                    _ => ExitReason::PowerOff,
+                };
+                if ctl.stop_threads() {
+                    core.set_state(VmState::Exited(reason));
+                } else {
+                    // The guest got there first and already reported.
+                    return Ok(());
+                }
+            }
+            Command::PowerOff => {
+                running()?;
+                if let Some(rt) = &ctl.runtime {
+                    rt.ctx.platform.power_button();
+                }
+                return Ok(());
+            }
         }
-        drop(inner);
-        self.changed();
+        drop(ctl);
+        core.changed();
         Ok(())
     }
 
     /// `key=value` lines describing the VM.
     pub fn status(&self) -> String {
-        let inner = self.inner.lock();
+        let st = self.core.st.lock();
         let mut s = String::new();
         let _ = writeln!(s, "name={}", self.name);
-        let _ = writeln!(s, "state={}", inner.state.name());
-        let _ = writeln!(s, "cpus={}", inner.cpus);
-        let _ = writeln!(s, "memory={}", inner.memory);
-        if let VmState::Exited(r) = &inner.state {
+        let _ = writeln!(s, "state={}", st.state.name());
+        let _ = writeln!(s, "cpus={}", st.cpus);
+        let _ = writeln!(s, "memory={}", st.memory);
+        if let VmState::Exited(r) = &st.state {
             let _ = writeln!(s, "exit={}", r.name());
             let _ = writeln!(s, "status={}", r.status());
             if let ExitReason::Error(cause) = r {
-                let _ = writeln!(s, "cause={cause}");
+                let _ = writeln!(s, "cause={}", cause.replace('\n', " "));
             }
+        }
+        let _ = writeln!(s, "exits={}", self.exits());
+        if let Some(us) = self.boot_time_us() {
+            let _ = writeln!(s, "boot_time_us={us}");
         }
         s
     }
 
     /// Stop everything and free the KVM VM and memory. Idempotent.
     pub fn destroy(&self) {
-        let mut inner = self.inner.lock();
-        if inner.state == VmState::Destroyed {
+        let mut ctl = self.core.ctl.lock();
+        if self.core.state() == VmState::Destroyed {
             return;
         }
-        inner.release();
-        inner.state = VmState::Destroyed;
-        drop(inner);
-        self.changed();
+        ctl.release();
+        {
+            let mut st = self.core.st.lock();
+            st.state = VmState::Destroyed;
+            st.segments.clear();
+        }
+        drop(ctl);
+        self.core.changed();
     }
 }
 
-impl Inner {
-    fn require_configuring(&self) -> Result<()> {
-        match self.state {
-            VmState::Configuring => Ok(()),
-            ref s => Err(Error::WrongState(s.name())),
-        }
+impl Control {
+    fn vm(&self) -> Result<&Arc<VmFd>> {
+        self.vm.as_ref().ok_or(Error::Destroyed)
     }
 
-    fn set_memory(&mut self, bytes: u64) -> Result<()> {
-        let vm = self.vm.as_ref().ok_or(Error::Destroyed)?;
-        let fd = memfd("sysmem", bytes)?;
-        let addr = map_shared(&fd, bytes)?;
-        if self.segments.iter().any(|s| s.name == "sysmem") {
-            // KVM cannot resize a slot in place: delete it first.
-            let gone = kvm_bindings::kvm_userspace_memory_region {
-                slot: 0,
-                memory_size: 0,
-                ..Default::default()
-            };
-            // SAFETY: removing a slot never exposes memory.
-            unsafe { vm.set_user_memory_region(gone) }
-                .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        }
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: bytes,
-            userspace_addr: addr as u64,
+    fn set_slot(&self, slot: u32, gpa: u64, size: u64, host: usize, flags: u32) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host as u64,
         };
-        // SAFETY: the mapping stays alive until the slot is replaced or the VM is released.
-        if let Err(e) = unsafe { vm.set_user_memory_region(region) } {
-            // SAFETY: addr/bytes come from map_shared above.
-            unsafe { libc::munmap(addr as *mut _, bytes as usize) };
-            return Err(Error::kvm("KVM_SET_USER_MEMORY_REGION", e));
+        // SAFETY: the host range is a live mapping owned by this Control; it
+        // is removed from KVM (or the VM closed) before it is unmapped.
+        unsafe { self.vm()?.set_user_memory_region(region) }
+            .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    fn set_memory(&mut self, st: &mut Status, bytes: u64) -> Result<()> {
+        let (low, high) = memory::ram_layout(bytes);
+        let fd = memory::memfd("sysmem", bytes)?;
+        let map = Mapping::shared(&fd, bytes)?;
+        if self.ram.is_some() {
+            // KVM cannot resize a slot in place: delete the old ones first.
+            self.set_slot(SLOT_LOW, 0, 0, 0, 0)?;
+            if memory::ram_layout(self.memory).1 > 0 {
+                self.set_slot(SLOT_HIGH, 0, 0, 0, 0)?;
+            }
         }
-        self.unmap_all();
-        self.segments.retain(|s| s.name != "sysmem");
-        self.segments.insert(
+        self.set_slot(SLOT_LOW, 0, low, map.addr(), 0)?;
+        if high > 0 {
+            if let Err(e) = self.set_slot(SLOT_HIGH, FOUR_GIB, high, map.addr() + low as usize, 0) {
+                let _ = self.set_slot(SLOT_LOW, 0, 0, 0, 0);
+                return Err(e);
+            }
+        }
+        self.ram = Some(map);
+        self.memory = bytes;
+        st.memory = bytes;
+        st.segments.retain(|s| s.name != "sysmem");
+        st.segments.insert(
             0,
             Segment {
                 name: "sysmem".into(),
@@ -309,28 +557,334 @@ impl Inner {
                 fd: Arc::new(fd),
             },
         );
-        self.mappings.push((addr, bytes as usize));
-        self.memory = bytes;
         Ok(())
     }
 
-    fn unmap_all(&mut self) {
-        for (addr, len) in self.mappings.drain(..) {
-            // SAFETY: each entry is a live mapping made by map_shared.
-            unsafe { libc::munmap(addr as *mut _, len) };
+    fn set_bootrom(&mut self, st: &mut Status, img: &[u8]) -> Result<()> {
+        let size = img.len() as u64;
+        let fd = memory::memfd("bootrom", size)?;
+        let map = Mapping::shared(&fd, size)?;
+        // SAFETY: the mapping is `size` bytes long and img has `size` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(img.as_ptr(), map.addr() as *mut u8, img.len()) };
+        if self.bootrom.is_some() {
+            self.set_slot(SLOT_BOOTROM, 0, 0, 0, 0)?;
         }
+        // Read-only when KVM can: guest writes then become (ignored) MMIO exits.
+        let flags = if kvm()?.check_extension(Cap::ReadonlyMem) {
+            KVM_MEM_READONLY
+        } else {
+            0
+        };
+        self.set_slot(SLOT_BOOTROM, FOUR_GIB - size, size, map.addr(), flags)?;
+        self.bootrom = Some((map, size));
+        st.segments.retain(|s| s.name != "bootrom");
+        st.segments.push(Segment {
+            name: "bootrom".into(),
+            size,
+            fd: Arc::new(fd),
+        });
+        Ok(())
+    }
+
+    fn guest_memory(&self) -> GuestMemory {
+        let Some(ram) = &self.ram else {
+            return GuestMemory::default();
+        };
+        let (low, high) = memory::ram_layout(self.memory);
+        let mut regions = vec![Region {
+            gpa: 0,
+            len: low,
+            host: ram.addr(),
+        }];
+        if high > 0 {
+            regions.push(Region {
+                gpa: FOUR_GIB,
+                len: high,
+                host: ram.addr() + low as usize,
+            });
+        }
+        GuestMemory::new(regions)
+    }
+
+    /// Create the in-kernel irqchip and PIT once, remembering their
+    /// power-on state; later runs restore it.
+    fn ensure_irqchip(&mut self) -> Result<()> {
+        let vm = self.vm()?.clone();
+        if self.irqchip.is_none() {
+            if let Err(e) = vm.set_identity_map_address(IDENTITY_MAP_ADDR) {
+                log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+            }
+            if let Err(e) = vm.set_tss_address(TSS_ADDR) {
+                log::debug!("KVM_SET_TSS_ADDR: {e}");
+            }
+            vm.create_irq_chip()
+                .map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit)
+                .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+            let mut chips = Vec::new();
+            for id in 0..3 {
+                let mut c = kvm_irqchip {
+                    chip_id: id,
+                    ..Default::default()
+                };
+                if vm.get_irqchip(&mut c).is_ok() {
+                    chips.push(c);
+                }
+            }
+            self.irqchip = Some(IrqSnapshot {
+                chips,
+                pit: vm.get_pit2().ok(),
+            });
+        } else if let Some(snap) = &self.irqchip {
+            for c in &snap.chips {
+                if let Err(e) = vm.set_irqchip(c) {
+                    log::debug!("KVM_SET_IRQCHIP {}: {e}", c.chip_id);
+                }
+            }
+            if let Some(p) = &snap.pit {
+                if let Err(e) = vm.set_pit2(p) {
+                    log::debug!("KVM_SET_PIT2: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_vcpus(&mut self) -> Result<()> {
+        let vm = self.vm()?.clone();
+        let base = supported_cpuid()?;
+        while self.vcpus.len() < usize::from(self.topology.cpus) {
+            let id = self.vcpus.len() as u16;
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;
+            let cpuid = vcpu::cpuid_for(base, u32::from(id), &self.topology)?;
+            self.vcpus.push(Vcpu::new(fd, id, &cpuid)?);
+        }
+        Ok(())
+    }
+
+    /// Build the platform, load the boot image and start the threads.
+    fn start(&mut self, core: &Arc<Core>) -> Result<()> {
+        if self.bootrom.is_none() && self.kernel.is_none() {
+            return Err(Error::InvalidCommand(
+                "nothing to boot: give a bootrom or a kernel".into(),
+            ));
+        }
+        self.ensure_irqchip()?;
+        self.ensure_vcpus()?;
+        let cpus = usize::from(self.topology.cpus);
+        let mem = self.guest_memory();
+        if mem.low_end() >= 0x10_0000 {
+            crate::acpi::write_tables(&mem, self.topology.cpus)?;
+        }
+        let mut entry = None;
+        if let Some(k) = &self.kernel {
+            let l = boot::linux::load(&mem, k, self.initrd.as_deref(), &self.cmdline)?;
+            log::debug!("linux loaded: {l:?}");
+            entry = Some(l.entry);
+        }
+        if let Some(e) = entry {
+            let bsp = &self.vcpus[0];
+            let (regs, sregs) = boot::linux::entry_state(&e, bsp.initial_sregs());
+            bsp.fd
+                .set_sregs(&sregs)
+                .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+            bsp.fd
+                .set_regs(&regs)
+                .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
+        }
+        let vm = self.vm()?.clone();
+        let platform = Arc::new(Platform::new(
+            vm.clone(),
+            PlatformConfig {
+                serial_out: [
+                    self.serial[0].as_ref().map(|s| s.output.clone()),
+                    self.serial[1].as_ref().map(|s| s.output.clone()),
+                ],
+                pci: self.pci.clone(),
+            },
+            core.counters.clone(),
+        ));
+        let weak: Weak<Core> = Arc::downgrade(core);
+        let ctx = RunCtx::new(
+            cpus,
+            platform,
+            core.counters.clone(),
+            Box::new(move |r| {
+                if let Some(c) = weak.upgrade() {
+                    c.guest_exited(r);
+                }
+            }),
+        )?;
+        let run_size = vm.run_size();
+        let mut rt = Runtime {
+            ctx: ctx.clone(),
+            vcpus: Vec::new(),
+            helpers: Vec::new(),
+        };
+        let to_run: Vec<Vcpu> = self.vcpus.drain(..cpus).collect();
+        let spawn_err = |e: std::io::Error| Error::io("spawn thread", e);
+        let mut spawn_failed = None;
+        for (i, v) in to_run.into_iter().enumerate() {
+            let c = ctx.clone();
+            match std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu::vcpu_thread(v, i, run_size, c))
+            {
+                Ok(h) => rt.vcpus.push(h),
+                Err(e) => {
+                    // The vCPU moved into the failed closure is gone; KVM cannot
+                    // recreate it, so this VM can only be destroyed now.
+                    spawn_failed = Some(spawn_err(e));
+                    break;
+                }
+            }
+        }
+        if spawn_failed.is_none() {
+            let c = ctx.clone();
+            match std::thread::Builder::new()
+                .name("vcpu-watchdog".into())
+                .spawn(move || vcpu::watchdog_thread(c))
+            {
+                Ok(h) => rt.helpers.push(h),
+                Err(e) => spawn_failed = Some(spawn_err(e)),
+            }
+        }
+        for (i, s) in self.serial.iter().enumerate() {
+            if spawn_failed.is_some() {
+                break;
+            }
+            let Some(s) = s else { continue };
+            let c = ctx.clone();
+            let input = s.input.clone();
+            let port = if i == 0 { ComPort::Com1 } else { ComPort::Com2 };
+            match std::thread::Builder::new()
+                .name(format!("com{}-in", i + 1))
+                .spawn(move || serial_reader(input, port, c))
+            {
+                Ok(h) => rt.helpers.push(h),
+                Err(e) => spawn_failed = Some(spawn_err(e)),
+            }
+        }
+        if let Some(e) = spawn_failed {
+            let mut back = Vec::new();
+            rt.stop(&mut back);
+            self.vcpus.splice(0..0, back);
+            return Err(e);
+        }
+        self.runtime = Some(rt);
+        Ok(())
+    }
+
+    /// Stop and join the threads of the current run, if any. True if the
+    /// guest was still running (this call stopped it).
+    fn stop_threads(&mut self) -> bool {
+        let Some(rt) = self.runtime.take() else {
+            return false;
+        };
+        let mut back = Vec::new();
+        let first = rt.stop(&mut back);
+        // Running vCPUs were the first ones; put them back in front.
+        self.vcpus.splice(0..0, back);
+        first
+    }
+
+    /// `reinit`: vCPUs and interrupt controllers back to power-on state.
+    /// Memory contents and segments stay (as bhyve's vm_reinit).
+    fn reset_machine(&mut self) -> Result<()> {
+        for v in &mut self.vcpus {
+            v.reset()?;
+        }
+        if self.irqchip.is_some() {
+            self.ensure_irqchip()?;
+        }
+        Ok(())
     }
 
     fn release(&mut self) {
+        self.stop_threads();
+        self.vcpus.clear();
+        self.serial = [None, None];
+        self.kernel = None;
+        self.initrd = None;
+        // Closing the VM drops its memory slots before the mappings go.
         self.vm = None;
-        self.unmap_all();
-        self.segments.clear();
+        self.irqchip = None;
+        self.ram = None;
+        self.bootrom = None;
     }
 }
 
-impl Drop for Inner {
+impl Drop for Control {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// Copy bytes from a serial input descriptor into the UART until the run
+/// stops or the input ends.
+fn serial_reader(input: Arc<OwnedFd>, port: ComPort, ctx: Arc<RunCtx>) {
+    let mut buf = [0u8; crate::devices::serial::RX_FIFO];
+    loop {
+        if ctx.stopping() {
+            return;
+        }
+        let space = ctx.platform.serial_space(port);
+        let mut fds = [
+            libc::pollfd {
+                fd: ctx.stop_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: input.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // With a full FIFO only wait for stop, briefly, then look again.
+        let (n, timeout) = if space == 0 { (1, 2) } else { (2, -1) };
+        // SAFETY: fds is a valid array of n pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) };
+        if r < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        if n == 1 || fds[1].revents == 0 {
+            continue;
+        }
+        if fds[1].revents & libc::POLLNVAL != 0 {
+            return;
+        }
+        let want = space.min(buf.len());
+        // SAFETY: reading at most `want` bytes into buf.
+        let got = unsafe { libc::read(input.as_raw_fd(), buf.as_mut_ptr().cast(), want) };
+        match got {
+            0 => return, // end of input
+            n if n > 0 => {
+                ctx.platform.serial_input(port, &buf[..n as usize]);
+            }
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
+                    _ => {
+                        log::debug!("serial input: {e}");
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -359,5 +913,25 @@ mod tests {
             libc::ENXIO
         );
         assert!(vm.segments().is_empty());
+    }
+
+    #[test]
+    fn memory_above_4g() {
+        let vm = Vm::create("big").unwrap();
+        vm.execute(Command::parse("memory 4G").unwrap(), &mut NoFds)
+            .unwrap();
+        let c = vm.core.ctl.lock();
+        let gm = c.guest_memory();
+        assert_eq!(gm.low_end(), memory::PCI_HOLE_START);
+        assert_eq!(gm.high_len(), 1 << 30);
+    }
+
+    #[test]
+    fn run_without_boot_image_is_einval() {
+        let vm = Vm::create("t").unwrap();
+        assert_eq!(
+            vm.execute(Command::Run, &mut NoFds).unwrap_err().errno(),
+            libc::EINVAL
+        );
     }
 }

@@ -1,0 +1,201 @@
+//! Helpers for engine integration tests: real VMs on /dev/kvm with the
+//! guests from guests/, serial through pipes.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use vmm_engine::{Command, ExitReason, FdSource, Vm, VmState};
+
+/// Directory with the built guests.
+pub fn guest_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("VMM_GUESTS_DIR")).join(name)
+}
+
+pub fn guest(name: &str) -> Vec<u8> {
+    std::fs::read(guest_path(name))
+        .unwrap_or_else(|e| panic!("guest {name} missing (gcc/binutils needed): {e}"))
+}
+
+/// Skip or fail when /dev/kvm is not usable: on CI it must be there.
+pub fn kvm_or_skip() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("/dev/kvm is required for vmm-engine tests on CI: {e}");
+            }
+            eprintln!("skipping: /dev/kvm not usable: {e}");
+            false
+        }
+    }
+}
+
+/// Hands over our own descriptors, keyed by the numbers used in commands.
+#[derive(Default)]
+pub struct Fds(pub Vec<(i32, OwnedFd)>);
+
+impl Fds {
+    pub fn add(&mut self, fd: OwnedFd) -> i32 {
+        let n = fd.as_raw_fd();
+        self.0.push((n, fd));
+        n
+    }
+}
+
+impl FdSource for Fds {
+    fn take(&mut self, client_fd: i32) -> std::io::Result<OwnedFd> {
+        let i = self
+            .0
+            .iter()
+            .position(|(n, _)| *n == client_fd)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?;
+        Ok(self.0.remove(i).1)
+    }
+}
+
+pub fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut p = [0; 2];
+    // SAFETY: plain syscall into a 2-int array.
+    assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors are new and ours.
+    unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+}
+
+pub fn memfd_with(data: &[u8]) -> OwnedFd {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::memfd_create(c"img".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: new descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut f = std::fs::File::from(fd);
+    f.write_all(data).unwrap();
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(0)).unwrap();
+    f.into()
+}
+
+/// A VM with COM1 on pipes.
+pub struct TestVm {
+    pub vm: Vm,
+    pub input: Option<std::fs::File>,
+    pub output: std::fs::File,
+}
+
+impl TestVm {
+    pub fn new(name: &str, config: &[&str]) -> TestVm {
+        let vm = Vm::create(name).expect("create VM");
+        let (in_r, in_w) = pipe();
+        let (out_r, out_w) = pipe();
+        let mut fds = Fds::default();
+        let a = fds.add(in_r);
+        let b = fds.add(out_w);
+        vm.execute(Command::parse(&format!("com1 {a} {b}")).unwrap(), &mut fds)
+            .unwrap();
+        for c in config {
+            vm.execute(Command::parse(c).unwrap(), &mut Fds::default())
+                .unwrap_or_else(|e| panic!("{c}: {e}"));
+        }
+        TestVm {
+            vm,
+            input: Some(std::fs::File::from(in_w)),
+            output: std::fs::File::from(out_r),
+        }
+    }
+
+    pub fn exec(&self, line: &str) -> vmm_engine::Result<()> {
+        self.vm
+            .execute(Command::parse(line).unwrap(), &mut Fds::default())
+    }
+
+    pub fn bootrom(&self, data: &[u8]) {
+        let mut fds = Fds::default();
+        let n = fds.add(memfd_with(data));
+        self.vm
+            .execute(Command::Bootrom(n), &mut fds)
+            .expect("bootrom");
+    }
+
+    pub fn send(&mut self, s: &str) {
+        self.input
+            .as_mut()
+            .unwrap()
+            .write_all(s.as_bytes())
+            .unwrap();
+    }
+
+    pub fn run(&self) {
+        self.vm
+            .execute(Command::Run, &mut Fds::default())
+            .expect("run");
+    }
+
+    /// Wait for the guest to exit (panics after `secs`).
+    pub fn wait_exit(&self, secs: u64) -> ExitReason {
+        let t = Instant::now();
+        loop {
+            if let VmState::Exited(r) = self.vm.state() {
+                return r;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "guest did not exit in {secs}s; status:\n{}",
+                self.vm.status()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Everything the guest wrote to COM1 so far (the VM must have stopped,
+    /// or output must end at `until`).
+    pub fn read_until(&mut self, until: &str, secs: u64) -> String {
+        let fd = self.output.as_raw_fd();
+        // SAFETY: setting O_NONBLOCK on our own pipe end.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+        let t = Instant::now();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.output.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if String::from_utf8_lossy(&out).contains(until) {
+                        break;
+                    }
+                    if t.elapsed() > Duration::from_secs(secs) {
+                        panic!(
+                            "timeout waiting for {until:?}; got {:?}; status:\n{}",
+                            String::from_utf8_lossy(&out),
+                            self.vm.status()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Output after the guest exited: drain what is in the pipe.
+    pub fn drain(&mut self) -> String {
+        let fd = self.output.as_raw_fd();
+        // SAFETY: setting O_NONBLOCK on our own pipe end.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.output.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
