@@ -179,6 +179,18 @@ impl<'e> Suite<'e> {
 fn files(s: &mut Suite) {
     let g = s.env.users.vmm_gid;
     let ctl = s.ctl();
+    let mount = match crate::harness::mount_options(&s.env.mount) {
+        Some((fstype, opts)) => {
+            let has = |o: &str| opts.iter().any(|x| x == o);
+            let mut v = vec![if fstype.starts_with("fuse") { "fuse".to_string() } else { fstype }];
+            for o in ["default_permissions", "allow_other"] {
+                v.push(if has(o) { o.to_string() } else { format!("no {o}") });
+            }
+            v.join(",")
+        }
+        None => "not mounted".into(),
+    };
+    s.check("Files: mount is FUSE with default_permissions,allow_other", "fuse,default_permissions,allow_other", mount);
     s.check(
         "Files: vmmctl is root:vmm 0660, a regular file",
         format!("OK uid=0 gid={g} mode=0660 type=file"),

@@ -134,6 +134,20 @@ pub fn is_mounted(path: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4) == Some(&want))
 }
 
+/// File system type and all mount options (per-mount and super block) of the
+/// mount at `path`, from /proc/self/mountinfo.
+pub fn mount_options(path: &Path) -> Option<(String, Vec<String>)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    let line = info.lines().rev().find(|l| l.split(' ').nth(4) == Some(&want))?;
+    let (head, tail) = line.split_once(" - ")?;
+    let mut opts: Vec<String> = head.split(' ').nth(5)?.split(',').map(String::from).collect();
+    let mut t = tail.split(' ');
+    let fstype = t.next()?.to_string();
+    opts.extend(t.nth(1).unwrap_or("").split(',').map(String::from));
+    Some((fstype, opts))
+}
+
 /// Last `n` lines of a file.
 pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -549,6 +563,13 @@ mod tests {
         let me = std::process::id();
         let parent = ppid_of(me).unwrap();
         assert!(children_of(parent).contains(&me));
+    }
+
+    #[test]
+    fn mount_options_of_root() {
+        let (fstype, opts) = mount_options(Path::new("/")).unwrap();
+        assert!(!fstype.is_empty());
+        assert!(opts.iter().any(|o| o == "rw" || o == "ro"), "{opts:?}");
     }
 
     #[test]
