@@ -1,0 +1,732 @@
+//! End-to-end: a real vmmfs mount, real KVM guests, bhyve run by an
+//! unprivileged user (nobody, whose primary group is made the vmm group).
+//!
+//! Needs root (to mount and to switch users), /dev/kvm and /dev/fuse, and a
+//! built daemon (`cargo build -p vmmfs`, or `VMMFS_BIN=/path/to/vmmfs`).
+//! Skipped when not root and not in CI; in CI every missing prerequisite fails.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+const NOBODY: u32 = 65534;
+const NOGROUP: u32 = 65534;
+/// A group nobody is not a member of.
+const OTHER_GID: u32 = 54321;
+
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether to run; panics in CI (or as root) when something is missing.
+fn prerequisites() -> bool {
+    if !is_root() && !in_ci() {
+        eprintln!("skipped: needs root (mount, user switch); CI would fail here");
+        return false;
+    }
+    assert!(is_root(), "integration tests must run as root in CI");
+    for dev in ["/dev/kvm", "/dev/fuse"] {
+        assert!(
+            Path::new(dev).exists(),
+            "{dev} is missing: cannot run VMs in FUSE"
+        );
+    }
+    assert!(
+        vmmfs_bin().exists(),
+        "vmmfs binary not found at {} (cargo build -p vmmfs, or set VMMFS_BIN)",
+        vmmfs_bin().display()
+    );
+    true
+}
+
+fn vmmfs_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VMMFS_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vmmfs")
+}
+
+fn bin(name: &str) -> PathBuf {
+    match name {
+        "bhyve" => PathBuf::from(env!("CARGO_BIN_EXE_bhyve")),
+        "bhyvectl" => PathBuf::from(env!("CARGO_BIN_EXE_bhyvectl")),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_bhyveload")),
+    }
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = std::env::temp_dir().join(format!("bhyve-compat-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+    base
+}
+
+/// A vmmfs mount for one test.
+struct Mount {
+    dir: PathBuf,
+    mnt: PathBuf,
+    daemon: Child,
+}
+
+impl Mount {
+    fn new(tag: &str) -> Mount {
+        let dir = tempdir(tag);
+        let mnt = dir.join("mnt");
+        let state = dir.join("state");
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        let log = std::fs::File::create(dir.join("vmmfs.log")).unwrap();
+        let daemon = Command::new(vmmfs_bin())
+            .arg("--group")
+            .arg("nogroup")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg(&mnt)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start vmmfs");
+        let m = Mount { dir, mnt, daemon };
+        let t = Instant::now();
+        while !m.mnt.join("vmmctl").exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "vmmfs did not come up: {}",
+                m.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("vmmfs.log")).unwrap_or_default()
+    }
+
+    fn vms(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.mnt.join("vmm"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Wait until VM `name` is gone (destroyed); false on timeout.
+    fn wait_gone(&self, name: &str, secs: u64) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            if !self.mnt.join("vmm").join(name).exists() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// A command for tool `tool` with VMM_DEV_DIR set, run as `who`.
+    fn cmd(&self, tool: &str, who: Who) -> Command {
+        let mut c = Command::new(bin(tool));
+        c.env("VMM_DEV_DIR", &self.mnt)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null());
+        match who {
+            Who::Root => {}
+            Who::Member => {
+                c.uid(NOBODY).gid(NOGROUP);
+            }
+            Who::Stranger => {
+                c.uid(NOBODY).gid(OTHER_GID);
+            }
+        }
+        c
+    }
+
+    /// Write a file into the test directory.
+    fn file(&self, name: &str, img: &[u8], mode: u32) -> PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, img).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mnt)
+            .status();
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.daemon.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("vmmfs log:\n{}", self.log());
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Who {
+    Root,
+    /// nobody with the vmm group (nogroup here) as primary group.
+    Member,
+    /// nobody in another group.
+    Stranger,
+}
+
+// ---- test guests: vmm-engine/guests, built with make into a directory of ours.
+
+fn guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = tempdir("guests");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm-engine/guests");
+        let st = Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(&src)
+            .arg(format!("OUT={}", out.display()))
+            .status()
+            .expect("run make for the test guests (needs make, as, ld, gcc)");
+        assert!(st.success(), "building the test guests failed");
+        for f in std::fs::read_dir(&out).unwrap().flatten() {
+            let _ = std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644));
+        }
+        out
+    })
+}
+
+fn guest(name: &str) -> PathBuf {
+    let p = guests().join(name);
+    assert!(p.exists(), "test guest {name} was not built");
+    p
+}
+
+/// A running bhyve with its serial console on pipes.
+struct Bhyve {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Bhyve {
+    fn spawn(mut c: Command) -> Bhyve {
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn bhyve");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        for (mut pipe, buf) in [
+            (
+                Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+                out.clone(),
+            ),
+            (
+                Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+                err.clone(),
+            ),
+        ] {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut b) {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.lock().unwrap().extend_from_slice(&b[..n]);
+                }
+            });
+        }
+        Bhyve { child, out, err }
+    }
+
+    fn stdout(&self) -> String {
+        text(&self.out.lock().unwrap())
+    }
+
+    fn stderr(&self) -> String {
+        text(&self.err.lock().unwrap())
+    }
+
+    /// Wait until the serial output holds `n` copies of `what`.
+    fn expect(&self, what: &str, n: usize, secs: u64) {
+        let t = Instant::now();
+        while self.stdout().matches(what).count() < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "no {n}x {what:?} on the console: {:?} (stderr {:?})",
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn send(&mut self, s: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(s.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn wait(&mut self, secs: u64) -> Option<i32> {
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                // Let the reader threads drain.
+                std::thread::sleep(Duration::from_millis(50));
+                return s.code();
+            }
+            if t.elapsed() > Duration::from_secs(secs) {
+                let _ = self.child.kill();
+                panic!(
+                    "bhyve did not exit within {secs}s: stdout {:?} stderr {:?}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Bhyve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(mut c: Command, secs: u64) -> Output {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn");
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "timed out after {secs}s; stdout {:?} stderr {:?}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn bhyve_args(c: &mut Command, rom: &Path, name: &str, monitor: bool) {
+    if monitor {
+        c.arg("-M");
+    }
+    c.args(["-m", "32M", "-l", "com1,stdio", "-l"])
+        .arg(format!("bootrom,{}", rom.display()))
+        .arg(name);
+}
+
+/// multi.rom as `who` in monitor mode, at its "ready" prompt.
+fn multi(m: &Mount, name: &str, who: Who) -> Bhyve {
+    let mut c = m.cmd("bhyve", who);
+    bhyve_args(&mut c, &guest("multi.rom"), name, true);
+    let b = Bhyve::spawn(c);
+    b.expect("ready", 1, 60);
+    b
+}
+
+#[test]
+fn unprivileged_monitor_mode_exit_statuses() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("statuses");
+    // Plain output, power-off.
+    let mut c = m.cmd("bhyve", Who::Member);
+    bhyve_args(&mut c, &guest("hello.rom"), "hello", true);
+    let out = run(c, 60);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("hello from bootrom"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(m.wait_gone("hello", 5), "VM left behind: {:?}", m.vms());
+
+    for (cmd, want) in [("p", 1), ("h", 2), ("t", 3)] {
+        let name = format!("vm-{cmd}");
+        let mut b = multi(&m, &name, Who::Member);
+        b.send(cmd);
+        assert_eq!(b.wait(60), Some(want), "command {cmd}: {}", b.stderr());
+        assert!(m.wait_gone(&name, 5), "VM left behind: {:?}", m.vms());
+    }
+
+    // Reboot (i8042, then 0xcf9): the monitor re-initialises the VM and boots
+    // it again; bhyve keeps running until the guest powers off.
+    let mut b = multi(&m, "vm-reboot", Who::Member);
+    b.send("k");
+    b.expect("ready", 2, 60);
+    assert!(b.child.try_wait().unwrap().is_none());
+    b.send("r");
+    b.expect("ready", 3, 60);
+    b.send("p");
+    assert_eq!(b.wait(60), Some(1), "{}", b.stderr());
+    assert!(m.wait_gone("vm-reboot", 5), "VM left behind: {:?}", m.vms());
+}
+
+#[test]
+fn sigterm_presses_the_power_button() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("sigterm");
+    let mut b = multi(&m, "vmt", Who::Member);
+    b.send("w");
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(b.pid(), libc::SIGTERM) };
+    assert_eq!(b.wait(60), Some(1), "{}", b.stderr());
+    assert!(m.wait_gone("vmt", 5));
+
+    // SIGINT: stop now, exit 4, VM gone.
+    let mut b = multi(&m, "vmi", Who::Member);
+    b.send("z");
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    unsafe { libc::kill(b.pid(), libc::SIGINT) };
+    assert_eq!(b.wait(30), Some(4));
+    assert!(m.wait_gone("vmi", 10), "{:?}", m.vms());
+}
+
+#[test]
+fn unprivileged_without_monitor_mode_is_refused() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("nomonitor");
+    let mut c = m.cmd("bhyve", Who::Member);
+    bhyve_args(&mut c, &guest("hello.rom"), "vmx", false);
+    let out = run(c, 30);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        text(&out.stderr).contains("bhyve: An unprivileged user must run VMs in monitor mode"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(m.vms().is_empty());
+    let mut c = m.cmd("bhyvectl", Who::Member);
+    c.args(["--vm=vmx", "--create"]);
+    let out = run(c, 30);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("An unprivileged user must run VMs in monitor mode"));
+    let mut c = m.cmd("bhyveload", Who::Member);
+    c.args(["-m", "32M", "-k"])
+        .arg(guest("kernel.elf"))
+        .arg("vmx");
+    let out = run(c, 30);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("An unprivileged user must run VMs in monitor mode"));
+    assert!(m.vms().is_empty());
+}
+
+#[test]
+fn non_member_gets_permission_denied() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("stranger");
+    let mut c = m.cmd("bhyve", Who::Stranger);
+    bhyve_args(&mut c, &guest("hello.rom"), "vms", true);
+    let out = run(c, 30);
+    assert_eq!(out.status.code(), Some(4));
+    let err = text(&out.stderr);
+    assert!(err.contains("vmmctl: Permission denied"), "{err}");
+    assert!(m.vms().is_empty());
+}
+
+#[test]
+fn unopenable_resources_fail_before_any_vm_exists() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("resources");
+    let rom = std::fs::read(guest("hello.rom")).unwrap();
+    let secret = m.file("secret.rom", &rom, 0o600);
+    let mut c = m.cmd("bhyve", Who::Member);
+    bhyve_args(&mut c, &secret, "vmr", true);
+    let out = run(c, 30);
+    assert_eq!(out.status.code(), Some(4));
+    let err = text(&out.stderr);
+    assert!(err.contains("secret.rom\": Permission denied"), "{err}");
+
+    let disk = m.file("disk.img", &[0u8; 4096], 0o600);
+    let mut c = m.cmd("bhyve", Who::Member);
+    c.arg("-s").arg(format!("3,virtio-blk,{}", disk.display()));
+    bhyve_args(&mut c, &guest("hello.rom"), "vmr", true);
+    let out = run(c, 30);
+    assert_eq!(out.status.code(), Some(4));
+    let err = text(&out.stderr);
+    assert!(err.contains("Could not open backing file"), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+
+    let mut c = m.cmd("bhyve", Who::Member);
+    c.args(["-s", "5,passthru,0/31/0"]);
+    bhyve_args(&mut c, &guest("hello.rom"), "vmr", true);
+    let out = run(c, 30);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        text(&out.stderr).contains("failed to open /dev/vfio/"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut c = m.cmd("bhyve", Who::Member);
+    c.args(["-l", "com2,/dev/mem"]);
+    bhyve_args(&mut c, &guest("hello.rom"), "vmr", true);
+    let out = run(c, 30);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        text(&out.stderr).contains("/dev/mem: Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(m.vms().is_empty(), "{:?}", m.vms());
+}
+
+#[test]
+fn linux_boot_protocol_as_unprivileged_user() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("linux");
+    let initrd = m.file("initrd.img", b"INITRD-CONTENTS", 0o644);
+    let mut c = m.cmd("bhyve", Who::Member);
+    c.args(["-M", "-m", "64M", "-l", "com1,stdio"])
+        .arg("-o")
+        .arg(format!("linux.kernel={}", guest("kernel.elf").display()))
+        .arg("-o")
+        .arg(format!("linux.initrd={}", initrd.display()))
+        .args(["-o", "linux.cmdline=console=ttyS0 hello=world", "vml"]);
+    let out = run(c, 120);
+    let s = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{s} {}", text(&out.stderr));
+    assert!(s.contains("cmdline 'console=ttyS0 hello=world'"), "{s}");
+    assert!(s.contains("INITRD-CONTENTS"), "{s}");
+    assert!(m.wait_gone("vml", 5));
+}
+
+#[test]
+fn root_bhyveload_then_bhyve_and_persistent_vms() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("persist");
+    let mut c = m.cmd("bhyveload", Who::Root);
+    c.args(["-m", "64M", "-k"])
+        .arg(guest("kernel.elf"))
+        .args(["-c", "from=bhyveload", "vmp"]);
+    let out = run(c, 30);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(m.vms(), vec!["vmp".to_string()]);
+    let mut c = m.cmd("bhyve", Who::Root);
+    c.args(["-m", "64M", "-l", "com1,stdio", "vmp"]);
+    let out = run(c, 120);
+    let s = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{s} {}", text(&out.stderr));
+    assert!(s.contains("cmdline 'from=bhyveload'"), "{s}");
+    // Persistent: still there, exited.
+    let mut c = m.cmd("bhyvectl", Who::Root);
+    c.args(["--vm=vmp", "--get-stats"]);
+    let out = run(c, 10);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stdout).contains("state\texited"),
+        "{}",
+        text(&out.stdout)
+    );
+    let mut c = m.cmd("bhyvectl", Who::Root);
+    c.args(["--vm=vmp", "--destroy"]);
+    assert_eq!(run(c, 10).status.code(), Some(0));
+    assert!(m.wait_gone("vmp", 5));
+    let mut c = m.cmd("bhyvectl", Who::Root);
+    c.args(["--vm=vmp", "--get-stats"]);
+    let out = run(c, 10);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr).trim(),
+        "vm_open: vmp could not be opened: No such file or directory"
+    );
+
+    // Without -M, a guest reboot ends bhyve with 0 and the VM stays.
+    let mut c = m.cmd("bhyve", Who::Root);
+    bhyve_args(&mut c, &guest("multi.rom"), "vmr", false);
+    let mut b = Bhyve::spawn(c);
+    b.expect("ready", 1, 60);
+    b.send("r");
+    assert_eq!(b.wait(60), Some(0), "{}", b.stderr());
+    assert_eq!(m.vms(), vec!["vmr".to_string()]);
+    // Run it again (reused), power off with -D: destroyed.
+    let mut c = m.cmd("bhyve", Who::Root);
+    c.arg("-D");
+    bhyve_args(&mut c, &guest("multi.rom"), "vmr", false);
+    let mut b = Bhyve::spawn(c);
+    b.expect("ready", 1, 60);
+    b.send("p");
+    assert_eq!(b.wait(60), Some(1), "{}", b.stderr());
+    assert!(m.wait_gone("vmr", 5), "{:?}", m.vms());
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn gone_or_zombie(pid: i32, secs: u64) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(st) if st.contains(") Z ") => return true,
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    false
+}
+
+#[test]
+fn monitor_mode_sigkill_never_leaks_the_vm() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("sigkill");
+    // Parent killed: the child notices, exits, and the VM goes.
+    let mut b = multi(&m, "vmk1", Who::Member);
+    b.send("z");
+    let kids = children_of(b.pid());
+    assert_eq!(kids.len(), 1, "monitor child: {kids:?}");
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    assert!(m.wait_gone("vmk1", 10), "VM leaked: {:?}", m.vms());
+    assert!(
+        gone_or_zombie(kids[0], 10),
+        "monitor child survived its parent"
+    );
+
+    // Child killed: the parent exits 4 and the VM goes.
+    let mut b = multi(&m, "vmk2", Who::Member);
+    b.send("z");
+    let kids = children_of(b.pid());
+    assert_eq!(kids.len(), 1);
+    // SAFETY: signalling a process we started (through its parent).
+    unsafe { libc::kill(kids[0], libc::SIGKILL) };
+    assert_eq!(b.wait(30), Some(4));
+    assert!(m.wait_gone("vmk2", 10), "VM leaked: {:?}", m.vms());
+}
+
+#[test]
+fn existing_vm_is_reused_in_monitor_mode_and_kept() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("reuse");
+    let mut c = m.cmd("bhyvectl", Who::Root);
+    c.args(["--vm=vmu", "--create"]);
+    assert_eq!(run(c, 10).status.code(), Some(0));
+    let mut c = m.cmd("bhyve", Who::Root);
+    bhyve_args(&mut c, &guest("hello.rom"), "vmu", true);
+    let out = run(c, 60);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("hello from bootrom"));
+    assert_eq!(
+        m.vms(),
+        vec!["vmu".to_string()],
+        "a reused VM must not be destroyed"
+    );
+}
+
+#[test]
+fn bhyvectl_controls_a_running_guest() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("ctl");
+    let mut b = multi(&m, "vmc", Who::Member);
+    b.send("z");
+    let mut c = m.cmd("bhyvectl", Who::Member);
+    c.args(["--vm=vmc", "--get-stats", "--get-memmap"]);
+    let out = run(c, 10);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(s.contains("state\trunning"), "{s}");
+    assert!(s.contains("bootrom"), "{s}");
+    // Another user cannot touch it.
+    let mut c = m.cmd("bhyvectl", Who::Stranger);
+    c.args(["--vm=vmc", "--force-poweroff"]);
+    let out = run(c, 10);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Reset: the monitor boots the guest again.
+    let mut c = m.cmd("bhyvectl", Who::Member);
+    c.args(["--vm=vmc", "--force-reset"]);
+    assert_eq!(run(c, 10).status.code(), Some(0));
+    b.expect("ready", 2, 60);
+    assert!(
+        b.child.try_wait().unwrap().is_none(),
+        "bhyve exited on reset"
+    );
+    let mut c = m.cmd("bhyvectl", Who::Member);
+    c.args(["--vm=vmc", "--force-poweroff"]);
+    assert_eq!(run(c, 10).status.code(), Some(0));
+    assert_eq!(b.wait(30), Some(1));
+    assert!(m.wait_gone("vmc", 5));
+    let mut c = m.cmd("bhyvectl", Who::Member);
+    c.args(["--vm=vmc", "--create", "--destroy"]);
+    let out = run(c, 10);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("mutually exclusive"));
+}
