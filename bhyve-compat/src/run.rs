@@ -4,7 +4,7 @@
 
 use crate::cli::{lpc_help, parse_bhyve_args, pci_help, usage_text, Invocation};
 use crate::error::{Error, Result};
-use crate::plan::{plan, Plan};
+use crate::plan::{plan, Console, Plan};
 use crate::resources::{commands, open_resources, Resources};
 use crate::term;
 use crate::vmmdev::{Ctl, VmHandle, VmmDev, Wake};
@@ -19,7 +19,8 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 /// Print "PROG: MSG" on stderr (warnx).
 pub fn warnx(prog: &str, msg: &str) {
     // In raw mode a bare "\n" does not return the carriage.
-    let _ = writeln!(std::io::stderr(), "{prog}: {msg}\r");
+    let cr = if term::is_raw() { "\r" } else { "" };
+    let _ = writeln!(std::io::stderr(), "{prog}: {msg}{cr}");
 }
 
 fn handled_signals() -> SigSet {
@@ -274,7 +275,7 @@ fn run(prog: &str, p: &Plan) -> Result<i32> {
     let sig = block_signals()?;
     let ctl = open_ctl(&dev)?;
     let mut vm = create_or_open(prog, &dev, &ctl, p)?;
-    if p.com1.is_some() || p.com2.is_some() {
+    if p.com1 == Some(Console::Stdio) || p.com2 == Some(Console::Stdio) {
         term::enter_stdio().map_err(|e| Error::sys("tcsetattr", e))?;
     }
     let result = if p.monitor {

@@ -48,6 +48,14 @@ pub fn enter_stdio() -> nix::Result<()> {
     Ok(())
 }
 
+/// Whether the terminal is in raw mode now.
+pub fn is_raw() -> bool {
+    SAVED
+        .lock()
+        .map(|s| s.as_ref().is_some_and(|s| s.termios.is_some()))
+        .unwrap_or(false)
+}
+
 /// Put fds 0/1 back as they were. Idempotent; safe to call on any exit path.
 pub fn restore() {
     let mut saved = SAVED.lock().unwrap_or_else(|p| p.into_inner());
