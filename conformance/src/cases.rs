@@ -18,7 +18,12 @@ pub struct Suite<'e> {
     pub env: &'e mut Env,
     pub rows: Vec<Row>,
     only: Vec<String>,
+    /// Consecutive rows that observed a timeout: the daemon may be hung.
+    timeouts: usize,
 }
+
+/// After this many timeouts in a row the suite stops.
+const MAX_TIMEOUTS: usize = 3;
 
 type Group = fn(&mut Suite);
 
@@ -69,7 +74,7 @@ fn transient_line(name: &str) -> String {
 
 impl<'e> Suite<'e> {
     pub fn new(env: &'e mut Env, only: Vec<String>) -> Suite<'e> {
-        Suite { env, rows: Vec::new(), only }
+        Suite { env, rows: Vec::new(), only, timeouts: 0 }
     }
 
     /// Record one row.
@@ -81,6 +86,11 @@ impl<'e> Suite<'e> {
         } else {
             progress(&format!("  {verdict} {}: expected '{}', observed '{}'", row.case, row.expected, row.observed));
         }
+        if row.observed.contains("TIMEOUT") {
+            self.timeouts += 1;
+        } else {
+            self.timeouts = 0;
+        }
         self.rows.push(row);
     }
 
@@ -89,6 +99,14 @@ impl<'e> Suite<'e> {
         for (name, group) in GROUPS {
             if !self.only.is_empty() && !self.only.iter().any(|o| name.contains(o.as_str())) {
                 continue;
+            }
+            if self.timeouts >= MAX_TIMEOUTS {
+                self.check(
+                    "vmmfs answers requests",
+                    "responsive",
+                    format!("{MAX_TIMEOUTS} timeouts in a row; stopped before '{name}'"),
+                );
+                break;
             }
             if INTERRUPTED.load(Ordering::SeqCst) {
                 self.check("suite interrupted", "completed", format!("stopped before '{name}'"));
@@ -116,12 +134,15 @@ impl<'e> Suite<'e> {
     }
 
     fn probe(&self, who: Who, args: &[&str]) -> String {
+        if self.timeouts >= MAX_TIMEOUTS {
+            return "TIMEOUT(not run: vmmfs hung)".into();
+        }
         self.env.probe(who, args)
     }
 
     /// VMs visible to root on the host: names in vmm/.
     fn leftovers(&self) -> Vec<String> {
-        let dir = crate::probe::readdir_line(std::path::Path::new(&self.env.vm_dir()));
+        let dir = self.env.readdir(&self.env.vm_dir());
         match dir.strip_prefix("OK ") {
             Some(list) => list.split(',').filter(|n| !n.is_empty()).map(String::from).collect(),
             None => Vec::new(),

@@ -125,6 +125,19 @@ fn kill(pid: u32, sig: i32) {
     unsafe { libc::kill(pid as i32, sig) };
 }
 
+/// Run `f` on a helper thread; None if it takes longer than `limit` (a hung
+/// FUSE request must not hang the runner: the thread is abandoned).
+pub fn timed<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// How long an in-process file-system operation of the runner may take.
+const FS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Whether `path` is a mount point (per /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -301,7 +314,8 @@ impl Env {
                     tail(&self.log, 20)
                 ));
             }
-            if is_mounted(&self.mount) && ctl.exists() {
+            let probe_ctl = ctl.clone();
+            if is_mounted(&self.mount) && timed(FS_TIMEOUT, move || probe_ctl.exists()).unwrap_or(false) {
                 break;
             }
             if Instant::now() >= end {
@@ -475,21 +489,32 @@ impl Env {
 
     /// Whether `path` disappears within `limit` (seen by root on the host).
     pub fn gone_within(&self, path: &str, limit: Duration) -> String {
-        let end = Instant::now() + limit;
-        loop {
-            if std::fs::symlink_metadata(path).is_err() {
-                return "gone".into();
+        let path = path.to_string();
+        let wait = move || {
+            let end = Instant::now() + limit;
+            loop {
+                if std::fs::symlink_metadata(&path).is_err() {
+                    return "gone".to_string();
+                }
+                if Instant::now() >= end {
+                    return format!("still present after {}ms", limit.as_millis());
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            if Instant::now() >= end {
-                return format!("still present after {}ms", limit.as_millis());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        };
+        timed(limit + FS_TIMEOUT, wait).unwrap_or_else(|| "TIMEOUT(stat)".into())
     }
 
     /// stat as root on the host.
     pub fn stat(&self, path: &str) -> String {
-        observed(&probe::stat_line(Path::new(path)))
+        let path = PathBuf::from(path);
+        timed(FS_TIMEOUT, move || observed(&probe::stat_line(&path))).unwrap_or_else(|| "TIMEOUT(stat)".into())
+    }
+
+    /// Sorted listing as root on the host (`OK a,b` or an errno name).
+    pub fn readdir(&self, path: &str) -> String {
+        let path = PathBuf::from(path);
+        timed(FS_TIMEOUT, move || observed(&probe::readdir_line(&path))).unwrap_or_else(|| "TIMEOUT(readdir)".into())
     }
 
     /// Log text written since `from` bytes.
