@@ -26,10 +26,12 @@ start16:
         # In .text so real-mode code can address it relative to start16.
         .align  8
 gdt:    .quad   0
-        .quad   0x00cf9a000000ffff      # 0x08 code, ring 0
-        .quad   0x00cf92000000ffff      # 0x10 data, ring 0
-        .quad   0x00cffa000000ffff      # 0x18 code, ring 3
-        .quad   0x00cff2000000ffff      # 0x20 data, ring 3
+        .quad   0x00cf9b000000ffff      # 0x08 code, ring 0 (accessed: the ROM is read-only)
+        .quad   0x00cf93000000ffff      # 0x10 data, ring 0
+        .quad   0x00cffb000000ffff      # 0x18 code, ring 3
+        .quad   0x00cff3000000ffff      # 0x20 data, ring 3
+        .quad   0x00af9b000000ffff      # 0x28 code, 64-bit, ring 0
+        .quad   0x00affb000000ffff      # 0x30 code, 64-bit, ring 3
 gdt_end:
 gdt_desc:
         .word   gdt_end - gdt - 1
@@ -170,19 +172,55 @@ pciscan:
         call    puts
         jmp     cmdloop
 
-# Drop to CPL3 with IOPL 3 and loop on port writes: user mode runs natively.
+# Drop to CPL3 with IOPL 3 and loop on port writes. User mode runs natively
+# on this host's KVM only in long mode (CPL0 and 32-bit iret to CPL3 are
+# interpreted or missing), so: identity page tables (user accessible),
+# EFER.LME, paging on, then iretq to 64-bit user code.
+        .equ PML4, 0x10000
 userloop:
-        mov     $user_forever, %ecx
+        mov     $user_forever, %ebx
         jmp     to_user
 userloop_n:
-        mov     $user_counted, %ecx
+        mov     $user_counted, %ebx
 to_user:
+        mov     $PML4, %edi             # zero PML4, PDPT and two PDs
+        xor     %eax, %eax
+        mov     $(4 * 1024), %ecx
+        cld
+        rep stosl
+        movl    $(PML4 + 0x1000 + 7), PML4
+        movl    $(PML4 + 0x2000 + 7), PML4 + 0x1000         # 0..1 GiB
+        movl    $(PML4 + 0x3000 + 7), PML4 + 0x1000 + 3 * 8 # 3..4 GiB
+        mov     $(PML4 + 0x2000), %edi
+        mov     $0x87, %eax             # present, writable, user, 2 MiB
+        mov     $512, %ecx
+1:      mov     %eax, (%edi)
+        mov     %eax, 0x1000(%edi)
+        add     $0xc0000000, 0x1000(%edi)
+        add     $0x200000, %eax
+        add     $8, %edi
+        loop    1b
+        mov     %cr4, %eax
+        or      $0x20, %eax             # PAE
+        mov     %eax, %cr4
+        mov     $PML4, %eax
+        mov     %eax, %cr3
+        mov     $0xc0000080, %ecx       # EFER.LME
+        rdmsr
+        or      $0x100, %eax
+        wrmsr
+        mov     %cr0, %eax
+        or      $0x80000000, %eax
+        mov     %eax, %cr0
+        ljmp    $0x28, $long64
+        .code64
+long64:
         push    $0x23                   # user data
         push    $0x6ff0
         push    $0x3002                 # IOPL 3, IF 0
-        push    $0x1b                   # user code
-        push    %ecx
-        iret
+        push    $0x33                   # 64-bit user code
+        push    %rbx
+        iretq
 user_forever:
 1:      out     %al, $0x80
         jmp     1b
@@ -195,6 +233,7 @@ user_counted:
         mov     $0x3400, %ax
         out     %ax, %dx
         jmp     .
+        .code32
 
 # Interrupt-driven echo: PIC remapped to 0x20, only IRQ 4 unmasked, UART
 # RX interrupt on (IER=1, OUT2), handler prints "[c]" per byte.

@@ -383,17 +383,15 @@ fn describe_internal_error(run: &kvm_run, rip: Option<u64>) -> String {
     if let Some(rip) = rip {
         s.push_str(&format!(" at rip {rip:#x}"));
     }
-    if internal.suberror == 1 && n >= 2 {
-        // Emulation failures carry flags, then the instruction length and bytes.
-        let len = (internal.data[1] as usize).min(15);
-        let bytes: Vec<u8> = internal.data[2..n.max(2)]
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .take(len)
-            .collect();
-        if !bytes.is_empty() {
+    if internal.suberror == 1 && n >= 2 && internal.data[0] & 1 != 0 {
+        // KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: the failing
+        // instruction follows the flags word.
+        // SAFETY: suberror 1 with that flag selects the `emulation_failure` view.
+        let ef = unsafe { run.__bindgen_anon_1.emulation_failure.__bindgen_anon_1.__bindgen_anon_1 };
+        let len = usize::from(ef.insn_size).min(ef.insn_bytes.len());
+        if len > 0 {
             s.push_str(", instruction");
-            for b in bytes {
+            for b in &ef.insn_bytes[..len] {
                 s.push_str(&format!(" {b:02x}"));
             }
         }
