@@ -44,6 +44,7 @@ pub const GROUPS: &[(&str, Group)] = &[
     ("vmmctl-admin", vmmctl_admin),
     ("persistence", persistence),
     ("corrupt-state", corrupt_state),
+    ("default-limit", default_limit),
     ("jail-without-allow", jail_without_allow),
     ("jail-allowed", jail_allowed),
     ("jail-visibility", jail_visibility),
@@ -738,6 +739,61 @@ fn persistence(s: &mut Suite) {
     );
     let r = s.probe(Who::root().at(Place::Jail(jail.pid)), &["open", &ctl, "rdwr"]);
     s.check("persistence: revoke survives restart (jailed root open -> EPERM)", "EPERM", r);
+}
+
+// ---------------------------------------------------------------- default limit
+
+/// A second daemon without --max-vms-per-user: the limit is 4 x CPUs.
+fn default_limit(s: &mut Suite) {
+    let dir = s.env.base.join("default-limit-state");
+    let mnt = s.env.base.join("default-limit-mnt");
+    let setup = std::fs::create_dir_all(&dir).and_then(|()| std::fs::create_dir_all(&mnt));
+    if let Err(e) = setup {
+        return s.check("default limit: set up", "OK", e.to_string());
+    }
+    let log = s.env.base.join("default-limit.log");
+    let Ok(log_file) = std::fs::File::create(&log) else {
+        return s.check("default limit: log file", "OK", "cannot create");
+    };
+    let child = Command::new(&s.env.vmmfs)
+        .args(["--group", "vmm", "--state-dir"])
+        .arg(&dir)
+        .arg(&mnt)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return s.check("default limit: run vmmfs", "OK", e.to_string()),
+    };
+    let ctl = mnt.join("vmmctl");
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut up = false;
+    while Instant::now() < end && matches!(child.try_wait(), Ok(None)) {
+        let c = ctl.clone();
+        if crate::harness::is_mounted(&mnt)
+            && crate::harness::timed(Duration::from_secs(5), move || c.exists()) == Some(true)
+        {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if up {
+        // SAFETY: plain sysconf query.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        let max = 4 * cpus;
+        let mut want = vec!["OK"; max];
+        want.push("ENOMEM");
+        let r = s.probe(Who::user(MEMBER1), &["create-many", &ctl.to_string_lossy(), "dl-", &(max + 1).to_string()]);
+        s.check(&format!("vmmctl: default limit is 4 x CPUs ({max}): VM #{} -> ENOMEM", max + 1), want.join(","), r);
+    } else {
+        s.check("default limit: second vmmfs mounts", "OK", crate::harness::tail(&log, 5));
+    }
+    crate::harness::kill_and_reap(&mut child);
+    crate::harness::unmount(&mnt);
 }
 
 // ---------------------------------------------------------------- corrupt state

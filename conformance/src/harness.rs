@@ -138,6 +138,15 @@ pub fn timed<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 
 /// How long an in-process file-system operation of the runner may take.
 const FS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// SIGTERM `child`, wait up to 10 s, then SIGKILL.
+pub fn kill_and_reap(child: &mut Child) {
+    kill(child.id(), libc::SIGTERM);
+    if wait_timeout(child, Duration::from_secs(10)).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// Whether `path` is a mount point (per /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -336,12 +345,7 @@ impl Env {
     /// SIGTERM the daemon, wait, SIGKILL if needed; unmount if it left the mount.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.daemon.take() {
-            kill(child.id(), libc::SIGTERM);
-            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
-                eprintln!("conformance: vmmfs ignored SIGTERM for 10 s; killing it");
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            kill_and_reap(&mut child);
         }
         unmount(&self.mount);
     }
