@@ -387,7 +387,12 @@ fn describe_internal_error(run: &kvm_run, rip: Option<u64>) -> String {
         // KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: the failing
         // instruction follows the flags word.
         // SAFETY: suberror 1 with that flag selects the `emulation_failure` view.
-        let ef = unsafe { run.__bindgen_anon_1.emulation_failure.__bindgen_anon_1.__bindgen_anon_1 };
+        let ef = unsafe {
+            run.__bindgen_anon_1
+                .emulation_failure
+                .__bindgen_anon_1
+                .__bindgen_anon_1
+        };
         let len = usize::from(ef.insn_size).min(ef.insn_bytes.len());
         if len > 0 {
             s.push_str(", instruction");

@@ -433,9 +433,14 @@ impl Vm {
             }
             Command::Run => {
                 configuring()?;
-                ctl.start(core)?;
                 core.counters.boot_time.store(0, Ordering::Release);
+                // Running before the threads start: a guest that exits at
+                // once must find the state it moves from.
                 core.set_state(VmState::Running);
+                if let Err(e) = ctl.start(core) {
+                    core.set_state(VmState::Configuring);
+                    return Err(e);
+                }
             }
             Command::Reinit => {
                 ctl.stop_threads();

@@ -73,7 +73,11 @@ fn serial_echo_through_pipes() {
     if !kvm_or_skip() {
         return;
     }
-    let mut t = multi("e", "ehello, echo 0123456789 abcdefghijklmnopqrstuvwxyz.", &[]);
+    let mut t = multi(
+        "e",
+        "ehello, echo 0123456789 abcdefghijklmnopqrstuvwxyz.",
+        &[],
+    );
     assert_eq!(t.wait_exit(30), ExitReason::PowerOff);
     assert_eq!(
         t.drain(),
