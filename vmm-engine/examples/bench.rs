@@ -144,7 +144,7 @@ fn bare_exit_rate(rom: &[u8], secs: f64) -> f64 {
                 looping += 1;
                 if looping == 1000 {
                     start = Some(Instant::now());
-                } else if looping % 1024 == 0 {
+                } else if looping.is_multiple_of(1024) {
                     if let Some(t) = start {
                         if t.elapsed().as_secs_f64() >= secs {
                             return (looping - 1000) as f64 / t.elapsed().as_secs_f64();

@@ -24,11 +24,11 @@ fn cycle(i: usize, hello: &[u8], multi: &[u8]) {
         .unwrap();
     vm.execute(Command::parse("cpus 2").unwrap(), &mut fds)
         .unwrap();
-    let rom = if i % 2 == 0 { hello } else { multi };
+    let rom = if i.is_multiple_of(2) { hello } else { multi };
     let n = fds.add(memfd_with(rom));
     vm.execute(Command::Bootrom(n), &mut fds).unwrap();
     vm.execute(Command::Run, &mut fds).unwrap();
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         // Let it power off by itself.
         let t = std::time::Instant::now();
         while vm.state() == VmState::Running {

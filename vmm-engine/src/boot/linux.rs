@@ -197,7 +197,7 @@ pub fn load(
         let pref = rd64(kernel, HDR_PREF_ADDRESS);
         let init_size = u64::from(rd32(kernel, HDR_INIT_SIZE)).max(payload.len() as u64);
         let fits = |at: u64| at.checked_add(init_size).is_some_and(|e| e <= low_end);
-        let load_at = if pref >= HIMEM_START && pref % 4096 == 0 && fits(pref) {
+        let load_at = if pref >= HIMEM_START && pref.is_multiple_of(4096) && fits(pref) {
             pref
         } else {
             HIMEM_START

@@ -28,7 +28,7 @@ pub fn read_image(fd: OwnedFd, what: &str, limit: u64) -> Result<Vec<u8>> {
 /// Check a bootrom image: non-empty, a multiple of 4 KiB, at most 16 MiB.
 pub fn check_bootrom(img: &[u8]) -> Result<()> {
     let len = img.len() as u64;
-    if len == 0 || len % 4096 != 0 || len > MAX_BOOTROM {
+    if len == 0 || !len.is_multiple_of(4096) || len > MAX_BOOTROM {
         return Err(Error::InvalidCommand(format!(
             "bootrom size {len} is not a multiple of 4 KiB up to 16 MiB"
         )));

@@ -168,7 +168,6 @@ mod tests {
         bus.io_write(0xcfc, 4, 0);
         assert_eq!(bus.io_read(0xcfc, 4), 0x1275_1275);
         // Command register is writable within its mask.
-        bus.io_write(0xcfc + 0, 4, 0);
         bus.io_write(0xcf8, 4, 0x8000_0004);
         bus.io_write(0xcfc, 2, 0xffff);
         assert_eq!(bus.io_read(0xcfc, 2), 0x0547);
