@@ -4,7 +4,7 @@
 use crate::creds::{pid_namespace, Creds};
 use crate::error::FsError;
 use crate::nodes::Node;
-use crate::service::{Attr, OpenMode, Service};
+use crate::service::{Attr, OpenMode, Requester, Service};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier,
@@ -265,7 +265,14 @@ impl Filesystem for VmmFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.service.write(fh.0, req.pid(), data) {
+        match self.service.write(
+            fh.0,
+            Requester {
+                tid: req.pid(),
+                fsuid: req.uid(),
+            },
+            data,
+        ) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }
@@ -344,7 +351,7 @@ impl Filesystem for VmmFs {
 
     fn ioctl(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: IoctlFlags,
@@ -353,7 +360,15 @@ impl Filesystem for VmmFs {
         out_size: u32,
         reply: ReplyIoctl,
     ) {
-        match self.service.ioctl(fh.0, cmd, in_data) {
+        match self.service.ioctl(
+            fh.0,
+            Requester {
+                tid: req.pid(),
+                fsuid: req.uid(),
+            },
+            cmd,
+            in_data,
+        ) {
             Ok(out) => reply.ioctl(0, &out[..out.len().min(out_size as usize)]),
             Err(e) => reply.error(errno(e)),
         }

@@ -282,7 +282,15 @@ impl Registry {
     fn finish_destroy(&self, id: VmId) {
         let engine = self.table.lock().get(&id).and_then(|e| e.engine.clone());
         if let Some(vm) = engine {
+            let segments = vm.segments();
             vm.destroy();
+            // Open vmm.io handles pass through to the memfds and keep them
+            // alive: empty them so the memory is freed now and stale mappings
+            // fault instead of reading a dead guest's memory.
+            for seg in segments {
+                // SAFETY: plain syscall on a descriptor we own.
+                unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&*seg.fd), 0) };
+            }
         }
         let mut t = self.table.lock();
         if let Some(e) = t.remove(&id) {

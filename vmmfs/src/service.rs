@@ -52,8 +52,27 @@ impl OpenMode {
     }
 }
 
+/// Who sent a request, as FUSE reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Requester {
+    /// Thread id, in the daemon's PID namespace.
+    pub tid: u32,
+    pub fsuid: u32,
+}
+
+impl Requester {
+    /// Credentials of the requesting process now: like FreeBSD, vmmctl
+    /// commands are judged by the caller's credentials at the time of the
+    /// command (a descriptor inherited into a jail is used with the jail's).
+    fn creds(&self) -> FsResult<Creds> {
+        Creds::of_request(self.tid, self.fsuid)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH).into())
+    }
+}
+
 enum Handle {
-    Ctl(Creds),
+    /// vmmctl. Only its release uses what the open recorded: the handle itself.
+    Ctl,
     Vm(VmHandle),
     Segment,
 }
@@ -332,7 +351,7 @@ impl Service {
                     ));
                 }
                 Ok(Opened {
-                    fh: self.add_handle(Handle::Ctl(creds)),
+                    fh: self.add_handle(Handle::Ctl),
                     backing: None,
                 })
             }
@@ -380,14 +399,13 @@ impl Service {
         }));
     }
 
-    /// A write: a vmmctl command or a vmm/NAME command from thread `tid`.
-    pub fn write(&self, fh: u64, tid: u32, data: &[u8]) -> FsResult<usize> {
+    /// A write: a vmmctl command or a vmm/NAME command.
+    pub fn write(&self, fh: u64, who: Requester, data: &[u8]) -> FsResult<usize> {
         let mut handles = self.handles.lock();
         match handles.get_mut(&fh) {
-            Some(Handle::Ctl(creds)) => {
-                let creds = *creds;
+            Some(Handle::Ctl) => {
                 drop(handles);
-                self.vmmctl(fh, &creds, vmmctl::parse_line(data)?)?;
+                self.vmmctl(fh, &who.creds()?, vmmctl::parse_line(data)?)?;
                 Ok(data.len())
             }
             Some(Handle::Vm(h)) => {
@@ -396,7 +414,7 @@ impl Service {
                 let result = std::str::from_utf8(data)
                     .map_err(|_| FsError::Invalid("command is not UTF-8".into()))
                     .and_then(|line| Ok(Command::parse(line)?))
-                    .and_then(|cmd| Ok(vm.execute(cmd, &mut ClientFds::new(tid))?));
+                    .and_then(|cmd| Ok(vm.execute(cmd, &mut ClientFds::new(who.tid))?));
                 if let Some(Handle::Vm(h)) = self.handles.lock().get_mut(&fh) {
                     h.error = result.as_ref().err().map(|e| e.to_string());
                     h.snapshot = None;
@@ -411,13 +429,12 @@ impl Service {
     }
 
     /// An ioctl on vmmctl: FreeBSD's VMMCTL_VM_CREATE / VMMCTL_VM_DESTROY.
-    pub fn ioctl(&self, fh: u64, cmd: u32, data: &[u8]) -> FsResult<Vec<u8>> {
-        let creds = match self.handles.lock().get(&fh) {
-            Some(Handle::Ctl(c)) => *c,
-            _ => return Err(FsError::Invalid("ioctl on a node that takes none".into())),
-        };
+    pub fn ioctl(&self, fh: u64, who: Requester, cmd: u32, data: &[u8]) -> FsResult<Vec<u8>> {
+        if !matches!(self.handles.lock().get(&fh), Some(Handle::Ctl)) {
+            return Err(FsError::Invalid("ioctl on a node that takes none".into()));
+        }
         let req = vmmctl::parse_ioctl(cmd, data)?;
-        self.vmmctl(fh, &creds, req)?;
+        self.vmmctl(fh, &who.creds()?, req)?;
         Ok(data.to_vec())
     }
 
@@ -434,7 +451,10 @@ impl Service {
                 self.watch(id, &vm);
                 Ok(())
             }
-            CtlRequest::Destroy { name } => self.registry.destroy(creds, &name),
+            CtlRequest::Destroy { name } => {
+                self.jail_check(creds, "destroy")?;
+                self.registry.destroy(creds, &name)
+            }
         }
     }
 
@@ -492,7 +512,7 @@ impl Service {
     /// The last reference to an open file is gone.
     pub fn release(&self, fh: u64) {
         let h = self.handles.lock().remove(&fh);
-        if let Some(Handle::Ctl(_)) = h {
+        if let Some(Handle::Ctl) = h {
             self.registry.release_handle(fh);
         }
     }
