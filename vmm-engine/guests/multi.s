@@ -8,6 +8,7 @@
 #   w  wait for the ACPI power button (polls PM1 status), then power off
 #   x  hostile accesses, then "survived" and power off
 #   b  write the boot-timer port      z  idle forever (sti; hlt, PIC masked)
+#   n  int3 at CPL0 (an instruction this host's KVM cannot emulate)
         .equ ROM, 0xffff0000
         .equ COM1, 0x3f8
         .equ IDT, 0x1000
@@ -78,6 +79,8 @@ cmdloop:
         je      boottimer
         cmp     $'z', %al
         je      idle
+        cmp     $'n', %al
+        je      badinsn
         jmp     cmdloop
 
 poweroff:
@@ -106,6 +109,10 @@ halt:
 triple:
         lidt    idt_empty
         ud2
+
+badinsn:
+        int3                            # not emulated at CPL0 here: error exit
+        jmp     poweroff
 
 idle:
         mov     $0xff, %al

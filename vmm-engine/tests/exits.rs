@@ -207,3 +207,20 @@ fn bad_bootroms_are_einval() {
     }
     assert!(vm.segments().iter().all(|s| s.name != "bootrom"));
 }
+
+#[test]
+fn unemulated_instruction_is_error_with_cause() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let t = multi("n", "n", &[]);
+    match t.wait_exit(20) {
+        ExitReason::Error(cause) => {
+            let s = t.vm.status();
+            assert!(s.contains("exit=error\nstatus=4\ncause="), "{s}");
+            assert!(cause.contains("KVM"), "{cause}");
+        }
+        // A KVM that emulates int3 delivers #BP through the empty IDT.
+        other => assert_eq!(other, ExitReason::TripleFault),
+    }
+}
