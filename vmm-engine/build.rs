@@ -8,6 +8,8 @@ use std::process::Command;
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("guests");
+    // Start clean so a failed build never leaves stale guests behind.
+    let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::create_dir_all(&out);
     println!("cargo:rerun-if-changed=guests");
     println!("cargo:rustc-env=VMM_GUESTS_DIR={}", out.display());

@@ -27,5 +27,6 @@ start:
 msg:    .asciz  "hello from bootrom\n"
 
         .section .reset, "ax"
+        .globl  reset
 reset:  jmp     start
         .org    16, 0xf4

@@ -9,6 +9,7 @@
 #   x  hostile accesses, then "survived" and power off
 #   b  write the boot-timer port      z  idle forever (sti; hlt, PIC masked)
 #   n  int3 at CPL0 (an instruction this host's KVM cannot emulate)
+#   s  start the APs with INIT/SIPI, wait for one to check in, then halt
         .equ ROM, 0xffff0000
         .equ COM1, 0x3f8
         .equ IDT, 0x1000
@@ -81,6 +82,8 @@ cmdloop:
         je      idle
         cmp     $'n', %al
         je      badinsn
+        cmp     $'s', %al
+        je      smp
         jmp     cmdloop
 
 poweroff:
@@ -109,6 +112,36 @@ halt:
 triple:
         lidt    idt_empty
         ud2
+
+# SMP: copy a real-mode trampoline to 0x8000, INIT + SIPI (vector 8) to all
+# other CPUs through the xAPIC ICR, wait for the flag an AP sets, then halt
+# (every vCPU ends in HLT with IF=0).
+smp:
+        mov     $ap_start, %esi
+        mov     $0x8000, %edi
+        mov     $(ap_end - ap_start), %ecx
+        cld
+        rep movsb
+        movl    $0, 0x7f00
+        movl    $0x1ff, 0xfee000f0      # SVR: APIC software enabled
+        movl    $0x000c4500, 0xfee00300 # INIT, all excluding self
+        mov     $1000, %ecx
+1:      loop    1b
+        movl    $0x000c4608, 0xfee00300 # SIPI, vector 8 (0x8000)
+2:      cmpl    $0, 0x7f00
+        je      2b
+        mov     $ap_ok, %esi
+        call    puts
+        jmp     halt
+
+        .code16
+ap_start:
+        lock incl 0x7f00
+        cli
+1:      hlt
+        jmp     1b
+ap_end:
+        .code32
 
 badinsn:
         int3                            # not emulated at CPL0 here: error exit
@@ -203,7 +236,7 @@ to_user:
         mov     $512, %ecx
 1:      mov     %eax, (%edi)
         mov     %eax, 0x1000(%edi)
-        add     $0xc0000000, 0x1000(%edi)
+        addl    $0xc0000000, 0x1000(%edi)
         add     $0x200000, %eax
         add     $8, %edi
         loop    1b
@@ -494,10 +527,12 @@ irq_ready: .asciz "irq ready\n"
 pwr_wait: .asciz "waiting for power button\n"
 pwr_pressed: .asciz "power button pressed\n"
 survived: .asciz "survived\n"
+ap_ok:  .asciz  "ap started\n"
 rom_written: .asciz "bootrom was written\n"
 hostile_data: .fill 100, 1, 0x55
 
         .section .reset, "ax"
+        .globl  reset
         .code16
 reset:  jmp     start16
         .org    16, 0xf4

@@ -224,3 +224,13 @@ fn unemulated_instruction_is_error_with_cause() {
         other => assert_eq!(other, ExitReason::TripleFault),
     }
 }
+
+#[test]
+fn aps_start_with_init_sipi_then_all_halt() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut t = multi("s", "s", &["cpus 2"]);
+    assert_eq!(t.wait_exit(30), ExitReason::Halt, "{}", t.vm.status());
+    assert_eq!(t.drain(), "ready\nap started\n");
+}
