@@ -9,7 +9,7 @@
 #   x  hostile accesses, then "survived" and power off
 #   b  write the boot-timer port      z  idle forever (sti; hlt, PIC masked)
 #   n  int3 at CPL0 (an instruction this host's KVM cannot emulate)
-#   s  start the APs with INIT/SIPI, wait for one to check in, then halt
+#   y  print 'y' forever                s  start the APs with INIT/SIPI, wait for one to check in, then halt
         .equ ROM, 0xffff0000
         .equ COM1, 0x3f8
         .equ IDT, 0x1000
@@ -84,6 +84,8 @@ cmdloop:
         je      badinsn
         cmp     $'s', %al
         je      smp
+        cmp     $'y', %al
+        je      yes
         jmp     cmdloop
 
 poweroff:
@@ -142,6 +144,11 @@ ap_start:
         jmp     1b
 ap_end:
         .code32
+
+yes:
+        mov     $'y', %al
+        call    putc
+        jmp     yes
 
 badinsn:
         int3                            # not emulated at CPL0 here: error exit

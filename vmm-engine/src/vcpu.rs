@@ -349,6 +349,7 @@ impl RunCtx {
     }
 
     fn wake_all(&self) {
+        self.platform.set_stopping();
         self.kick_all();
         {
             let _g = self.wd_lock.lock();

@@ -234,3 +234,31 @@ fn aps_start_with_init_sipi_then_all_halt() {
     assert_eq!(t.wait_exit(30), ExitReason::Halt, "{}", t.vm.status());
     assert_eq!(t.drain(), "ready\nap started\n");
 }
+
+#[test]
+fn destroy_while_output_pipe_is_full() {
+    if !kvm_or_skip() {
+        return;
+    }
+    // Nobody reads COM1: the vCPU blocks writing to the full pipe.
+    let t = multi("y", "y", &[]);
+    // Wait until output stalls (pipe full: 64 KiB, two exits per byte).
+    let start = std::time::Instant::now();
+    let mut last = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = t.vm.exits();
+        if (now == last && now > 100_000) || start.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        last = now;
+    }
+    let t0 = std::time::Instant::now();
+    t.vm.destroy();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "destroy took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(t.vm.state(), VmState::Destroyed);
+}

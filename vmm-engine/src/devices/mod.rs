@@ -13,7 +13,7 @@ use crate::vm::ExitReason;
 use kvm_ioctls::VmFd;
 use parking_lot::Mutex;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -71,6 +71,7 @@ pub struct Platform {
     devs: Mutex<Devices>,
     counters: Arc<Counters>,
     started: Instant,
+    stopping: Arc<AtomicBool>,
 }
 
 fn size_mask(size: usize) -> u32 {
@@ -84,6 +85,7 @@ fn size_mask(size: usize) -> u32 {
 impl Platform {
     pub fn new(vm: Arc<VmFd>, cfg: PlatformConfig, counters: Arc<Counters>) -> Platform {
         let [o1, o2] = cfg.serial_out;
+        let stopping = Arc::new(AtomicBool::new(false));
         let mut pci = pci::PciBus::new();
         for (slot, e) in cfg.pci {
             let f = match e {
@@ -95,13 +97,23 @@ impl Platform {
         Platform {
             vm,
             devs: Mutex::new(Devices {
-                com: [serial::Serial::new(o1), serial::Serial::new(o2)],
+                com: [
+                    serial::Serial::new(o1, stopping.clone()),
+                    serial::Serial::new(o2, stopping.clone()),
+                ],
                 pci,
                 pm: pm::Pm::new(),
             }),
             counters,
             started: Instant::now(),
+            stopping,
         }
+    }
+
+    /// The run is stopping: device output that would block is dropped.
+    /// Lock-free: a vCPU may hold the device lock while blocked in a write.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 
     fn set_irq(&self, irq: u32, level: bool) {

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Receive FIFO depth of a 16550A.
@@ -34,13 +35,15 @@ pub struct Serial {
     thr_pending: bool,
     rx: VecDeque<u8>,
     out: Option<Arc<OwnedFd>>,
+    /// Set when the run stops: a write blocked on a full pipe gives up.
+    stopping: Arc<AtomicBool>,
     /// The level last driven on the IRQ line.
     pub irq_level: bool,
     out_broken: bool,
 }
 
 impl Serial {
-    pub fn new(out: Option<Arc<OwnedFd>>) -> Serial {
+    pub fn new(out: Option<Arc<OwnedFd>>, stopping: Arc<AtomicBool>) -> Serial {
         Serial {
             dll: 12, // 9600 baud, as firmware leaves it
             dlm: 0,
@@ -52,6 +55,7 @@ impl Serial {
             thr_pending: false,
             rx: VecDeque::with_capacity(RX_FIFO),
             out,
+            stopping,
             irq_level: false,
             out_broken: false,
         }
@@ -105,8 +109,9 @@ impl Serial {
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
                 // A vCPU kick interrupts a blocked write; the byte is retried
-                // unless the VM is stopping (then the caller is going away).
-                Some(libc::EINTR) => continue,
+                // unless the VM is stopping (nobody may ever read the pipe).
+                Some(libc::EINTR) if !self.stopping.load(Ordering::Acquire) => continue,
+                Some(libc::EINTR) => return,
                 // Non-blocking output that is full: drop, as a real line would.
                 Some(libc::EAGAIN) => return,
                 _ => {
@@ -192,7 +197,7 @@ mod tests {
 
     #[test]
     fn loopback_and_fifo() {
-        let mut s = Serial::new(None);
+        let mut s = Serial::new(None, Arc::default());
         s.write(4, MCR_LOOP);
         for b in 0..40u8 {
             s.write(0, b);
@@ -209,7 +214,7 @@ mod tests {
 
     #[test]
     fn interrupts_follow_ier() {
-        let mut s = Serial::new(None);
+        let mut s = Serial::new(None, Arc::default());
         assert!(!s.interrupt());
         s.push_input(b"x");
         assert!(!s.interrupt());
