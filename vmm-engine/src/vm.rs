@@ -921,6 +921,12 @@ mod tests {
     }
 
     #[test]
+    fn vm_is_shareable_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Vm>();
+    }
+
+    #[test]
     fn memory_above_4g() {
         let vm = Vm::create("big").unwrap();
         vm.execute(Command::parse("memory 4G").unwrap(), &mut NoFds)
