@@ -251,13 +251,23 @@ fn poll_wakes_on_state_change_and_destroy_gives_enxio() {
     watcher.read_to_string(&mut s).unwrap();
     assert!(s.contains("memory=16777216"), "{s}");
     assert!(!poll(&watcher, 0), "read consumed the change");
-    let seg = OpenOptions::new().read(true).write(true).open(m.path("vmm.io/p1.sysmem")).unwrap();
+    let seg = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("vmm.io/p1.sysmem"))
+        .unwrap();
     let mut byte = [0u8; 1];
-    assert_eq!(std::os::unix::fs::FileExt::read_at(&seg, &mut byte, 0).unwrap(), 1);
+    assert_eq!(
+        std::os::unix::fs::FileExt::read_at(&seg, &mut byte, 0).unwrap(),
+        1
+    );
     ctl.write_all(b"destroy p1").unwrap();
     assert!(poll(&watcher, 1000));
     // The segment's memory is freed even though a handle on it is open.
-    assert_eq!(std::os::unix::fs::FileExt::read_at(&seg, &mut byte, 0).unwrap(), 0);
+    assert_eq!(
+        std::os::unix::fs::FileExt::read_at(&seg, &mut byte, 0).unwrap(),
+        0
+    );
     let mut buf = [0u8; 64];
     let err = std::os::unix::fs::FileExt::read_at(&watcher, &mut buf, 0).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENXIO));
