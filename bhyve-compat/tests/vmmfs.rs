@@ -9,13 +9,14 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 const NOBODY: u32 = 65534;
 const NOGROUP: u32 = 65534;
-/// A group nobody is not a member of.
+/// A user and group that are neither nobody nor in the vmm group.
+const OTHER_UID: u32 = 54321;
 const OTHER_GID: u32 = 54321;
 
 fn in_ci() -> bool {
@@ -152,7 +153,7 @@ impl Mount {
                 c.uid(NOBODY).gid(NOGROUP);
             }
             Who::Stranger => {
-                c.uid(NOBODY).gid(OTHER_GID);
+                c.uid(OTHER_UID).gid(OTHER_GID);
             }
         }
         c
@@ -199,7 +200,7 @@ enum Who {
     Root,
     /// nobody with the vmm group (nogroup here) as primary group.
     Member,
-    /// nobody in another group.
+    /// Another user, not in the vmm group.
     Stranger,
 }
 
@@ -329,26 +330,23 @@ impl Drop for Bhyve {
     }
 }
 
-fn run(mut c: Command, secs: u64) -> Output {
-    c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().expect("spawn");
-    let t = Instant::now();
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(secs) {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "timed out after {secs}s; stdout {:?} stderr {:?}",
-                text(&out.stdout),
-                text(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// What a finished tool printed, and its exit status.
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Run a tool to completion. Output is collected by threads and not read to
+/// EOF: a persistent VM's daemon keeps copies of the console descriptors.
+fn run(c: Command, secs: u64) -> Out {
+    let mut b = Bhyve::spawn(c);
+    let code = b.wait(secs);
+    Out {
+        code,
+        stdout: b.stdout(),
+        stderr: b.stderr(),
     }
-    child.wait_with_output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -383,11 +381,11 @@ fn unprivileged_monitor_mode_exit_statuses() {
     let mut c = m.cmd("bhyve", Who::Member);
     bhyve_args(&mut c, &guest("hello.rom"), "hello", true);
     let out = run(c, 60);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(out.code, Some(1), "{}", out.stderr.clone());
     assert!(
-        text(&out.stdout).contains("hello from bootrom"),
+        out.stdout.contains("hello from bootrom"),
         "{}",
-        text(&out.stdout)
+        out.stdout.clone()
     );
     assert!(m.wait_gone("hello", 5), "VM left behind: {:?}", m.vms());
 
@@ -445,25 +443,33 @@ fn unprivileged_without_monitor_mode_is_refused() {
     let mut c = m.cmd("bhyve", Who::Member);
     bhyve_args(&mut c, &guest("hello.rom"), "vmx", false);
     let out = run(c, 30);
-    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(out.code, Some(4));
     assert!(
-        text(&out.stderr).contains("bhyve: An unprivileged user must run VMs in monitor mode"),
+        out.stderr
+            .clone()
+            .contains("bhyve: An unprivileged user must run VMs in monitor mode"),
         "{}",
-        text(&out.stderr)
+        out.stderr.clone()
     );
     assert!(m.vms().is_empty());
     let mut c = m.cmd("bhyvectl", Who::Member);
     c.args(["--vm=vmx", "--create"]);
     let out = run(c, 30);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("An unprivileged user must run VMs in monitor mode"));
+    assert_eq!(out.code, Some(1));
+    assert!(out
+        .stderr
+        .clone()
+        .contains("An unprivileged user must run VMs in monitor mode"));
     let mut c = m.cmd("bhyveload", Who::Member);
     c.args(["-m", "32M", "-k"])
         .arg(guest("kernel.elf"))
         .arg("vmx");
     let out = run(c, 30);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("An unprivileged user must run VMs in monitor mode"));
+    assert_eq!(out.code, Some(1));
+    assert!(out
+        .stderr
+        .clone()
+        .contains("An unprivileged user must run VMs in monitor mode"));
     assert!(m.vms().is_empty());
 }
 
@@ -476,8 +482,8 @@ fn non_member_gets_permission_denied() {
     let mut c = m.cmd("bhyve", Who::Stranger);
     bhyve_args(&mut c, &guest("hello.rom"), "vms", true);
     let out = run(c, 30);
-    assert_eq!(out.status.code(), Some(4));
-    let err = text(&out.stderr);
+    assert_eq!(out.code, Some(4));
+    let err = out.stderr.clone();
     assert!(err.contains("vmmctl: Permission denied"), "{err}");
     assert!(m.vms().is_empty());
 }
@@ -493,8 +499,8 @@ fn unopenable_resources_fail_before_any_vm_exists() {
     let mut c = m.cmd("bhyve", Who::Member);
     bhyve_args(&mut c, &secret, "vmr", true);
     let out = run(c, 30);
-    assert_eq!(out.status.code(), Some(4));
-    let err = text(&out.stderr);
+    assert_eq!(out.code, Some(4));
+    let err = out.stderr.clone();
     assert!(err.contains("secret.rom\": Permission denied"), "{err}");
 
     let disk = m.file("disk.img", &[0u8; 4096], 0o600);
@@ -502,8 +508,8 @@ fn unopenable_resources_fail_before_any_vm_exists() {
     c.arg("-s").arg(format!("3,virtio-blk,{}", disk.display()));
     bhyve_args(&mut c, &guest("hello.rom"), "vmr", true);
     let out = run(c, 30);
-    assert_eq!(out.status.code(), Some(4));
-    let err = text(&out.stderr);
+    assert_eq!(out.code, Some(4));
+    let err = out.stderr.clone();
     assert!(err.contains("Could not open backing file"), "{err}");
     assert!(err.contains("Permission denied"), "{err}");
 
@@ -511,22 +517,23 @@ fn unopenable_resources_fail_before_any_vm_exists() {
     c.args(["-s", "5,passthru,0/31/0"]);
     bhyve_args(&mut c, &guest("hello.rom"), "vmr", true);
     let out = run(c, 30);
-    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(out.code, Some(4));
     assert!(
-        text(&out.stderr).contains("failed to open /dev/vfio/"),
+        out.stderr.contains("failed to open /dev/vfio/"),
         "{}",
-        text(&out.stderr)
+        out.stderr.clone()
     );
 
+    let tty = m.file("roots-tty", b"", 0o600);
     let mut c = m.cmd("bhyve", Who::Member);
-    c.args(["-l", "com2,/dev/mem"]);
+    c.arg("-l").arg(format!("com2,{}", tty.display()));
     bhyve_args(&mut c, &guest("hello.rom"), "vmr", true);
     let out = run(c, 30);
-    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(out.code, Some(4));
     assert!(
-        text(&out.stderr).contains("/dev/mem: Permission denied"),
+        out.stderr.contains("roots-tty: Permission denied"),
         "{}",
-        text(&out.stderr)
+        out.stderr.clone()
     );
     assert!(m.vms().is_empty(), "{:?}", m.vms());
 }
@@ -546,8 +553,8 @@ fn linux_boot_protocol_as_unprivileged_user() {
         .arg(format!("linux.initrd={}", initrd.display()))
         .args(["-o", "linux.cmdline=console=ttyS0 hello=world", "vml"]);
     let out = run(c, 120);
-    let s = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{s} {}", text(&out.stderr));
+    let s = out.stdout.clone();
+    assert_eq!(out.code, Some(1), "{s} {}", out.stderr.clone());
     assert!(s.contains("cmdline 'console=ttyS0 hello=world'"), "{s}");
     assert!(s.contains("INITRD-CONTENTS"), "{s}");
     assert!(m.wait_gone("vml", 5));
@@ -564,34 +571,34 @@ fn root_bhyveload_then_bhyve_and_persistent_vms() {
         .arg(guest("kernel.elf"))
         .args(["-c", "from=bhyveload", "vmp"]);
     let out = run(c, 30);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.code, Some(0), "{}", out.stderr.clone());
     assert_eq!(m.vms(), vec!["vmp".to_string()]);
     let mut c = m.cmd("bhyve", Who::Root);
     c.args(["-m", "64M", "-l", "com1,stdio", "vmp"]);
     let out = run(c, 120);
-    let s = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{s} {}", text(&out.stderr));
+    let s = out.stdout.clone();
+    assert_eq!(out.code, Some(1), "{s} {}", out.stderr.clone());
     assert!(s.contains("cmdline 'from=bhyveload'"), "{s}");
     // Persistent: still there, exited.
     let mut c = m.cmd("bhyvectl", Who::Root);
     c.args(["--vm=vmp", "--get-stats"]);
     let out = run(c, 10);
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.code, Some(0));
     assert!(
-        text(&out.stdout).contains("state\texited"),
+        out.stdout.contains("state\texited"),
         "{}",
-        text(&out.stdout)
+        out.stdout.clone()
     );
     let mut c = m.cmd("bhyvectl", Who::Root);
     c.args(["--vm=vmp", "--destroy"]);
-    assert_eq!(run(c, 10).status.code(), Some(0));
+    assert_eq!(run(c, 10).code, Some(0));
     assert!(m.wait_gone("vmp", 5));
     let mut c = m.cmd("bhyvectl", Who::Root);
     c.args(["--vm=vmp", "--get-stats"]);
     let out = run(c, 10);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.code, Some(1));
     assert_eq!(
-        text(&out.stderr).trim(),
+        out.stderr.clone().trim(),
         "vm_open: vmp could not be opened: No such file or directory"
     );
 
@@ -672,12 +679,12 @@ fn existing_vm_is_reused_in_monitor_mode_and_kept() {
     let m = Mount::new("reuse");
     let mut c = m.cmd("bhyvectl", Who::Root);
     c.args(["--vm=vmu", "--create"]);
-    assert_eq!(run(c, 10).status.code(), Some(0));
+    assert_eq!(run(c, 10).code, Some(0));
     let mut c = m.cmd("bhyve", Who::Root);
     bhyve_args(&mut c, &guest("hello.rom"), "vmu", true);
     let out = run(c, 60);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("hello from bootrom"));
+    assert_eq!(out.code, Some(1), "{}", out.stderr.clone());
+    assert!(out.stdout.contains("hello from bootrom"));
     assert_eq!(
         m.vms(),
         vec!["vmu".to_string()],
@@ -696,24 +703,24 @@ fn bhyvectl_controls_a_running_guest() {
     let mut c = m.cmd("bhyvectl", Who::Member);
     c.args(["--vm=vmc", "--get-stats", "--get-memmap"]);
     let out = run(c, 10);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let s = text(&out.stdout);
+    assert_eq!(out.code, Some(0), "{}", out.stderr.clone());
+    let s = out.stdout.clone();
     assert!(s.contains("state\trunning"), "{s}");
     assert!(s.contains("bootrom"), "{s}");
     // Another user cannot touch it.
     let mut c = m.cmd("bhyvectl", Who::Stranger);
     c.args(["--vm=vmc", "--force-poweroff"]);
     let out = run(c, 10);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.code, Some(1));
     assert!(
-        text(&out.stderr).contains("Permission denied"),
+        out.stderr.contains("Permission denied"),
         "{}",
-        text(&out.stderr)
+        out.stderr.clone()
     );
     // Reset: the monitor boots the guest again.
     let mut c = m.cmd("bhyvectl", Who::Member);
     c.args(["--vm=vmc", "--force-reset"]);
-    assert_eq!(run(c, 10).status.code(), Some(0));
+    assert_eq!(run(c, 10).code, Some(0));
     b.expect("ready", 2, 60);
     assert!(
         b.child.try_wait().unwrap().is_none(),
@@ -721,12 +728,12 @@ fn bhyvectl_controls_a_running_guest() {
     );
     let mut c = m.cmd("bhyvectl", Who::Member);
     c.args(["--vm=vmc", "--force-poweroff"]);
-    assert_eq!(run(c, 10).status.code(), Some(0));
+    assert_eq!(run(c, 10).code, Some(0));
     assert_eq!(b.wait(30), Some(1));
     assert!(m.wait_gone("vmc", 5));
     let mut c = m.cmd("bhyvectl", Who::Member);
     c.args(["--vm=vmc", "--create", "--destroy"]);
     let out = run(c, 10);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("mutually exclusive"));
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("mutually exclusive"));
 }
