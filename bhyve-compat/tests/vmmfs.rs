@@ -209,7 +209,11 @@ enum Who {
 fn guests() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let out = tempdir("guests");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bhyve-compat-guests");
+        std::fs::create_dir_all(&out).unwrap();
+        for d in [out.as_path(), Path::new(env!("CARGO_TARGET_TMPDIR"))] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm-engine/guests");
         let st = Command::new("make")
             .arg("-s")
