@@ -5,6 +5,7 @@
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, Termios};
 use std::io::IsTerminal;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 struct Saved {
@@ -13,6 +14,8 @@ struct Saved {
 }
 
 static SAVED: Mutex<Option<Saved>> = Mutex::new(None);
+/// In a forked child: the parent put the terminal in raw mode.
+static RAW_INHERITED: AtomicBool = AtomicBool::new(false);
 
 fn fd(n: i32) -> BorrowedFd<'static> {
     // SAFETY: fds 0 and 1 stay open for the life of the process.
@@ -50,10 +53,11 @@ pub fn enter_stdio() -> nix::Result<()> {
 
 /// Whether the terminal is in raw mode now.
 pub fn is_raw() -> bool {
-    SAVED
-        .lock()
-        .map(|s| s.as_ref().is_some_and(|s| s.termios.is_some()))
-        .unwrap_or(false)
+    RAW_INHERITED.load(Ordering::Relaxed)
+        || SAVED
+            .lock()
+            .map(|s| s.as_ref().is_some_and(|s| s.termios.is_some()))
+            .unwrap_or(false)
 }
 
 /// Put fds 0/1 back as they were. Idempotent; safe to call on any exit path.
@@ -76,6 +80,9 @@ pub fn restore() {
 /// the parent restores the terminal).
 pub fn forget() {
     let mut saved = SAVED.lock().unwrap_or_else(|p| p.into_inner());
+    if saved.as_ref().is_some_and(|s| s.termios.is_some()) {
+        RAW_INHERITED.store(true, Ordering::Relaxed);
+    }
     *saved = None;
 }
 

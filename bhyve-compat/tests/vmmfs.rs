@@ -741,3 +741,18 @@ fn bhyvectl_controls_a_running_guest() {
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("mutually exclusive"));
 }
+
+#[test]
+fn vm_destroyed_under_bhyve_is_status_4() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("destroyed");
+    let mut b = multi(&m, "vmz", Who::Member);
+    b.send("z");
+    let mut c = m.cmd("bhyvectl", Who::Root);
+    c.args(["--vm=vmz", "--destroy"]);
+    assert_eq!(run(c, 10).code, Some(0));
+    assert_eq!(b.wait(30), Some(4), "{}", b.stderr());
+    assert!(b.stderr().contains("was destroyed"), "{}", b.stderr());
+}
