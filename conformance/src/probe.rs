@@ -488,6 +488,14 @@ fn stale_fd(ctl: &str, name: &str, which: &str, how: &str) -> String {
         Ok(fd) => fd,
         Err(e) => return format!("ERR open {}", errno::name(e)),
     };
+    // A segment mapped while the VM lives, touched after it is gone.
+    let mapping = match which {
+        "seg" => match map(&fd) {
+            Ok(p) => Some(p),
+            Err(e) => return format!("ERR mmap {}", errno::name(e)),
+        },
+        _ => None,
+    };
     match how {
         "destroy" => {
             if let Err(e) = write_fd(&ctl_fd, format!("destroy {name}").as_bytes()) {
@@ -511,12 +519,47 @@ fn stale_fd(ctl: &str, name: &str, which: &str, how: &str) -> String {
             format!("write={w} read={r}")
         }
         _ => {
-            let r = name_of(pread_fd(&fd, 1).map(drop));
-            let m = name_of(map(&fd).map(|p| {
-                // SAFETY: our mapping.
-                unsafe { libc::munmap(p.cast(), MAP_LEN) };
-            }));
-            format!("read={r} mmap={m}")
+            // vmm(4) DIFFERENCES: segments pass through to the engine's memfds, so
+            // instead of ENXIO the segment is emptied: reads hit end-of-file and
+            // old mappings fault, and the guest's memory is gone.
+            let r = match pread_fd(&fd, 1) {
+                Ok(v) if v.is_empty() => "EOF".to_string(),
+                Ok(_) => "DATA".to_string(),
+                Err(e) => errno::name(e),
+            };
+            let p = mapping.expect("mapped above");
+            let touched = touch_in_child(p);
+            // SAFETY: our mapping.
+            unsafe { libc::munmap(p.cast(), MAP_LEN) };
+            format!("read={r} mapping={touched}")
+        }
+    }
+}
+
+/// Read one byte of a mapping in a child process: "OK", or the signal that killed it.
+fn touch_in_child(p: *mut u8) -> String {
+    // SAFETY: the child only reads the mapping and exits.
+    match unsafe { libc::fork() } {
+        0 => {
+            // SAFETY: p is a live mapping of MAP_LEN bytes in the child too.
+            let _ = unsafe { std::ptr::read_volatile(p) };
+            // SAFETY: leave without running the parent's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        -1 => format!("ERR fork {}", errno::name(errno_now())),
+        pid => {
+            let mut status = 0;
+            // SAFETY: waiting for our child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            if libc::WIFSIGNALED(status) {
+                match libc::WTERMSIG(status) {
+                    libc::SIGBUS => "SIGBUS".into(),
+                    libc::SIGSEGV => "SIGSEGV".into(),
+                    sig => format!("signal{sig}"),
+                }
+            } else {
+                "OK".into()
+            }
         }
     }
 }
