@@ -127,6 +127,11 @@ impl GuestMemory {
         GuestMemory { regions }
     }
 
+    /// The RAM regions.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
     /// Total bytes of RAM below 4 GiB.
     pub fn low_end(&self) -> u64 {
         self.regions

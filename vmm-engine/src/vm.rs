@@ -145,6 +145,8 @@ impl Runtime {
         for h in self.helpers.drain(..) {
             let _ = h.join();
         }
+        // Device threads touch guest RAM: they end before anything can change it.
+        self.ctx.platform.shutdown_devices();
         out.sort_by_key(|v| v.id);
         first
     }
@@ -420,11 +422,17 @@ impl Vm {
             Command::Device {
                 slot,
                 emulation,
-                options: _,
+                options,
             } => {
                 configuring()?;
-                let e = PciEmulation::parse(&emulation)
-                    .ok_or_else(|| Error::Unsupported(format!("device emulation '{emulation}'")))?;
+                let slot_name = format!("{}:{}:{}", slot.bus, slot.slot, slot.func);
+                let e = PciEmulation::configure(
+                    &self.name,
+                    &slot_name,
+                    &emulation,
+                    &options,
+                    &mut |n| take(fds, n),
+                )?;
                 ctl.pci.retain(|(s, _)| *s != slot);
                 ctl.pci.push((slot, e));
             }
@@ -712,9 +720,10 @@ impl Control {
                     self.serial[1].as_ref().map(|s| s.output.clone()),
                 ],
                 pci: self.pci.clone(),
+                ram: mem.regions().to_vec(),
             },
             core.counters.clone(),
-        ));
+        )?);
         let weak: Weak<Core> = Arc::downgrade(core);
         let ctx = RunCtx::new(
             cpus,

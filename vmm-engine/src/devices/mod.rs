@@ -7,8 +7,11 @@
 pub mod pci;
 pub mod pm;
 pub mod serial;
+pub mod virtio;
 
 use crate::command::{ComPort, PciSlot};
+use crate::error::{Error, Result};
+use crate::memory::Region;
 use crate::vm::ExitReason;
 use kvm_ioctls::VmFd;
 use parking_lot::Mutex;
@@ -35,21 +38,155 @@ pub struct Counters {
     pub boot_time: AtomicU64,
 }
 
-/// Emulation a `device` command may name, resolved at configuration time.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Emulation a `device` command may name, resolved at configuration time
+/// (descriptors are taken then and kept across runs).
+#[derive(Debug, Clone)]
 pub enum PciEmulation {
     HostBridge,
     Lpc,
+    VirtioBlk(virtio::blk::BlkConfig),
+    VirtioNet(virtio::net::NetConfig),
+    VirtioRnd,
+    VirtioConsole(virtio::console::ConsoleConfig),
+}
+
+/// First address of the window BARs are placed in before the guest moves
+/// them (the PCI hole starts at 3 GiB).
+pub const PCI_MMIO_BASE: u64 = 0xc000_0000;
+
+fn bad(msg: String) -> Error {
+    Error::InvalidCommand(msg)
 }
 
 impl PciEmulation {
-    /// Map a bhyve emulation name; virtio devices are not here yet.
+    /// Map a bhyve emulation name without options (tests, simple devices).
     pub fn parse(name: &str) -> Option<PciEmulation> {
         match name {
             "hostbridge" | "amd_hostbridge" => Some(PciEmulation::HostBridge),
             "lpc" => Some(PciEmulation::Lpc),
+            "virtio-rnd" => Some(PciEmulation::VirtioRnd),
             _ => None,
         }
+    }
+
+    /// Resolve `device SLOT EMULATION OPTIONS`: descriptors (`fd=N`) are
+    /// taken through `take`. `vm` and `slot` seed the default MAC.
+    pub fn configure(
+        vm: &str,
+        slot: &str,
+        emulation: &str,
+        options: &[String],
+        take: &mut dyn FnMut(i32) -> Result<OwnedFd>,
+    ) -> Result<PciEmulation> {
+        let kv: Vec<(&str, Option<&str>)> = options
+            .iter()
+            .map(|o| match o.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (o.as_str(), None),
+            })
+            .collect();
+        let get = |k: &str| kv.iter().find(|(x, _)| *x == k).and_then(|(_, v)| *v);
+        let has = |k: &str| kv.iter().any(|(x, _)| *x == k);
+        let fd_num = |s: &str| -> Result<i32> {
+            s.parse::<i32>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| bad(format!("{emulation}: bad descriptor '{s}'")))
+        };
+        let need_fd = || get("fd").ok_or_else(|| bad(format!("{emulation}: fd=N required")));
+        let known = |list: &[&str]| {
+            for (k, _) in &kv {
+                if !list.contains(k) {
+                    log::warn!("{emulation}: option '{k}' ignored");
+                }
+            }
+        };
+        Ok(match emulation {
+            "hostbridge" | "amd_hostbridge" => PciEmulation::HostBridge,
+            "lpc" => PciEmulation::Lpc,
+            "virtio-rnd" => PciEmulation::VirtioRnd,
+            "virtio-blk" => {
+                known(&[
+                    "fd",
+                    "ro",
+                    "sectorsize",
+                    "nocache",
+                    "direct",
+                    "sync",
+                    "nodelete",
+                ]);
+                let file = take(fd_num(need_fd()?)?)?;
+                // A descriptor opened read-only makes a read-only disk even
+                // without `ro` (writes would fail anyway).
+                // SAFETY: F_GETFL on a descriptor we own.
+                let fl =
+                    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
+                let ro = has("ro") || (fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDONLY);
+                let sector_size = match get("sectorsize") {
+                    None => None,
+                    Some(s) => {
+                        let l = s.split('/').next().unwrap_or("");
+                        match l.parse::<u32>() {
+                            Ok(n) if n.is_power_of_two() && (512..=32768).contains(&n) => Some(n),
+                            _ => return Err(bad(format!("virtio-blk: bad sectorsize '{s}'"))),
+                        }
+                    }
+                };
+                PciEmulation::VirtioBlk(virtio::blk::BlkConfig {
+                    file: Arc::new(file),
+                    ro,
+                    sector_size,
+                })
+            }
+            "virtio-net" => {
+                known(&["fd", "slirp", "tap", "mac", "mtu", "open", "hostfwd"]);
+                let backend = if has("slirp") {
+                    virtio::net::NetBackend::Slirp
+                } else if has("tap") {
+                    virtio::net::NetBackend::Tap
+                } else {
+                    return Err(bad("virtio-net: backend slirp or tap required".into()));
+                };
+                let mac = match get("mac") {
+                    Some(m) => virtio::net::parse_mac(m)
+                        .ok_or_else(|| bad(format!("virtio-net: bad mac '{m}'")))?,
+                    None => virtio::net::default_mac(vm, slot),
+                };
+                let fd = take(fd_num(need_fd()?)?)?;
+                PciEmulation::VirtioNet(virtio::net::NetConfig {
+                    backend,
+                    fd: Arc::new(fd),
+                    mac,
+                })
+            }
+            "virtio-console" => {
+                known(&["fd"]);
+                let spec = need_fd()?;
+                let (input, output) = match spec.split_once(':') {
+                    Some((i, o)) => {
+                        let (i, o) = (fd_num(i)?, fd_num(o)?);
+                        let a = Arc::new(take(i)?);
+                        let b = if o == i {
+                            a.clone()
+                        } else {
+                            Arc::new(take(o)?)
+                        };
+                        (a, b)
+                    }
+                    None => {
+                        let a = Arc::new(take(fd_num(spec)?)?);
+                        (a.clone(), a)
+                    }
+                };
+                PciEmulation::VirtioConsole(virtio::console::ConsoleConfig { input, output })
+            }
+            "passthru" => {
+                return Err(Error::Unsupported(
+                    "PCI passthrough needs an IOMMU; this engine cannot assign devices".into(),
+                ))
+            }
+            other => return Err(Error::Unsupported(format!("device emulation '{other}'"))),
+        })
     }
 }
 
@@ -57,6 +194,8 @@ impl PciEmulation {
 pub struct PlatformConfig {
     pub serial_out: [Option<Arc<OwnedFd>>; 2],
     pub pci: Vec<(PciSlot, PciEmulation)>,
+    /// Guest RAM, for device threads.
+    pub ram: Vec<Region>,
 }
 
 struct Devices {
@@ -83,18 +222,53 @@ fn size_mask(size: usize) -> u32 {
 }
 
 impl Platform {
-    pub fn new(vm: Arc<VmFd>, cfg: PlatformConfig, counters: Arc<Counters>) -> Platform {
+    pub fn new(vm: Arc<VmFd>, cfg: PlatformConfig, counters: Arc<Counters>) -> Result<Platform> {
         let [o1, o2] = cfg.serial_out;
         let stopping = Arc::new(AtomicBool::new(false));
         let mut pci = pci::PciBus::new();
-        for (slot, e) in cfg.pci {
-            let f = match e {
-                PciEmulation::HostBridge => pci::PciFunction::host_bridge(),
-                PciEmulation::Lpc => pci::PciFunction::lpc(),
+        let router = Arc::new(virtio::GsiRouter::new(vm.clone()));
+        let mut ram = None;
+        for (n, (slot, e)) in cfg.pci.into_iter().enumerate() {
+            let dev: Box<dyn virtio::VirtioDevice> = match e {
+                PciEmulation::HostBridge => {
+                    pci.add(slot, pci::PciFunction::host_bridge());
+                    continue;
+                }
+                PciEmulation::Lpc => {
+                    pci.add(slot, pci::PciFunction::lpc());
+                    continue;
+                }
+                PciEmulation::VirtioBlk(c) => {
+                    Box::new(virtio::blk::Blk::new(c).map_err(|e| Error::io("virtio-blk disk", e))?)
+                }
+                PciEmulation::VirtioNet(c) => Box::new(virtio::net::Net::new(c)),
+                PciEmulation::VirtioRnd => Box::new(virtio::rng::Rng),
+                PciEmulation::VirtioConsole(c) => Box::new(virtio::console::Console::new(c)),
             };
+            let ram = match &ram {
+                Some(r) => Arc::clone(r),
+                None => ram.insert(Arc::new(virtio::Ram::new(&cfg.ram)?)).clone(),
+            };
+            // BARs start out one per 16 KiB in the PCI hole, in slot order;
+            // INTx lines are IOAPIC pins 16..23 by slot, as a BIOS swizzle would.
+            let bar = PCI_MMIO_BASE + n as u64 * virtio::pci::BAR_SIZE;
+            let line = 16 + (u32::from(slot.slot) + u32::from(slot.func)) % 8;
+            let name = format!("virtio@{}:{}.{}", slot.bus, slot.slot, slot.func);
+            let f = virtio::pci::VirtioPci::function(
+                dev,
+                name,
+                vm.clone(),
+                router.clone(),
+                ram,
+                virtio::pci::Placement {
+                    bar_addr: bar as u32,
+                    intx_line: line,
+                    source: n as u32,
+                },
+            )?;
             pci.add(slot, f);
         }
-        Platform {
+        Ok(Platform {
             vm,
             devs: Mutex::new(Devices {
                 com: [
@@ -107,7 +281,12 @@ impl Platform {
             counters,
             started: Instant::now(),
             stopping,
-        }
+        })
+    }
+
+    /// Stop device threads (end of the run; vCPUs are already stopped).
+    pub fn shutdown_devices(&self) {
+        self.devs.lock().pci.shutdown();
     }
 
     /// The run is stopping: device output that would block is dropped.
@@ -254,14 +433,22 @@ impl Platform {
         None
     }
 
-    /// MMIO: nothing is mapped outside RAM yet; reads return ones, writes are dropped.
+    /// MMIO outside RAM: PCI memory BARs; elsewhere reads return ones and
+    /// writes are dropped.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        log::debug!("unhandled MMIO read {addr:#x} size {}", data.len());
-        data.fill(0xff);
+        if !self.devs.lock().pci.mmio(addr, data, false) {
+            log::debug!("unhandled MMIO read {addr:#x} size {}", data.len());
+            data.fill(0xff);
+        }
     }
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
-        log::debug!("unhandled MMIO write {addr:#x} size {}", data.len());
+        let mut buf = [0u8; 8];
+        let n = data.len().min(8);
+        buf[..n].copy_from_slice(&data[..n]);
+        if !self.devs.lock().pci.mmio(addr, &mut buf[..n], true) {
+            log::debug!("unhandled MMIO write {addr:#x} size {}", data.len());
+        }
     }
 }
 
@@ -271,11 +458,14 @@ mod tests {
 
     #[test]
     fn emulation_names() {
-        assert_eq!(
+        assert!(matches!(
             PciEmulation::parse("hostbridge"),
             Some(PciEmulation::HostBridge)
-        );
-        assert_eq!(PciEmulation::parse("lpc"), Some(PciEmulation::Lpc));
-        assert_eq!(PciEmulation::parse("virtio-blk"), None);
+        ));
+        assert!(matches!(
+            PciEmulation::parse("lpc"),
+            Some(PciEmulation::Lpc)
+        ));
+        assert!(PciEmulation::parse("virtio-blk").is_none());
     }
 }

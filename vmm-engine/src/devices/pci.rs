@@ -1,22 +1,39 @@
-//! PCI configuration space through mechanism #1 (ports 0xcf8/0xcfc).
-//! Functions present: a host bridge at 0:0.0 and whatever `device` added.
-//! Offsets and sizes come from the guest and are checked on every access.
+//! PCI configuration space through mechanism #1 (ports 0xcf8/0xcfc), BARs
+//! (sized and placed by the guest) and the MMIO dispatch to functions'
+//! memory BARs. Functions present: a host bridge at 0:0.0 and whatever
+//! `device` added. Offsets and sizes come from the guest and are checked on
+//! every access.
 
+use super::virtio::pci::VirtioPci;
 use crate::command::PciSlot;
 use std::collections::BTreeMap;
 
+/// Offset of the first BAR register.
+pub const BAR0: usize = 0x10;
+/// Capabilities start here (after the standard header).
+const CAP_START: usize = 0x40;
+
 /// Standard 256-byte configuration space of one function.
 pub struct PciFunction {
-    cfg: [u8; 256],
+    pub(crate) cfg: [u8; 256],
     /// Bits the guest may change.
-    wmask: [u8; 256],
+    pub(crate) wmask: [u8; 256],
+    /// Sizes of 32-bit memory BARs (0: no BAR).
+    bar_sizes: [u64; 6],
+    /// Where the next capability goes.
+    cap_next: usize,
+    /// The virtio transport behind this function, if it is one.
+    pub(crate) virtio: Option<Box<VirtioPci>>,
 }
 
 impl PciFunction {
-    fn new(vendor: u16, device: u16, class: u8, subclass: u8) -> PciFunction {
+    pub(crate) fn new(vendor: u16, device: u16, class: u8, subclass: u8) -> PciFunction {
         let mut f = PciFunction {
             cfg: [0; 256],
             wmask: [0; 256],
+            bar_sizes: [0; 6],
+            cap_next: CAP_START,
+            virtio: None,
         };
         f.cfg[0..2].copy_from_slice(&vendor.to_le_bytes());
         f.cfg[2..4].copy_from_slice(&device.to_le_bytes());
@@ -38,6 +55,57 @@ impl PciFunction {
     /// An LPC/ISA bridge as bhyve's `lpc` (Intel 82371SB PIIX3 ids).
     pub fn lpc() -> PciFunction {
         PciFunction::new(0x8086, 0x7000, 0x06, 0x01)
+    }
+
+    /// A 32-bit, non-prefetchable memory BAR of `size` bytes (a power of two,
+    /// at least 16) at `addr`. The write mask makes BAR sizing work: writing
+    /// all ones reads back the size mask.
+    pub(crate) fn set_mem_bar(&mut self, idx: usize, size: u64, addr: u32) {
+        let off = BAR0 + 4 * idx;
+        let mask = !(size as u32 - 1) & 0xffff_fff0;
+        self.cfg[off..off + 4].copy_from_slice(&(addr & mask).to_le_bytes());
+        self.wmask[off..off + 4].copy_from_slice(&mask.to_le_bytes());
+        self.bar_sizes[idx] = size;
+    }
+
+    /// Guest-programmed address of memory BAR `idx`.
+    pub(crate) fn bar_addr(&self, idx: usize) -> u64 {
+        let off = BAR0 + 4 * idx;
+        u64::from(self.read(off, 4) & 0xffff_fff0)
+    }
+
+    pub(crate) fn bar_size(&self, idx: usize) -> u64 {
+        self.bar_sizes[idx]
+    }
+
+    /// Memory decoding on (command register bit 1).
+    pub(crate) fn mem_enabled(&self) -> bool {
+        self.cfg[4] & 2 != 0
+    }
+
+    /// Append a capability (its first byte is the id; the next-pointer byte
+    /// is filled in); returns its offset, None when the space is full.
+    pub(crate) fn add_cap(&mut self, body: &[u8]) -> Option<usize> {
+        let off = self.cap_next;
+        let len = (body.len() + 3) & !3;
+        if body.len() < 2 || off + len > 256 {
+            return None;
+        }
+        self.cfg[off..off + body.len()].copy_from_slice(body);
+        self.cfg[off + 1] = 0;
+        // Link: the header's pointer for the first one, else the previous cap's.
+        if off == CAP_START {
+            self.cfg[0x34] = off as u8;
+            self.cfg[6] |= 0x10; // status: capabilities list
+        } else {
+            let mut p = usize::from(self.cfg[0x34]);
+            while self.cfg[p + 1] != 0 {
+                p = usize::from(self.cfg[p + 1]);
+            }
+            self.cfg[p + 1] = off as u8;
+        }
+        self.cap_next = off + len;
+        Some(off)
     }
 
     fn read(&self, off: usize, size: usize) -> u32 {
@@ -123,10 +191,54 @@ impl PciBus {
                 if let Some((bdf, off)) = self.target(port - 0xcfc, size) {
                     if let Some(f) = self.functions.get_mut(&bdf) {
                         f.write(off, size, val);
+                        let (cfg, bar, en) = (f.cfg, f.bar_addr(0), f.mem_enabled());
+                        if let Some(v) = f.virtio.as_mut() {
+                            v.config_written(&cfg, bar, en);
+                        }
                     }
                 }
             }
             _ => {}
+        }
+    }
+
+    /// An MMIO access outside RAM: find the function whose enabled memory
+    /// BAR contains it. False when nothing decodes the address.
+    pub fn mmio(&mut self, addr: u64, data: &mut [u8], write: bool) -> bool {
+        for f in self.functions.values_mut() {
+            if !f.mem_enabled() {
+                continue;
+            }
+            for idx in 0..6 {
+                let size = f.bar_size(idx);
+                let base = f.bar_addr(idx);
+                if size == 0 || base == 0 || addr < base || addr - base >= size {
+                    continue;
+                }
+                let off = addr - base;
+                if off + data.len() as u64 > size {
+                    // Straddles the BAR's end: decode nothing.
+                    return false;
+                }
+                if let Some(v) = f.virtio.as_mut() {
+                    if write {
+                        v.bar_write(idx, off, data);
+                    } else {
+                        v.bar_read(idx, off, data);
+                    }
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Stop every device thread (end of a run).
+    pub fn shutdown(&mut self) {
+        for f in self.functions.values_mut() {
+            if let Some(v) = f.virtio.as_mut() {
+                v.shutdown();
+            }
         }
     }
 }

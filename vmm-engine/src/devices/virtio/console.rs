@@ -1,0 +1,200 @@
+//! virtio-console (one port, no MULTIPORT) on descriptors handed over by the
+//! client: `device S virtio-console fd=IN:OUT` (or `fd=N` for one
+//! descriptor used both ways, e.g. a socket). Queue 0 carries input to the
+//! guest, queue 1 its output.
+//!
+//! The descriptors are shared with the client, so they are never switched
+//! to non-blocking: output waits for POLLOUT and writes at most a page at a
+//! time (what POLLOUT guarantees for pipes), input reads only after POLLIN.
+
+use super::{poll_fds, Activation, VirtioDevice, TYPE_CONSOLE};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+const QUEUE_SIZE: u16 = 64;
+const OUT_LIMIT: usize = 64 << 10;
+const CHUNK: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    pub input: Arc<OwnedFd>,
+    pub output: Arc<OwnedFd>,
+}
+
+pub struct Console {
+    cfg: ConsoleConfig,
+    out: VecDeque<u8>,
+    pending: Vec<u8>,
+    in_eof: bool,
+    out_dead: bool,
+}
+
+impl Console {
+    pub fn new(cfg: ConsoleConfig) -> Console {
+        Console {
+            cfg,
+            out: VecDeque::new(),
+            pending: Vec::new(),
+            in_eof: false,
+            out_dead: false,
+        }
+    }
+
+    fn transmit(&mut self, act: &mut Activation) -> Result<bool, String> {
+        let ram = act.ram.clone();
+        let mut any = false;
+        let mut buf = vec![0u8; CHUNK * 4];
+        while self.out.len() < OUT_LIMIT {
+            let q = &mut act.queues[1];
+            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+                break;
+            };
+            let mut skip = 0u64;
+            let total = c.readable_len();
+            while skip < total {
+                let n = c.read_at(&ram, skip, &mut buf);
+                if n == 0 {
+                    break;
+                }
+                if !self.out_dead {
+                    self.out.extend(&buf[..n]);
+                }
+                skip += n as u64;
+            }
+            q.push(&ram, c.head, 0).map_err(|e| e.0)?;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    fn flush(&mut self) {
+        let fd = self.cfg.output.as_raw_fd();
+        while !self.out.is_empty() && !self.out_dead {
+            if poll_fds(&[(fd, libc::POLLOUT)], 0)[0] & libc::POLLOUT == 0 {
+                return;
+            }
+            let (a, _) = self.out.as_slices();
+            let n = a.len().min(CHUNK);
+            // SAFETY: writing from a live slice.
+            let r = unsafe { libc::write(fd, a.as_ptr().cast(), n) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
+                    return;
+                }
+                log::debug!("virtio-console: output: {e}");
+                self.out_dead = true;
+                self.out.clear();
+                return;
+            }
+            self.out.drain(..r as usize);
+        }
+    }
+
+    fn receive(&mut self, act: &mut Activation) -> Result<bool, String> {
+        let ram = act.ram.clone();
+        let fd = self.cfg.input.as_raw_fd();
+        if self.pending.is_empty()
+            && !self.in_eof
+            && poll_fds(&[(fd, libc::POLLIN)], 0)[0] & (libc::POLLIN | libc::POLLHUP) != 0
+        {
+            let mut b = vec![0u8; CHUNK];
+            // SAFETY: reading into our own buffer after POLLIN.
+            let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), b.len()) };
+            if r > 0 {
+                b.truncate(r as usize);
+                self.pending = b;
+            } else if r == 0 {
+                self.in_eof = true;
+            } else {
+                let e = std::io::Error::last_os_error();
+                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
+                    self.in_eof = true;
+                }
+            }
+        }
+        let mut any = false;
+        while !self.pending.is_empty() {
+            let q = &mut act.queues[0];
+            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+                break;
+            };
+            let n = c.write_at(&ram, 0, &self.pending);
+            self.pending.drain(..n);
+            q.push(&ram, c.head, n as u32).map_err(|e| e.0)?;
+            any = true;
+        }
+        Ok(any)
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        TYPE_CONSOLE
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn config(&self) -> Vec<u8> {
+        // cols, rows, max_nr_ports, emerg_wr: only meaningful with features
+        // we do not offer.
+        vec![0u8; 12]
+    }
+
+    fn run(&mut self, act: &mut Activation) {
+        let stop = act.stop.as_raw_fd();
+        let (rxn, txn) = (act.notify[0].as_raw_fd(), act.notify[1].as_raw_fd());
+        let (ifd, ofd) = (self.cfg.input.as_raw_fd(), self.cfg.output.as_raw_fd());
+        let mut broken = false;
+        loop {
+            if act.should_stop() {
+                return;
+            }
+            super::drain(&act.notify[0]);
+            super::drain(&act.notify[1]);
+            if !broken {
+                let r = self.transmit(act).and_then(|tx| {
+                    self.flush();
+                    Ok((tx, self.receive(act)?))
+                });
+                match r {
+                    Ok((tx, rx)) => {
+                        let ram = act.ram.clone();
+                        if tx && act.queues[1].needs_notification(&ram) {
+                            act.irq.queue(1);
+                        }
+                        if rx && act.queues[0].needs_notification(&ram) {
+                            act.irq.queue(0);
+                        }
+                    }
+                    Err(why) => {
+                        act.broken(&why);
+                        broken = true;
+                    }
+                }
+            }
+            let want_in = !broken && !self.in_eof && self.pending.is_empty();
+            let want_out = !self.out.is_empty() && !self.out_dead;
+            let r = poll_fds(
+                &[
+                    (stop, libc::POLLIN),
+                    (rxn, libc::POLLIN),
+                    (txn, libc::POLLIN),
+                    (if want_in { ifd } else { -1 }, libc::POLLIN),
+                    (if want_out { ofd } else { -1 }, libc::POLLOUT),
+                ],
+                -1,
+            );
+            if r[0] != 0 {
+                return;
+            }
+        }
+    }
+}

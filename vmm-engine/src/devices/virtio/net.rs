@@ -1,0 +1,421 @@
+//! virtio-net with two back ends on a descriptor handed over by the client:
+//! - `slirp`: a Unix stream socket connected to passt, frames in QEMU's
+//!   stream framing (4-byte big-endian length, then the Ethernet frame);
+//! - `tap`: an opened tap device (IFF_TAP | IFF_NO_PI), one frame per
+//!   read/write.
+//!
+//! Queue 0 receives (host to guest), queue 1 transmits. No offloads: every
+//! frame carries the 12-byte virtio 1.x header, zeroed on receive. The back
+//! end is never allowed to block the device thread: writes wait in a bounded
+//! buffer for POLLOUT, and a frame that finds no receive buffer waits (and
+//! stops further reads) until the driver posts one.
+
+use super::queue::Chain;
+use super::{poll_fds, Activation, Ram, VirtioDevice, TYPE_NET};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+const F_MTU: u64 = 1 << 3;
+const F_MAC: u64 = 1 << 5;
+const F_STATUS: u64 = 1 << 16;
+
+const HDR: usize = 12;
+/// MTU advertised for slirp (passt's largest).
+pub const SLIRP_MTU: u16 = 65520;
+/// Largest frame accepted in either direction (MTU plus Ethernet header).
+const MAX_FRAME: usize = 65535 + 14;
+/// Bytes waiting for the back end before transmit stops taking chains.
+const OUT_LIMIT: usize = 1 << 20;
+const QUEUE_SIZE: u16 = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetBackend {
+    Slirp,
+    Tap,
+}
+
+/// Options of `device S virtio-net slirp|tap,fd=N[,mac=xx:xx:xx:xx:xx:xx]`.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub backend: NetBackend,
+    pub fd: Arc<OwnedFd>,
+    pub mac: [u8; 6],
+}
+
+/// Parse `xx:xx:xx:xx:xx:xx`; multicast addresses are refused.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut m = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.is_empty() || p.len() > 2 {
+            return None;
+        }
+        m[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    (m[0] & 1 == 0 && m != [0; 6]).then_some(m)
+}
+
+/// A stable MAC for a VM and slot: bhyve's OUI 58:9c:fc plus a hash.
+pub fn default_mac(vm: &str, slot: &str) -> [u8; 6] {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in vm.bytes().chain([0]).chain(slot.bytes()) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    [0x58, 0x9c, 0xfc, (h >> 16) as u8, (h >> 8) as u8, h as u8]
+}
+
+pub struct Net {
+    cfg: NetConfig,
+    /// Bytes for the back end (slirp: framed stream).
+    out: VecDeque<u8>,
+    /// tap: whole frames for the back end.
+    out_frames: VecDeque<Vec<u8>>,
+    /// slirp: stream bytes read but not yet split into frames.
+    stream: Vec<u8>,
+    /// A frame waiting for a receive buffer.
+    pending: Option<Vec<u8>>,
+    /// The back end hung up or failed: no more reads.
+    dead: bool,
+    pub dropped: u64,
+}
+
+impl Net {
+    pub fn new(cfg: NetConfig) -> Net {
+        Net {
+            cfg,
+            out: VecDeque::new(),
+            out_frames: VecDeque::new(),
+            stream: Vec::new(),
+            pending: None,
+            dead: false,
+            dropped: 0,
+        }
+    }
+
+    fn out_len(&self) -> usize {
+        self.out.len() + self.out_frames.iter().map(|f| f.len()).sum::<usize>()
+    }
+
+    /// Take transmit chains while the back end keeps up.
+    fn transmit(&mut self, act: &mut Activation) -> Result<bool, String> {
+        let ram = act.ram.clone();
+        let mut any = false;
+        let mut buf = vec![0u8; HDR + MAX_FRAME];
+        while self.out_len() < OUT_LIMIT {
+            let q = &mut act.queues[1];
+            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+                break;
+            };
+            let total = c.readable_len();
+            if total as usize > HDR && total as usize <= buf.len() {
+                let n = c.read_at(&ram, 0, &mut buf[..total as usize]);
+                let frame = &buf[HDR..n];
+                match self.cfg.backend {
+                    NetBackend::Slirp => {
+                        self.out.extend((frame.len() as u32).to_be_bytes());
+                        self.out.extend(frame);
+                    }
+                    NetBackend::Tap => self.out_frames.push_back(frame.to_vec()),
+                }
+            } else {
+                self.dropped += 1;
+            }
+            q.push(&ram, c.head, 0).map_err(|e| e.0)?;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    /// Write what the back end will take without blocking.
+    fn flush(&mut self) {
+        let fd = self.cfg.fd.as_raw_fd();
+        loop {
+            let r = match self.cfg.backend {
+                NetBackend::Slirp => {
+                    if self.out.is_empty() {
+                        return;
+                    }
+                    let (a, _) = self.out.as_slices();
+                    // SAFETY: sending from a live slice.
+                    unsafe {
+                        libc::send(
+                            fd,
+                            a.as_ptr().cast(),
+                            a.len(),
+                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                        )
+                    }
+                }
+                NetBackend::Tap => {
+                    let Some(f) = self.out_frames.front() else {
+                        return;
+                    };
+                    if poll_fds(&[(fd, libc::POLLOUT)], 0)[0] & libc::POLLOUT == 0 {
+                        return;
+                    }
+                    // SAFETY: writing from a live buffer.
+                    unsafe { libc::write(fd, f.as_ptr().cast(), f.len()) }
+                }
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => return,
+                    _ => {
+                        log::debug!("virtio-net: back end write: {e}");
+                        // Drop what cannot be sent rather than spin.
+                        self.out.clear();
+                        self.out_frames.clear();
+                        self.dead = true;
+                        return;
+                    }
+                }
+            }
+            match self.cfg.backend {
+                NetBackend::Slirp => {
+                    self.out.drain(..r as usize);
+                }
+                NetBackend::Tap => {
+                    self.out_frames.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Read from the back end into `pending` (one frame at most).
+    fn fill_pending(&mut self) {
+        if self.pending.is_some() || self.dead {
+            return;
+        }
+        let fd = self.cfg.fd.as_raw_fd();
+        match self.cfg.backend {
+            NetBackend::Slirp => loop {
+                if self.stream.len() >= 4 {
+                    let len = u32::from_be_bytes([
+                        self.stream[0],
+                        self.stream[1],
+                        self.stream[2],
+                        self.stream[3],
+                    ]) as usize;
+                    if len > MAX_FRAME {
+                        log::warn!("virtio-net: slirp sent a {len}-byte frame; stream dropped");
+                        self.dead = true;
+                        return;
+                    }
+                    if self.stream.len() >= 4 + len {
+                        self.pending = Some(self.stream[4..4 + len].to_vec());
+                        self.stream.drain(..4 + len);
+                        return;
+                    }
+                }
+                let have = self.stream.len();
+                self.stream.resize(have + 65536, 0);
+                // SAFETY: receiving into the spare tail of the buffer.
+                let r = unsafe {
+                    libc::recv(
+                        fd,
+                        self.stream[have..].as_mut_ptr().cast(),
+                        65536,
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                self.stream.truncate(have + r.max(0) as usize);
+                if r == 0 {
+                    log::debug!("virtio-net: slirp back end closed");
+                    self.dead = true;
+                    return;
+                }
+                if r < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EAGAIN)
+                        && e.raw_os_error() != Some(libc::EINTR)
+                    {
+                        log::debug!("virtio-net: slirp read: {e}");
+                        self.dead = true;
+                    }
+                    return;
+                }
+            },
+            NetBackend::Tap => {
+                if poll_fds(&[(fd, libc::POLLIN)], 0)[0] & libc::POLLIN == 0 {
+                    return;
+                }
+                let mut b = vec![0u8; MAX_FRAME];
+                // SAFETY: reading into our own buffer.
+                let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), b.len()) };
+                if r > 0 {
+                    b.truncate(r as usize);
+                    self.pending = Some(b);
+                } else if r == 0 {
+                    self.dead = true;
+                } else {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EAGAIN)
+                        && e.raw_os_error() != Some(libc::EINTR)
+                    {
+                        log::debug!("virtio-net: tap read: {e}");
+                        self.dead = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver(ram: &Ram, c: &Chain, frame: &[u8]) -> Option<u32> {
+        if c.writable_len() < (HDR + frame.len()) as u64 {
+            return None;
+        }
+        let mut hdr = [0u8; HDR];
+        hdr[10] = 1; // num_buffers
+        let a = c.write_at(ram, 0, &hdr);
+        let b = c.write_at(ram, HDR as u64, frame);
+        Some((a + b) as u32)
+    }
+
+    /// Move frames from the back end into receive buffers.
+    fn receive(&mut self, act: &mut Activation) -> Result<bool, String> {
+        let ram = act.ram.clone();
+        let mut any = false;
+        loop {
+            self.fill_pending();
+            let Some(frame) = self.pending.take() else {
+                break;
+            };
+            let q = &mut act.queues[0];
+            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+                self.pending = Some(frame);
+                break;
+            };
+            let n = match Self::deliver(&ram, &c, &frame) {
+                Some(n) => n,
+                None => {
+                    self.dropped += 1;
+                    0
+                }
+            };
+            q.push(&ram, c.head, n).map_err(|e| e.0)?;
+            any = true;
+        }
+        Ok(any)
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = F_MAC | F_STATUS;
+        if self.cfg.backend == NetBackend::Slirp {
+            f |= F_MTU;
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn config(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 12];
+        c[0..6].copy_from_slice(&self.cfg.mac);
+        c[6..8].copy_from_slice(&1u16.to_le_bytes()); // link up
+        c[8..10].copy_from_slice(&1u16.to_le_bytes()); // one queue pair
+        let mtu = match self.cfg.backend {
+            NetBackend::Slirp => SLIRP_MTU,
+            NetBackend::Tap => 1500,
+        };
+        c[10..12].copy_from_slice(&mtu.to_le_bytes());
+        c
+    }
+
+    fn run(&mut self, act: &mut Activation) {
+        let stop = act.stop.as_raw_fd();
+        let (rxn, txn) = (act.notify[0].as_raw_fd(), act.notify[1].as_raw_fd());
+        let fd = self.cfg.fd.as_raw_fd();
+        // Frames left from an earlier activation belong to a reset device.
+        self.pending = None;
+        self.stream.clear();
+        let mut broken = false;
+        loop {
+            if act.should_stop() {
+                return;
+            }
+            super::drain(&act.notify[0]);
+            super::drain(&act.notify[1]);
+            if !broken {
+                let r = self.transmit(act).and_then(|tx| {
+                    self.flush();
+                    let rx = self.receive(act)?;
+                    Ok((tx, rx))
+                });
+                match r {
+                    Ok((tx, rx)) => {
+                        let ram = act.ram.clone();
+                        if tx && act.queues[1].needs_notification(&ram) {
+                            act.irq.queue(1);
+                        }
+                        if rx && act.queues[0].needs_notification(&ram) {
+                            act.irq.queue(0);
+                        }
+                    }
+                    Err(why) => {
+                        act.broken(&why);
+                        broken = true;
+                    }
+                }
+            }
+            let mut ev = 0;
+            if !self.dead && self.pending.is_none() && !broken {
+                ev |= libc::POLLIN;
+            }
+            if self.out_len() > 0 && !self.dead {
+                ev |= libc::POLLOUT;
+            }
+            // A back end with nothing to wait for is polled with no events
+            // (fd -1 is ignored by poll).
+            let bfd = if ev == 0 { -1 } else { fd };
+            let r = poll_fds(
+                &[
+                    (stop, libc::POLLIN),
+                    (rxn, libc::POLLIN),
+                    (txn, libc::POLLIN),
+                    (bfd, ev),
+                ],
+                -1,
+            );
+            if r[0] != 0 {
+                return;
+            }
+            if r[3] & (libc::POLLHUP | libc::POLLERR) != 0 && r[3] & libc::POLLIN == 0 {
+                self.dead = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("00:a0:98:00:00:01"),
+            Some([0, 0xa0, 0x98, 0, 0, 1])
+        );
+        assert_eq!(parse_mac("01:00:00:00:00:00"), None);
+        assert_eq!(parse_mac("00:00:00:00:00"), None);
+        assert_eq!(parse_mac("00:00:00:00:00:zz"), None);
+        let a = default_mac("vm1", "3");
+        assert_eq!(a, default_mac("vm1", "3"));
+        assert_ne!(a, default_mac("vm2", "3"));
+        assert_eq!(&a[..3], &[0x58, 0x9c, 0xfc]);
+    }
+}

@@ -1,0 +1,208 @@
+//! Split virtqueues: the transport's view while the driver sets a queue up,
+//! and the device thread's view (rust-vmm `virtio-queue` over guest RAM) with
+//! the checks device code relies on: every descriptor of a chain lies in
+//! RAM, chains end (no loops, no index past the table), the available index
+//! never runs more than a queue ahead.
+
+use super::Ram;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestAddress;
+
+/// Largest chain a device accepts; longer ones are treated as broken.
+pub const MAX_CHAIN: usize = 1024;
+
+/// Driver-side settings of one queue, as written to the common configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    pub max_size: u16,
+    pub size: u16,
+    pub enabled: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+impl QueueConfig {
+    pub fn new(max_size: u16) -> QueueConfig {
+        QueueConfig {
+            max_size,
+            size: max_size,
+            enabled: false,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+
+    /// Build the device-side queue; Err explains what the driver got wrong.
+    pub fn build(&self, ram: &Ram, index: usize) -> Result<VirtQueue, String> {
+        let mut q = Queue::new(self.max_size).map_err(|e| format!("queue {index}: {e}"))?;
+        q.try_set_size(self.size)
+            .map_err(|e| format!("queue {index}: size {}: {e}", self.size))?;
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(|e| format!("queue {index}: descriptor table {:#x}: {e}", self.desc))?;
+        q.try_set_avail_ring_address(GuestAddress(self.avail))
+            .map_err(|e| format!("queue {index}: available ring {:#x}: {e}", self.avail))?;
+        q.try_set_used_ring_address(GuestAddress(self.used))
+            .map_err(|e| format!("queue {index}: used ring {:#x}: {e}", self.used))?;
+        q.set_ready(true);
+        if !q.is_valid(&ram.mem) {
+            return Err(format!("queue {index}: rings not in guest RAM"));
+        }
+        Ok(VirtQueue { q, index })
+    }
+}
+
+/// One buffer of a chain, already checked to lie in guest RAM.
+#[derive(Debug, Clone, Copy)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub write: bool,
+}
+
+/// A descriptor chain taken from the available ring.
+#[derive(Debug)]
+pub struct Chain {
+    pub head: u16,
+    pub descs: Vec<Desc>,
+}
+
+impl Chain {
+    /// Total bytes of the device-readable part.
+    pub fn readable_len(&self) -> u64 {
+        self.descs
+            .iter()
+            .filter(|d| !d.write)
+            .map(|d| u64::from(d.len))
+            .sum()
+    }
+
+    /// Total bytes of the device-writable part.
+    pub fn writable_len(&self) -> u64 {
+        self.descs
+            .iter()
+            .filter(|d| d.write)
+            .map(|d| u64::from(d.len))
+            .sum()
+    }
+
+    /// Gather up to `buf.len()` readable bytes starting `skip` bytes in.
+    pub fn read_at(&self, ram: &Ram, mut skip: u64, buf: &mut [u8]) -> usize {
+        let mut done = 0;
+        for d in self.descs.iter().filter(|d| !d.write) {
+            if done == buf.len() {
+                break;
+            }
+            let len = u64::from(d.len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = ((len - skip) as usize).min(buf.len() - done);
+            if !ram.read(d.addr + skip, &mut buf[done..done + n]) {
+                break;
+            }
+            done += n;
+            skip = 0;
+        }
+        done
+    }
+
+    /// Scatter `data` into the writable buffers starting `skip` bytes in.
+    pub fn write_at(&self, ram: &Ram, mut skip: u64, data: &[u8]) -> usize {
+        let mut done = 0;
+        for d in self.descs.iter().filter(|d| d.write) {
+            if done == data.len() {
+                break;
+            }
+            let len = u64::from(d.len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = ((len - skip) as usize).min(data.len() - done);
+            if !ram.write(d.addr + skip, &data[done..done + n]) {
+                break;
+            }
+            done += n;
+            skip = 0;
+        }
+        done
+    }
+}
+
+/// The driver broke the queue protocol.
+#[derive(Debug)]
+pub struct QueueError(pub String);
+
+/// A live queue on the device thread.
+pub struct VirtQueue {
+    q: Queue,
+    pub index: usize,
+}
+
+impl VirtQueue {
+    pub fn size(&self) -> u16 {
+        self.q.size()
+    }
+
+    /// Next available chain, if any.
+    pub fn pop(&mut self, ram: &Ram) -> Result<Option<Chain>, QueueError> {
+        let idx = self.index;
+        let size = self.q.size();
+        let mut it = self
+            .q
+            .iter(&ram.mem)
+            .map_err(|e| QueueError(format!("queue {idx}: {e}")))?;
+        let Some(chain) = it.next() else {
+            return Ok(None);
+        };
+        let head = chain.head_index();
+        if head >= size {
+            return Err(QueueError(format!(
+                "queue {idx}: head index {head} >= size {size}"
+            )));
+        }
+        let mut descs = Vec::new();
+        let mut last_next = false;
+        for d in chain {
+            if descs.len() >= MAX_CHAIN {
+                return Err(QueueError(format!("queue {idx}: chain too long")));
+            }
+            let (addr, len) = (d.addr().0, d.len());
+            if len > 0 && ram.host(addr, len as usize).is_none() {
+                return Err(QueueError(format!(
+                    "queue {idx}: buffer {addr:#x}+{len:#x} outside guest RAM"
+                )));
+            }
+            last_next = d.has_next();
+            descs.push(Desc {
+                addr,
+                len,
+                write: d.is_write_only(),
+            });
+        }
+        // The crate stops at queue-size descriptors or an index past the
+        // table; a chain that still says "next" then was a loop or bad link.
+        if descs.is_empty() || last_next {
+            return Err(QueueError(format!(
+                "queue {idx}: descriptor chain at {head} is unterminated (loop or bad index)"
+            )));
+        }
+        Ok(Some(Chain { head, descs }))
+    }
+
+    /// Return a chain with `len` bytes written.
+    pub fn push(&mut self, ram: &Ram, head: u16, len: u32) -> Result<(), QueueError> {
+        let idx = self.index;
+        self.q
+            .add_used(&ram.mem, head, len)
+            .map_err(|e| QueueError(format!("queue {idx}: used ring: {e}")))
+    }
+
+    /// Should the driver be interrupted (it may ask not to be)?
+    pub fn needs_notification(&mut self, ram: &Ram) -> bool {
+        self.q.needs_notification(&ram.mem).unwrap_or(true)
+    }
+}
