@@ -279,56 +279,9 @@ fn set_kv(cfg: &mut Config, node: &str, tok: &str) {
     }
 }
 
-/// bhyve's `vm_parse_memsize`: bytes with an optional K/M/G/T suffix; a bare
-/// number below 1024 is in MiB.
-pub fn parse_memsize(s: &str) -> Option<u64> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    let last = s.chars().last()?;
-    let (digits, shift) = match last.to_ascii_uppercase() {
-        'K' => (&s[..s.len() - 1], 10),
-        'M' => (&s[..s.len() - 1], 20),
-        'G' => (&s[..s.len() - 1], 30),
-        'T' => (&s[..s.len() - 1], 40),
-        c if c.is_ascii_digit() => (s, 0),
-        _ => return None,
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    let bytes = if shift == 0 && n < 1024 {
-        n.checked_mul(1 << 20)?
-    } else {
-        n.checked_mul(1u64 << shift)?
-    };
-    if bytes == 0 {
-        None
-    } else {
-        Some(bytes)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn memsize() {
-        assert_eq!(parse_memsize("256"), Some(256 << 20));
-        assert_eq!(parse_memsize("64M"), Some(64 << 20));
-        assert_eq!(parse_memsize("2g"), Some(2 << 30));
-        assert_eq!(parse_memsize("1048576"), Some(1 << 20));
-        assert_eq!(parse_memsize("0"), None);
-        assert_eq!(parse_memsize(""), None);
-        assert_eq!(parse_memsize("M"), None);
-        assert_eq!(parse_memsize("12X"), None);
-        assert_eq!(parse_memsize("-5"), None);
-        assert_eq!(parse_memsize("99999999999999999999T"), None);
-        assert_eq!(parse_memsize("9999999999T"), None);
-    }
 
     #[test]
     fn options_and_files() {

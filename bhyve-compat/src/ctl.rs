@@ -4,6 +4,7 @@ use crate::error::Error;
 use crate::run::warnx;
 use crate::vmmdev::VmmDev;
 use nix::errno::Errno;
+use vmm_protocol::command::Command;
 
 /// Parsed bhyvectl command line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -193,17 +194,16 @@ pub fn bhyvectl_main(prog: &str, args: &[String]) -> i32 {
             }
         }
     }
-    for (flag, cmd) in [
-        (a.force_reset, "reset"),
-        (a.force_poweroff, "force-poweroff"),
+    for (flag, cmd, what) in [
+        (a.force_reset, Command::Reset, "vm_reset"),
+        (
+            a.force_poweroff,
+            Command::ForcePowerOff,
+            "vm_force_poweroff",
+        ),
     ] {
         if flag {
-            if let Err(e) = vm.command(cmd) {
-                let what = if cmd == "reset" {
-                    "vm_reset"
-                } else {
-                    "vm_force_poweroff"
-                };
+            if let Err(e) = vm.command(&cmd) {
                 let desc = e
                     .errno()
                     .map(crate::error::strerror)

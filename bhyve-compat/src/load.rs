@@ -1,7 +1,6 @@
 //! bhyveload(8), Linux edition: create a VM and load a Linux kernel, initrd and
 //! command line into it; `bhyve` (without a boot ROM) then runs it.
 
-use crate::config::parse_memsize;
 use crate::error::Error;
 use crate::getopt::{getopt, Opt};
 use crate::run::warnx;
@@ -10,6 +9,7 @@ use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 use std::os::fd::{AsRawFd, OwnedFd};
+use vmm_protocol::command::{parse_size, Command};
 
 /// Parsed bhyveload command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +41,9 @@ pub fn parse_load_args(args: &[String]) -> Result<LoadArgs, Option<String>> {
     for o in opts {
         match o {
             Opt::Flag('m', Some(v)) => {
-                mem = parse_memsize(&v).ok_or_else(|| Some(format!("Invalid memsize '{v}'")))?;
+                mem = parse_size(&v)
+                    .ok()
+                    .ok_or_else(|| Some(format!("Invalid memsize '{v}'")))?;
             }
             Opt::Flag('k', Some(v)) => kernel = Some(v),
             Opt::Flag('i', Some(v)) => initrd = Some(v),
@@ -134,16 +136,16 @@ fn load(a: &LoadArgs) -> Result<(), Error> {
             "running" => {
                 return Err(Error::Other(format!("vm {} is running", a.name)));
             }
-            "exited" => vm.command("reinit")?,
+            "exited" => vm.command(&Command::Reinit)?,
             _ => {}
         }
-        vm.command(&format!("memory {}", a.mem))?;
-        vm.command(&format!("kernel {}", kernel.as_raw_fd()))?;
+        vm.command(&Command::Memory(a.mem))?;
+        vm.command(&Command::Kernel(kernel.as_raw_fd()))?;
         if let Some(i) = &initrd {
-            vm.command(&format!("initrd {}", i.as_raw_fd()))?;
+            vm.command(&Command::Initrd(i.as_raw_fd()))?;
         }
         if let Some(c) = &a.cmdline {
-            vm.command(&format!("cmdline {c}"))?;
+            vm.command(&Command::Cmdline(c.clone()))?;
         }
         Ok(())
     })();

@@ -1,8 +1,10 @@
 //! From bhyve's flat configuration to a VM plan: what to open and which
 //! `vmm/NAME` commands to send. Pure (no I/O), so it is unit-tested.
 
-use crate::config::{parse_memsize, Config};
+use crate::config::Config;
 use crate::error::{Error, Result};
+pub use vmm_protocol::command::Topology;
+use vmm_protocol::command::{parse_size, Command, PciSlot};
 
 /// Serial port back end (`lpc.comN.path`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +59,13 @@ pub struct Device {
 }
 
 impl Device {
-    /// `B:S:F` as the engine's command takes it.
-    pub fn slot_str(&self) -> String {
-        format!("{}:{}:{}", self.bus, self.slot, self.func)
+    /// The slot in the engine's command.
+    pub fn pci_slot(&self) -> PciSlot {
+        PciSlot {
+            bus: self.bus,
+            slot: self.slot,
+            func: self.func,
+        }
     }
 }
 
@@ -69,15 +75,6 @@ pub struct LinuxBoot {
     pub kernel: String,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
-}
-
-/// vCPU topology.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Topology {
-    pub cpus: u16,
-    pub sockets: u16,
-    pub cores: u16,
-    pub threads: u16,
 }
 
 /// Everything needed to build and run one VM.
@@ -309,7 +306,8 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
     let name = cfg.get("name").ok_or(Error::Usage(None))?.to_string();
     let topology = topology(cfg)?;
     let memsize_str = cfg.get("memory.size").unwrap_or("256M").to_string();
-    let memsize = parse_memsize(&memsize_str)
+    let memsize = parse_size(&memsize_str)
+        .ok()
         .ok_or_else(|| Error::BadOption(format!("invalid memsize '{memsize_str}'")))?;
     let bootrom = cfg.get("lpc.bootrom").map(String::from);
     let linux = cfg.get("linux.kernel").map(|k| LinuxBoot {
@@ -391,12 +389,8 @@ impl Plan {
     }
 
     /// `cpus` command.
-    pub fn cpus_command(&self) -> String {
-        let t = self.topology;
-        format!(
-            "cpus {} sockets={} cores={} threads={}",
-            t.cpus, t.sockets, t.cores, t.threads
-        )
+    pub fn cpus_command(&self) -> Command {
+        Command::Cpus(self.topology)
     }
 }
 
@@ -481,7 +475,7 @@ mod tests {
             p.devices[3].options,
             vec!["mac=00:a0:98:00:00:01".to_string()]
         );
-        assert_eq!(p.devices[4].slot_str(), "0:5:0");
+        assert_eq!(p.devices[4].pci_slot().to_string(), "0:5:0");
     }
 
     #[test]
@@ -528,7 +522,10 @@ mod tests {
             p.linux.as_ref().unwrap().cmdline.as_deref(),
             Some("console=ttyS0 quiet")
         );
-        assert_eq!(p.cpus_command(), "cpus 2 sockets=2 cores=1 threads=1");
+        assert_eq!(
+            p.cpus_command().to_string(),
+            "cpus 2 sockets=2 cores=1 threads=1"
+        );
         let p = plan(&cfg(&[])).unwrap();
         assert!(!p.self_booting());
         assert_eq!(p.memsize, 256 << 20);

@@ -9,6 +9,7 @@ use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::process::{Child, Command, Stdio};
+use vmm_protocol::command::{ComPort, Command as VmmCommand};
 
 /// A serial port's descriptors.
 #[derive(Debug)]
@@ -244,7 +245,7 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
 /// One command for the VM; `optional` ones may be refused by the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmCommand {
-    pub line: String,
+    pub cmd: VmmCommand,
     pub optional: bool,
 }
 
@@ -253,36 +254,49 @@ pub struct VmCommand {
 /// prepared by bhyveload).
 pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmCommand> {
     let mut out = Vec::new();
-    let mut push = |line: String, optional: bool| out.push(VmCommand { line, optional });
+    let mut push = |cmd: VmmCommand, optional: bool| out.push(VmCommand { cmd, optional });
     if with_memory {
-        push(format!("memory {}", plan.memsize), false);
+        push(VmmCommand::Memory(plan.memsize), false);
     }
     push(plan.cpus_command(), false);
     for (k, v) in &plan.platform {
-        push(format!("set {k}={v}"), true);
+        push(
+            VmmCommand::Set {
+                key: k.clone(),
+                value: v.clone(),
+            },
+            true,
+        );
     }
     if let Some(fd) = &res.bootrom {
-        push(format!("bootrom {}", fd.as_raw_fd()), false);
+        push(VmmCommand::Bootrom(fd.as_raw_fd()), false);
     }
     if let Some(fd) = &res.kernel {
-        push(format!("kernel {}", fd.as_raw_fd()), false);
+        push(VmmCommand::Kernel(fd.as_raw_fd()), false);
     }
     if let Some(fd) = &res.initrd {
-        push(format!("initrd {}", fd.as_raw_fd()), false);
+        push(VmmCommand::Initrd(fd.as_raw_fd()), false);
     }
     if let Some(c) = plan.linux.as_ref().and_then(|l| l.cmdline.as_ref()) {
-        push(format!("cmdline {c}"), false);
+        push(VmmCommand::Cmdline(c.clone()), false);
     }
-    for (name, con) in [("com1", &res.com1), ("com2", &res.com2)] {
+    for (port, con) in [(ComPort::Com1, &res.com1), (ComPort::Com2, &res.com2)] {
         if let Some(c) = con {
-            let (i, o) = c.pair();
-            push(format!("{name} {i} {o}"), false);
+            let (input, output) = c.pair();
+            push(
+                VmmCommand::Serial {
+                    port,
+                    input,
+                    output,
+                },
+                false,
+            );
         }
     }
     for (d, fd) in plan.devices.iter().zip(res.devices.iter()) {
-        let mut opts: Vec<String> = Vec::new();
+        let mut options: Vec<String> = Vec::new();
         if let Backend::Net(nb) = &d.backend {
-            opts.push(
+            options.push(
                 match nb {
                     NetBackend::Slirp { .. } => "slirp",
                     NetBackend::Tap(_) => "tap",
@@ -291,15 +305,17 @@ pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmComman
             );
         }
         if let Some(fd) = fd {
-            opts.push(format!("fd={}", fd.as_raw_fd()));
+            options.push(format!("fd={}", fd.as_raw_fd()));
         }
-        opts.extend(d.options.iter().cloned());
-        let mut line = format!("device {} {}", d.slot_str(), d.emulation);
-        if !opts.is_empty() {
-            line.push(' ');
-            line.push_str(&opts.join(","));
-        }
-        push(line, false);
+        options.extend(d.options.iter().cloned());
+        push(
+            VmmCommand::Device {
+                slot: d.pci_slot(),
+                emulation: d.emulation.clone(),
+                options,
+            },
+            false,
+        );
     }
     out
 }
@@ -324,12 +340,12 @@ mod tests {
         let fd = res.bootrom.as_ref().unwrap().as_raw_fd();
         let lines: Vec<String> = commands(&plan, &res, true)
             .into_iter()
-            .map(|c| c.line)
+            .map(|c| c.cmd.to_string())
             .collect();
         assert_eq!(
             lines,
             vec![
-                "memory 67108864".to_string(),
+                "memory 64M".to_string(),
                 "cpus 1 sockets=1 cores=1 threads=1".into(),
                 "set acpi_tables=true".into(),
                 "set x86.strictmsr=true".into(),
@@ -340,7 +356,7 @@ mod tests {
             ]
         );
         let lines = commands(&plan, &res, false);
-        assert!(!lines[0].line.starts_with("memory"));
+        assert!(!matches!(lines[0].cmd, VmmCommand::Memory(_)));
     }
 
     #[test]

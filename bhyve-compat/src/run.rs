@@ -15,6 +15,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, pipe, ForkResult, Pid};
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use vmm_protocol::command::Command;
 
 /// Print "PROG: MSG" on stderr (warnx).
 pub fn warnx(prog: &str, msg: &str) {
@@ -152,7 +153,7 @@ fn create_or_open(prog: &str, dev: &VmmDev, ctl: &Ctl, p: &Plan) -> Result<Vm> {
                     p.name
                 )))
             }
-            "exited" => vm.handle.command("reinit")?,
+            "exited" => vm.handle.command(&Command::Reinit)?,
             "destroyed" => return Err(Error::sys(format!("vm_open: {}", p.name), Errno::ENXIO)),
             _ => {}
         }
@@ -172,7 +173,7 @@ fn configure(prog: &str, vm: &mut Vm, p: &Plan, res: &Resources) -> Result<()> {
         }
     }
     for c in commands(p, res, with_memory) {
-        match vm.handle.command(&c.line) {
+        match vm.handle.command(&c.cmd) {
             Ok(()) => {}
             Err(e) if c.optional => log::info!("ignored: {e}"),
             Err(e) if !vm.created && matches!(e.errno(), Some(Errno::EBUSY | Errno::EEXIST)) => {
@@ -198,7 +199,7 @@ fn run_guest(
     if !vm.configured {
         configure(prog, vm, p, res)?;
     }
-    vm.handle.command("run")?;
+    vm.handle.command(&Command::Run)?;
     let mut extra: Vec<BorrowedFd<'_>> = Vec::new();
     if let Some(pp) = parent {
         extra.push(pp);
@@ -217,9 +218,9 @@ fn run_guest(
                 if let Some(s) = sig {
                     if let Ok(Some(info)) = s.read_signal() {
                         if info.ssi_signo == Signal::SIGTERM as u32 {
-                            let _ = vm.handle.command("poweroff");
+                            let _ = vm.handle.command(&Command::PowerOff);
                         } else {
-                            let _ = vm.handle.command("force-poweroff");
+                            let _ = vm.handle.command(&Command::ForcePowerOff);
                             return Ok(4);
                         }
                     }
@@ -227,7 +228,7 @@ fn run_guest(
             }
             Wake::Extra(_) => {
                 // The monitor's pipe: the parent is gone.
-                let _ = vm.handle.command("force-poweroff");
+                let _ = vm.handle.command(&Command::ForcePowerOff);
                 return Ok(4);
             }
             Wake::Vm | Wake::Timeout => {}
@@ -300,7 +301,7 @@ fn run(prog: &str, p: &Plan) -> Result<i32> {
                 .map(|s| s.state() == "running")
                 .unwrap_or(false)
             {
-                let _ = vm.handle.command("force-poweroff");
+                let _ = vm.handle.command(&Command::ForcePowerOff);
             }
             Err(e)
         }
@@ -364,7 +365,7 @@ fn monitor(
                 let status = wait_child(child, vm, sig)?;
                 match status {
                     ChildEnd::Exited(0) => {
-                        vm.handle.command("reinit")?;
+                        vm.handle.command(&Command::Reinit)?;
                         continue;
                     }
                     ChildEnd::Exited(s) => return Ok(s),
@@ -375,14 +376,14 @@ fn monitor(
                             .map(|s| s.state() == "running")
                             .unwrap_or(false)
                         {
-                            let _ = vm.handle.command("force-poweroff");
+                            let _ = vm.handle.command(&Command::ForcePowerOff);
                         }
                         return Ok(4);
                     }
                     ChildEnd::Interrupted => {
                         let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
                         let _ = waitpid(child, None);
-                        let _ = vm.handle.command("force-poweroff");
+                        let _ = vm.handle.command(&Command::ForcePowerOff);
                         return Ok(4);
                     }
                 }
@@ -415,7 +416,7 @@ fn wait_child(child: Pid, vm: &Vm, sig: &SignalFd) -> Result<ChildEnd> {
         if sig_ready {
             while let Ok(Some(info)) = sig.read_signal() {
                 if info.ssi_signo == Signal::SIGTERM as u32 {
-                    let _ = vm.handle.command("poweroff");
+                    let _ = vm.handle.command(&Command::PowerOff);
                 } else {
                     return Ok(ChildEnd::Interrupted);
                 }

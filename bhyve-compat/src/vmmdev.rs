@@ -9,6 +9,8 @@ use nix::sys::stat::Mode;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use vmm_protocol::command::Command;
+use vmm_protocol::vmmctl::{validate_name, CtlRequest};
 
 /// Where the vmmfs files are.
 #[derive(Debug, Clone)]
@@ -119,23 +121,21 @@ fn write_line(fd: BorrowedFd<'_>, line: &str) -> std::result::Result<(), Errno> 
 impl Ctl {
     /// `create NAME [destroy-on-close]`.
     pub fn create(&self, name: &str, destroy_on_close: bool) -> std::result::Result<(), Errno> {
-        if name.is_empty() || name.contains(char::is_whitespace) {
-            return Err(Errno::EINVAL);
-        }
-        let cmd = if destroy_on_close {
-            format!("create {name} destroy-on-close")
-        } else {
-            format!("create {name}")
+        validate_name(name).map_err(|_| Errno::EINVAL)?;
+        let req = CtlRequest::Create {
+            name: name.into(),
+            transient: destroy_on_close,
         };
-        write_line(self.fd.as_fd(), &cmd)
+        write_line(self.fd.as_fd(), &req.to_string())
     }
 
     /// `destroy NAME`.
     pub fn destroy(&self, name: &str) -> std::result::Result<(), Errno> {
-        if name.is_empty() || name.contains(char::is_whitespace) {
-            return Err(Errno::EINVAL);
-        }
-        write_line(self.fd.as_fd(), &format!("destroy {name}"))
+        validate_name(name).map_err(|_| Errno::EINVAL)?;
+        write_line(
+            self.fd.as_fd(),
+            &CtlRequest::Destroy { name: name.into() }.to_string(),
+        )
     }
 }
 
@@ -210,14 +210,15 @@ impl VmHandle {
     }
 
     /// Send one command; on failure, the daemon's message (`error=`) is attached.
-    pub fn command(&self, cmd: &str) -> Result<()> {
+    pub fn command(&self, cmd: &Command) -> Result<()> {
+        let cmd = cmd.to_string();
         log::debug!("vmm/{}: {cmd}", self.name);
-        match write_line(self.fd.as_fd(), cmd) {
+        match write_line(self.fd.as_fd(), &cmd) {
             Ok(()) => Ok(()),
             Err(errno) => {
                 let detail = self.status().ok().and_then(|s| s.error);
                 Err(Error::Command {
-                    command: cmd.to_string(),
+                    command: cmd,
                     errno,
                     detail,
                 })

@@ -31,6 +31,12 @@ pub enum Error {
     Io { what: String, source: io::Error },
 }
 
+impl From<vmm_protocol::ParseError> for Error {
+    fn from(e: vmm_protocol::ParseError) -> Self {
+        Error::InvalidCommand(e.0)
+    }
+}
+
 /// Engine result type.
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -10,12 +10,15 @@
 
 pub mod acpi;
 pub mod boot;
-pub mod command;
 pub mod devices;
 pub mod error;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
+
+/// The `vmm/NAME` command language lives in the protocol crate, shared with
+/// vmmfs and the tools.
+pub use vmm_protocol::command;
 
 pub use command::{Command, FdSource};
 pub use error::{Error, Result};

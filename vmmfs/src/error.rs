@@ -46,5 +46,11 @@ impl FsError {
     }
 }
 
+impl From<vmm_protocol::ParseError> for FsError {
+    fn from(e: vmm_protocol::ParseError) -> Self {
+        FsError::Invalid(e.0)
+    }
+}
+
 /// Result of a vmmfs operation.
 pub type FsResult<T> = Result<T, FsError>;

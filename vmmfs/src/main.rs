@@ -10,7 +10,6 @@ mod nodes;
 mod registry;
 mod service;
 mod state;
-mod vmmctl;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};

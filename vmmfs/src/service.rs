@@ -8,13 +8,13 @@ use crate::fdpass::ClientFds;
 use crate::nodes::{Node, MAX_SEGMENTS};
 use crate::registry::{Registry, Scope, VmId};
 use crate::state::{Grants, NodeAttrs, State, StateStore};
-use crate::vmmctl::{self, CtlRequest};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vmm_engine::{Command, Vm};
+use vmm_protocol::vmmctl::{self, CtlRequest};
 
 /// Attributes of a node as the adapter reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,8 @@
 //! supplies an [`FdSource`] that turns such a number into a descriptor the
 //! engine owns (vmmfs copies it from the client with pidfd_getfd(2)).
 
-use crate::error::{Error, Result};
+use crate::{ParseError, Result};
+use std::fmt;
 use std::os::fd::OwnedFd;
 
 /// Turns a descriptor number of the client into a descriptor of our own.
@@ -84,7 +85,7 @@ pub enum Command {
 /// Parse a size in bhyve's `-m` syntax: a number of bytes or with K/M/G/T suffix.
 /// A bare number below 1024 means MiB, as bhyve does.
 pub fn parse_size(s: &str) -> Result<u64> {
-    let bad = || Error::InvalidCommand(format!("bad size '{s}'"));
+    let bad = || ParseError(format!("bad size '{s}'"));
     let s = s.trim();
     let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
         Some('K') => (&s[..s.len() - 1], 10),
@@ -93,6 +94,10 @@ pub fn parse_size(s: &str) -> Result<u64> {
         Some('T') => (&s[..s.len() - 1], 40),
         _ => (s, 0),
     };
+    // Digits only: u64's parser would also take a leading '+'.
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
     let n: u64 = digits.parse().map_err(|_| bad())?;
     let n = if shift == 0 && n < 1024 {
         n.checked_shl(20).ok_or_else(bad)?
@@ -108,7 +113,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 
 /// Parse a PCI slot: `S`, `S:F` or `B:S:F` (decimal, as bhyve).
 pub fn parse_slot(s: &str) -> Result<PciSlot> {
-    let bad = || Error::InvalidCommand(format!("bad PCI slot '{s}'"));
+    let bad = || ParseError(format!("bad PCI slot '{s}'"));
     let parts: Vec<u8> = s
         .split(':')
         .map(|p| p.parse::<u8>().map_err(|_| bad()))
@@ -126,17 +131,15 @@ pub fn parse_slot(s: &str) -> Result<PciSlot> {
 }
 
 fn parse_fd(s: Option<&str>) -> Result<i32> {
-    let s = s.ok_or_else(|| Error::InvalidCommand("missing descriptor number".into()))?;
+    let s = s.ok_or_else(|| ParseError("missing descriptor number".into()))?;
     match s.parse::<i32>() {
         Ok(n) if n >= 0 => Ok(n),
-        _ => Err(Error::InvalidCommand(format!(
-            "bad descriptor number '{s}'"
-        ))),
+        _ => Err(ParseError(format!("bad descriptor number '{s}'"))),
     }
 }
 
 fn parse_topology(args: &[&str]) -> Result<Topology> {
-    let bad = |a: &str| Error::InvalidCommand(format!("bad cpus argument '{a}'"));
+    let bad = |a: &str| ParseError(format!("bad cpus argument '{a}'"));
     let mut t = Topology {
         cpus: 0,
         sockets: 0,
@@ -162,7 +165,7 @@ fn parse_topology(args: &[&str]) -> Result<Topology> {
         }
     }
     if explicit_cpus && t.cpus == 0 {
-        return Err(Error::InvalidCommand("vCPU count out of range".into()));
+        return Err(ParseError("vCPU count out of range".into()));
     }
     if t.sockets == 0 {
         t.sockets = if t.cpus == 0 {
@@ -175,12 +178,10 @@ fn parse_topology(args: &[&str]) -> Result<Topology> {
         t.cpus = t.sockets * t.cores * t.threads;
     }
     if t.cpus == 0 || t.cores == 0 || t.threads == 0 || t.cpus > 255 {
-        return Err(Error::InvalidCommand("vCPU count out of range".into()));
+        return Err(ParseError("vCPU count out of range".into()));
     }
     if u32::from(t.sockets) * u32::from(t.cores) * u32::from(t.threads) < u32::from(t.cpus) {
-        return Err(Error::InvalidCommand(
-            "topology smaller than vCPU count".into(),
-        ));
+        return Err(ParseError("topology smaller than vCPU count".into()));
     }
     Ok(t)
 }
@@ -190,7 +191,7 @@ impl Command {
     pub fn parse(line: &str) -> Result<Command> {
         let line = line.strip_suffix('\n').unwrap_or(line);
         if line.contains('\n') || line.contains('\0') {
-            return Err(Error::InvalidCommand("one command per write".into()));
+            return Err(ParseError("one command per write".into()));
         }
         let (verb, rest) = line
             .trim_start()
@@ -201,9 +202,7 @@ impl Command {
             if args.len() == n {
                 Ok(())
             } else {
-                Err(Error::InvalidCommand(format!(
-                    "'{verb}' takes {n} argument(s)"
-                )))
+                Err(ParseError(format!("'{verb}' takes {n} argument(s)")))
             }
         };
         let cmd = match verb {
@@ -213,7 +212,7 @@ impl Command {
             }
             "cpus" => {
                 if args.is_empty() {
-                    return Err(Error::InvalidCommand("'cpus' needs a count".into()));
+                    return Err(ParseError("'cpus' needs a count".into()));
                 }
                 Command::Cpus(parse_topology(&args)?)
             }
@@ -244,9 +243,7 @@ impl Command {
             }
             "device" => {
                 if args.len() < 2 || args.len() > 3 {
-                    return Err(Error::InvalidCommand(
-                        "usage: device SLOT EMULATION [OPTIONS]".into(),
-                    ));
+                    return Err(ParseError("usage: device SLOT EMULATION [OPTIONS]".into()));
                 }
                 Command::Device {
                     slot: parse_slot(args[0])?,
@@ -266,7 +263,7 @@ impl Command {
                 arity(1)?;
                 let (k, v) = args[0]
                     .split_once('=')
-                    .ok_or_else(|| Error::InvalidCommand("usage: set KEY=VALUE".into()))?;
+                    .ok_or_else(|| ParseError("usage: set KEY=VALUE".into()))?;
                 Command::Set {
                     key: k.to_string(),
                     value: v.to_string(),
@@ -283,10 +280,67 @@ impl Command {
                     _ => Command::Suspend,
                 }
             }
-            "" => return Err(Error::InvalidCommand("empty command".into())),
-            other => return Err(Error::InvalidCommand(format!("unknown command '{other}'"))),
+            "" => return Err(ParseError("empty command".into())),
+            other => return Err(ParseError(format!("unknown command '{other}'"))),
         };
         Ok(cmd)
+    }
+}
+
+impl fmt::Display for PciSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.bus, self.slot, self.func)
+    }
+}
+
+impl fmt::Display for Command {
+    /// The line that [`Command::parse`] reads back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // A bare number below 1024 would mean MiB: say megabytes when exact.
+            Command::Memory(b) if b % (1 << 20) == 0 => write!(f, "memory {}M", b >> 20),
+            Command::Memory(b) => write!(f, "memory {b}"),
+            Command::Cpus(t) => {
+                write!(
+                    f,
+                    "cpus {} sockets={} cores={} threads={}",
+                    t.cpus, t.sockets, t.cores, t.threads
+                )
+            }
+            Command::Bootrom(fd) => write!(f, "bootrom {fd}"),
+            Command::Kernel(fd) => write!(f, "kernel {fd}"),
+            Command::Initrd(fd) => write!(f, "initrd {fd}"),
+            Command::Cmdline(text) => write!(f, "cmdline {text}"),
+            Command::Serial {
+                port,
+                input,
+                output,
+            } => {
+                let n = if *port == ComPort::Com1 { 1 } else { 2 };
+                write!(f, "com{n} {input} {output}")
+            }
+            Command::Device {
+                slot,
+                emulation,
+                options,
+            } if options.is_empty() => {
+                write!(f, "device {slot} {emulation}")
+            }
+            Command::Device {
+                slot,
+                emulation,
+                options,
+            } => {
+                write!(f, "device {slot} {emulation} {}", options.join(","))
+            }
+            Command::Set { key, value } => write!(f, "set {key}={value}"),
+            Command::Run => f.write_str("run"),
+            Command::Reinit => f.write_str("reinit"),
+            Command::Reset => f.write_str("reset"),
+            Command::PowerOff => f.write_str("poweroff"),
+            Command::ForcePowerOff => f.write_str("force-poweroff"),
+            Command::Suspend => f.write_str("suspend"),
+        }
     }
 }
 
@@ -304,6 +358,12 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("x").is_err());
         assert!(parse_size("99999999999999999T").is_err());
+        assert!(parse_size("9999999999T").is_err());
+        assert!(parse_size("99999999999999999999T").is_err());
+        for bad in ["", "M", "12X", "-5", "+5", " ", "5 M"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
     }
 
     #[test]
@@ -364,8 +424,35 @@ mod tests {
             "run\nrun",
             "set novalue",
         ] {
-            let e = Command::parse(bad).unwrap_err();
-            assert_eq!(e.errno(), libc::EINVAL, "{bad:?}");
+            assert!(Command::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for line in [
+            "memory 512M",
+            "memory 4096",
+            "cpus 4 sockets=2 cores=2 threads=1",
+            "bootrom 5",
+            "kernel 6",
+            "initrd 7",
+            "cmdline console=ttyS0 root=/dev/vda",
+            "com1 0 1",
+            "com2 3 4",
+            "device 0:3:0 virtio-blk fd=7,ro",
+            "device 0:0:0 hostbridge",
+            "set x86.x2apic=true",
+            "run",
+            "reinit",
+            "reset",
+            "poweroff",
+            "force-poweroff",
+            "suspend",
+        ] {
+            let cmd = Command::parse(line).unwrap();
+            assert_eq!(cmd.to_string(), line);
+            assert_eq!(Command::parse(&cmd.to_string()).unwrap(), cmd);
         }
     }
 }

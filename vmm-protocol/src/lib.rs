@@ -1,0 +1,20 @@
+//! The protocols spoken through vmmfs files, in one place so that the daemon,
+//! the engine and the tools agree on them:
+//!
+//! - [`vmmctl`]: `create NAME [destroy-on-close]` / `destroy NAME` lines and
+//!   FreeBSD's `VMMCTL_VM_CREATE` / `VMMCTL_VM_DESTROY` ioctl structures;
+//! - [`command`]: the `vmm/NAME` command lines that configure and run a VM.
+//!
+//! Parsing never trusts its input: every malformed request is a [`ParseError`]
+//! (EINVAL for the client).
+
+pub mod command;
+pub mod vmmctl;
+
+/// A malformed request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+/// Result of parsing.
+pub type Result<T> = std::result::Result<T, ParseError>;
