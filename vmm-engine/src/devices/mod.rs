@@ -115,13 +115,6 @@ impl PciEmulation {
                     "sync",
                     "nodelete",
                 ]);
-                let file = take(fd_num(need_fd()?)?)?;
-                // A descriptor opened read-only makes a read-only disk even
-                // without `ro` (writes would fail anyway).
-                // SAFETY: F_GETFL on a descriptor we own.
-                let fl =
-                    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
-                let ro = has("ro") || (fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDONLY);
                 let sector_size = match get("sectorsize") {
                     None => None,
                     Some(s) => {
@@ -132,6 +125,14 @@ impl PciEmulation {
                         }
                     }
                 };
+                // Options are checked before the descriptor is taken.
+                let file = take(fd_num(need_fd()?)?)?;
+                // A descriptor opened read-only makes a read-only disk even
+                // without `ro` (writes would fail anyway).
+                // SAFETY: F_GETFL on a descriptor we own.
+                let fl =
+                    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
+                let ro = has("ro") || (fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDONLY);
                 PciEmulation::VirtioBlk(virtio::blk::BlkConfig {
                     file: Arc::new(file),
                     ro,
