@@ -223,7 +223,6 @@ fn device_options_are_checked() {
     assert_eq!(t.vm.state(), VmState::Configuring);
 }
 
-#[allow(dead_code)]
 fn socketpair() -> (OwnedFd, OwnedFd) {
     let mut p = [0; 2];
     // SAFETY: plain syscall into a 2-int array.
@@ -240,8 +239,119 @@ fn socketpair() -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
 }
 
-#[allow(dead_code)]
-fn unused() {
-    let _ = Duration::from_secs(1);
-    let _ = std::io::stdout().as_raw_fd();
+/// passt on one end of a socketpair (QEMU stream framing), as bhyve's slirp
+/// back end starts it; killed on drop.
+pub struct Passt(std::process::Child);
+
+impl Drop for Passt {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn passt(extra: &[&str]) -> Option<(OwnedFd, Passt)> {
+    use std::os::unix::process::CommandExt;
+    if std::process::Command::new("passt")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping: passt not installed");
+        return None;
+    }
+    let (ours, theirs) = socketpair();
+    let raw = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new("passt");
+    cmd.args(["-f", "-q", "-1", "-F", "3"])
+        .args(["-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2"])
+        .args(["--dns-forward", "10.0.2.3"])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0);
+            } else if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn passt");
+    drop(theirs);
+    Some((ours, Passt(child)))
+}
+
+pub fn free_port(udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
+#[test]
+fn virtio_net_slirp_dhcp_arp_and_hostfwd_tcp() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let port = free_port(false);
+    let fwd = format!("127.0.0.1/{port}:22");
+    let Some((sock, _passt)) = passt(&["-t", &fwd, "-u", "none"]) else {
+        return;
+    };
+    let mut t = vdev_vm(
+        "net",
+        "net",
+        vec![(
+            "device 4 virtio-net slirp,fd={},mac=52:54:00:12:34:56".into(),
+            vec![sock],
+        )],
+    );
+    t.run();
+    let mut out = t.read_until("tcp listening\n", 60);
+    let mut c = None;
+    for _ in 0..100 {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => {
+                c = Some(s);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let mut c = c.expect("connect to the hostfwd port");
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(b"hello guest\n").unwrap();
+    let mut reply = vec![0u8; 18];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(reply, b"pong: hello guest\n");
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    out.push_str(&powered_off(&mut t, 60));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 8, "{out}");
+    assert_eq!(
+        lines[..3],
+        ["vdev net", "net mtu 65520", "dhcp offer 10.0.2.15"]
+    );
+    assert!(lines[3].starts_with("arp gateway is-at "), "{out}");
+    assert_eq!(lines[3].len(), "arp gateway is-at ".len() + 17);
+    assert_eq!(
+        lines[4..],
+        ["tcp listening", "tcp syn", "tcp closed", "msix delivered"]
+    );
 }
