@@ -756,3 +756,71 @@ fn vm_destroyed_under_bhyve_is_status_4() {
     assert_eq!(b.wait(30), Some(4), "{}", b.stderr());
     assert!(b.stderr().contains("was destroyed"), "{}", b.stderr());
 }
+
+#[test]
+fn killed_bhyve_stops_a_persistent_guest_and_lets_go_of_its_console() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mount::new("detach");
+    let mut c = m.cmd("bhyve", Who::Root);
+    bhyve_args(&mut c, &guest("multi.rom"), "vmk", false);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().expect("spawn bhyve");
+    let mut out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Everything on the console until end-of-file, which needs every copy of
+    // bhyve's stdout closed: bhyve's own and the daemon's.
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut b = [0u8; 4096];
+        while let Ok(n) = out.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&b[..n]);
+            if text(&all).contains("ready") {
+                let _ = tx.send(false);
+            }
+        }
+        let _ = tx.send(true);
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(60)),
+        Ok(false),
+        "no ready prompt"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let eof = loop {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(false) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(
+        eof,
+        Ok(true),
+        "the daemon still holds bhyve's console after bhyve died"
+    );
+    // The VM persists (it was created without -M), stopped.
+    assert_eq!(m.vms(), vec!["vmk".to_string()]);
+    let t = Instant::now();
+    loop {
+        let status = std::fs::read_to_string(m.mnt.join("vmm/vmk")).unwrap();
+        if status.contains("state=exited") {
+            assert!(status.contains("status=4"), "{status}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "guest still running without its bhyve: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = m.cmd("bhyvectl", Who::Root);
+    c.args(["--vm=vmk", "--destroy"]);
+    assert_eq!(run(c, 10).code, Some(0));
+}

@@ -504,6 +504,28 @@ impl Vm {
         s
     }
 
+    /// The client that ran the guest went away (vmmfs: its `vmm/NAME` handle
+    /// was closed). As when bhyve exits on FreeBSD, the guest stops (exit
+    /// `error`, status 4) and the VM lets go of the client's descriptors:
+    /// consoles and devices. The VM, its memory and boot images stay; the
+    /// next client configures consoles and devices again.
+    pub fn detach(&self) {
+        let mut ctl = self.core.ctl.lock();
+        if self.core.state() == VmState::Destroyed {
+            return;
+        }
+        let stopped = ctl.stop_threads();
+        ctl.serial = [None, None];
+        ctl.pci.clear();
+        if stopped {
+            self.core.set_state(VmState::Exited(ExitReason::Error(
+                "the process that ran the guest went away".into(),
+            )));
+        }
+        drop(ctl);
+        self.core.changed();
+    }
+
     /// Stop everything and free the KVM VM and memory. Idempotent.
     pub fn destroy(&self) {
         let mut ctl = self.core.ctl.lock();

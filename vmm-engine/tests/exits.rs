@@ -262,3 +262,40 @@ fn destroy_while_output_pipe_is_full() {
     );
     assert_eq!(t.vm.state(), VmState::Destroyed);
 }
+
+#[test]
+fn detach_stops_the_guest_and_lets_go_of_descriptors() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut t = multi("d", "l", &[]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(t.vm.state(), VmState::Running);
+    t.vm.detach();
+    match t.vm.state() {
+        VmState::Exited(ExitReason::Error(cause)) => assert!(cause.contains("went away"), "{cause}"),
+        s => panic!("state after detach: {s:?}"),
+    }
+    assert!(t.vm.status().contains("status=4\n"));
+    // The engine held the only other copy of COM1's write end: now the reader sees end-of-file.
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    // SAFETY: setting O_NONBLOCK on our own pipe end.
+    unsafe { libc::fcntl(t.output.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match t.output.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(t0.elapsed() < Duration::from_secs(2), "COM1 output still held by the engine");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // The VM itself stays and can be configured and run again.
+    t.exec("reinit").unwrap();
+    assert_eq!(t.vm.state(), VmState::Configuring);
+}

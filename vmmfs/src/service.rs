@@ -121,6 +121,8 @@ pub struct Service {
     state: Mutex<State>,
     store: StateStore,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// The handle that issued each VM's latest `run`.
+    runners: Mutex<HashMap<VmId, u64>>,
     next_fh: AtomicU64,
     pollers: Arc<Pollers>,
 }
@@ -139,6 +141,7 @@ impl Service {
             state: Mutex::new(state),
             store,
             handles: Mutex::new(HashMap::new()),
+            runners: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             pollers: Arc::default(),
         })
@@ -409,12 +412,19 @@ impl Service {
                 Ok(data.len())
             }
             Some(Handle::Vm(h)) => {
-                let vm = h.vm.clone();
+                let (vm, id) = (h.vm.clone(), h.id);
                 drop(handles);
                 let result = std::str::from_utf8(data)
                     .map_err(|_| FsError::Invalid("command is not UTF-8".into()))
                     .and_then(|line| Ok(Command::parse(line)?))
-                    .and_then(|cmd| Ok(vm.execute(cmd, &mut ClientFds::new(who.tid))?));
+                    .and_then(|cmd| {
+                        let run = cmd == Command::Run;
+                        vm.execute(cmd, &mut ClientFds::new(who.tid))?;
+                        if run {
+                            self.runners.lock().insert(id, fh);
+                        }
+                        Ok(())
+                    });
                 if let Some(Handle::Vm(h)) = self.handles.lock().get_mut(&fh) {
                     h.error = result.as_ref().err().map(|e| e.to_string());
                     h.snapshot = None;
@@ -510,8 +520,20 @@ impl Service {
     /// The last reference to an open file is gone.
     pub fn release(&self, fh: u64) {
         let h = self.handles.lock().remove(&fh);
-        if let Some(Handle::Ctl) = h {
-            self.registry.release_handle(fh);
+        match h {
+            Some(Handle::Ctl) => self.registry.release_handle(fh),
+            Some(Handle::Vm(h)) => {
+                // The handle that started the guest stands for the bhyve
+                // process that ran it: when it is gone, so is the guest, and
+                // the descriptors that process handed over are let go.
+                let mut runners = self.runners.lock();
+                if runners.get(&h.id) == Some(&fh) {
+                    runners.remove(&h.id);
+                    drop(runners);
+                    h.vm.detach();
+                }
+            }
+            _ => {}
         }
     }
 
