@@ -1,5 +1,6 @@
 //! The conformance cases: one or more rows per SPEC.md row (Files, vmmctl,
-//! Per-VM device, Jails). Every group leaves no VM behind.
+//! Per-VM device, Jails; the bhyve groups are in bhyve.rs). Every group
+//! leaves no VM behind.
 
 use crate::harness::{progress, Env, Place, Who, MAX_VMS, MEMBER1, MEMBER2, OUTSIDER};
 use crate::table::Row;
@@ -50,6 +51,10 @@ pub const GROUPS: &[(&str, Group)] = &[
     ("jail-visibility", jail_visibility),
     ("two-jails", two_jails),
     ("jail-revoke", jail_revoke),
+    ("bhyve-exit-status", crate::bhyve::exit_status),
+    ("bhyve-sigkill", crate::bhyve::sigkill),
+    ("bhyve-access", crate::bhyve::access),
+    ("bhyve-jail", crate::bhyve::jail),
 ];
 
 fn listed(readdir: &str, name: &str) -> String {
@@ -134,7 +139,7 @@ impl<'e> Suite<'e> {
         }
     }
 
-    fn probe(&self, who: Who, args: &[&str]) -> String {
+    pub(crate) fn probe(&self, who: Who, args: &[&str]) -> String {
         if self.timeouts >= MAX_TIMEOUTS {
             return "TIMEOUT(not run: vmmfs hung)".into();
         }
@@ -142,7 +147,7 @@ impl<'e> Suite<'e> {
     }
 
     /// VMs visible to root on the host: names in vmm/.
-    fn leftovers(&self) -> Vec<String> {
+    pub(crate) fn leftovers(&self) -> Vec<String> {
         let dir = self.env.readdir(&self.env.vm_dir());
         match dir.strip_prefix("OK ") {
             Some(list) => list.split(',').filter(|n| !n.is_empty()).map(String::from).collect(),
@@ -191,7 +196,7 @@ impl<'e> Suite<'e> {
         self.probe(Who::root(), &["write", &self.ctl(), &format!("create {name}")])
     }
 
-    fn root_destroy(&self, name: &str) -> String {
+    pub(crate) fn root_destroy(&self, name: &str) -> String {
         self.probe(Who::root(), &["write", &self.ctl(), &format!("destroy {name}")])
     }
 }

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Group whose members may create VMs.
@@ -208,6 +208,136 @@ impl Drop for Holder {
     }
 }
 
+/// A running bhyve-compat tool (see [`Env::tool`]). On the host its pid is
+/// the tool's own (the probe execs it); in a jail it is unshare's or
+/// nsenter's.
+pub struct Tool {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    status: Option<String>,
+}
+
+/// How a tool ended and what it printed.
+#[derive(Debug, Clone)]
+pub struct ToolEnd {
+    /// `status N`, `signal N`, `TIMEOUT(Ns)` or a spawn failure.
+    pub status: String,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// `status N` or `signal N`.
+pub fn exit_text(st: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => format!("{st}"),
+    }
+}
+
+impl Tool {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Write to the tool's stdin (the guest's console with `com1,stdio`).
+    pub fn send(&mut self, text: &str) {
+        if let Some(i) = self.stdin.as_mut() {
+            let _ = i.write_all(text.as_bytes());
+            let _ = i.flush();
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    /// Wait until stdout holds `n` copies of `what`; false after `limit` or
+    /// if the tool exited first.
+    pub fn wait_output(&mut self, what: &str, n: usize, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        loop {
+            if self.stdout().matches(what).count() >= n {
+                return true;
+            }
+            if Instant::now() >= end || !self.running() {
+                std::thread::sleep(Duration::from_millis(30));
+                return self.stdout().matches(what).count() >= n;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        if self.status.is_some() {
+            return false;
+        }
+        match self.child.try_wait() {
+            Ok(Some(st)) => {
+                self.status = Some(exit_text(st));
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// Wait at most `limit`: `status N`, `signal N`, or `TIMEOUT(Ns)` (the
+    /// tool is then killed).
+    pub fn wait(&mut self, limit: Duration) -> String {
+        if let Some(s) = &self.status {
+            return s.clone();
+        }
+        let s = match wait_timeout(&mut self.child, limit) {
+            Some(st) => exit_text(st),
+            None => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                format!("TIMEOUT({}s)", limit.as_secs())
+            }
+        };
+        self.status = Some(s.clone());
+        s
+    }
+
+    /// SIGKILL the process we started (nothing else).
+    pub fn sigkill(&mut self) {
+        if self.status.is_none() {
+            kill(self.child.id(), libc::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Tool {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Whether process `pid` is gone or a zombie within `limit`.
+pub fn exited_within(pid: u32, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(st) if st.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')) => return true,
+            Ok(_) if Instant::now() >= end => return false,
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
 /// A long-lived PID namespace: `unshare --pid --fork sleep`; `pid` is the
 /// host pid of the namespace's init.
 pub struct Jail {
@@ -230,7 +360,8 @@ fn ppid_of(pid: u32) -> Option<u32> {
     stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn children_of(parent: u32) -> Vec<u32> {
+/// The processes whose parent is `parent` (e.g. bhyve's monitor child).
+pub fn children_of(parent: u32) -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -253,6 +384,11 @@ pub struct Env {
     pub state_dir: PathBuf,
     pub log: PathBuf,
     pub users: Users,
+    /// Directory of `bhyve`, `bhyvectl`, `bhyveload` (default: next to `exe`).
+    pub bhyve_dir: PathBuf,
+    /// World-readable directory of the built test guests (vmm-engine/guests);
+    /// None: built on demand into `base`.
+    pub guests: Option<PathBuf>,
     daemon: Option<Child>,
     keep_log: bool,
 }
@@ -270,7 +406,20 @@ impl Env {
         std::fs::create_dir(&state_dir).map_err(|e| e.to_string())?;
         std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
         let log = base.join("vmmfs.log");
-        Ok(Env { exe, vmmfs, base, mount, state_dir, log, users, daemon: None, keep_log: false })
+        let bhyve_dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Ok(Env {
+            exe,
+            vmmfs,
+            base,
+            mount,
+            state_dir,
+            log,
+            users,
+            bhyve_dir,
+            guests: None,
+            daemon: None,
+            keep_log: false,
+        })
     }
 
     pub fn ctl(&self) -> String {
@@ -445,6 +594,60 @@ impl Env {
                 holder.release();
                 Err(obs)
             }
+        }
+    }
+
+    /// Start a bhyve-compat tool (`bhyve`, `bhyvectl`, `bhyveload` from
+    /// `bhyve_dir`) as `who`, with `VMM_DEV_DIR` at the mount: the probe
+    /// switches user and place, then execs the tool. stdin is a pipe
+    /// ([`Tool::send`]); stdout and stderr are collected.
+    pub fn tool(&self, who: Who, tool: &str, args: &[&str]) -> Result<Tool, String> {
+        let prog = self.bhyve_dir.join(tool);
+        let prog = prog.to_string_lossy();
+        let mut probe_args = vec!["exec", prog.as_ref()];
+        probe_args.extend_from_slice(args);
+        let mut child = self
+            .command(who, &probe_args)
+            .env("VMM_DEV_DIR", &self.mount)
+            .current_dir(&self.base)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("SPAWN-FAILED {e}"))?;
+        let stdin = child.stdin.take();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        let pipes: [(Box<dyn Read + Send>, _); 2] = [
+            (Box::new(child.stdout.take().expect("piped")), out.clone()),
+            (Box::new(child.stderr.take().expect("piped")), err.clone()),
+        ];
+        // Not read to end-of-file by the runner: a process the tool forked
+        // (or the daemon) may keep copies of these pipes.
+        for (mut pipe, buf) in pipes {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut b) {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&b[..n]);
+                }
+            });
+        }
+        Ok(Tool { child, stdin, out, err, status: None })
+    }
+
+    /// Run a tool to its end (at most `limit`); see [`Env::tool`].
+    pub fn run_tool(&self, who: Who, tool: &str, args: &[&str], limit: Duration) -> ToolEnd {
+        match self.tool(who, tool, args) {
+            Ok(mut t) => {
+                let status = t.wait(limit);
+                // Let the readers drain what was written before the exit.
+                std::thread::sleep(Duration::from_millis(30));
+                ToolEnd { status, stdout: t.stdout(), stderr: t.stderr() }
+            }
+            Err(e) => ToolEnd { status: e, stdout: String::new(), stderr: String::new() },
         }
     }
 

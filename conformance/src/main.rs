@@ -1,10 +1,12 @@
 //! vmmfs conformance suite: a real mount, real users and groups, real PID
 //! namespaces; one case per SPEC.md row; prints a conformance table.
 //!
-//! `conformance [--vmmfs PATH] [--allow-skip] [--only GROUP]... [--keep-log]`
+//! `conformance [--vmmfs PATH] [--bhyve-dir DIR] [--guests DIR] [--allow-skip]
+//! [--only GROUP]... [--keep-log]`
 //! runs the suite (as root); `conformance probe ...` is the probe run in
 //! child processes (see probe.rs).
 
+mod bhyve;
 mod cases;
 mod errno;
 mod harness;
@@ -16,12 +18,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 const USAGE: &str = "\
-usage: conformance [--vmmfs PATH] [--allow-skip] [--only GROUP]... [--keep-log] [--list]
+usage: conformance [--vmmfs PATH] [--bhyve-dir DIR] [--guests DIR] [--allow-skip]
+                   [--only GROUP]... [--keep-log] [--list]
        conformance probe ...   (internal: one operation as another user)
 Runs the vmmfs end-to-end conformance suite. Must run as root; needs /dev/fuse,
 /dev/kvm, the group 'vmm' and users vmmtest1, vmmtest2 (members) and vmmtest3
 (not a member): `sudo scripts/setup` creates them.
   --vmmfs PATH   daemon binary (default: vmmfs next to this executable)
+  --bhyve-dir DIR  where bhyve, bhyvectl, bhyveload are (default: next to this
+                 executable); the test users must be able to execute them
+  --guests DIR   built test guests (make -C vmm-engine/guests OUT=DIR), readable
+                 by the test users (default: built into the temporary directory)
   --allow-skip   exit 0 when /dev/fuse or /dev/kvm is missing (never with CI=true)
   --only GROUP   run only groups whose name contains GROUP (repeatable)
   --keep-log     keep the daemon log even if every case passes
@@ -29,17 +36,22 @@ Runs the vmmfs end-to-end conformance suite. Must run as root; needs /dev/fuse,
 
 struct Options {
     vmmfs: Option<PathBuf>,
+    bhyve_dir: Option<PathBuf>,
+    guests: Option<PathBuf>,
     allow_skip: bool,
     only: Vec<String>,
     keep_log: bool,
 }
 
 fn parse(args: &[String]) -> Result<Option<Options>, String> {
-    let mut o = Options { vmmfs: None, allow_skip: false, only: Vec::new(), keep_log: false };
+    let mut o =
+        Options { vmmfs: None, bhyve_dir: None, guests: None, allow_skip: false, only: Vec::new(), keep_log: false };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--vmmfs" => o.vmmfs = Some(it.next().ok_or("--vmmfs needs a path")?.into()),
+            "--bhyve-dir" => o.bhyve_dir = Some(it.next().ok_or("--bhyve-dir needs a directory")?.into()),
+            "--guests" => o.guests = Some(it.next().ok_or("--guests needs a directory")?.into()),
             "--allow-skip" => o.allow_skip = true,
             "--only" => o.only.push(it.next().ok_or("--only needs a group")?.clone()),
             "--keep-log" => o.keep_log = true,
@@ -127,6 +139,10 @@ fn run(o: Options) -> i32 {
         Ok(e) => e,
         Err(e) => return fatal(&e),
     };
+    if let Some(d) = &o.bhyve_dir {
+        env.bhyve_dir = d.clone();
+    }
+    env.guests = o.guests.clone();
     eprintln!("conformance: mount {} state {} log {}", env.mount.display(), env.state_dir.display(), env.log.display());
     if let Err(e) = env.start() {
         env.keep_log();

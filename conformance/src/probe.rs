@@ -31,7 +31,8 @@ conformance probe [--user NAME] [--ruid UID] OP ARGS...
                                       ops on a descriptor of a destroyed VM
   reuse CTL NAME destroy|close        create the name again right after its VM went
   jail-inherit CTL NAME write|ioctl|destroy-write|destroy-ioctl
-                                      open on the host; create (or destroy) from a new PID namespace";
+                                      open on the host; create (or destroy) from a new PID namespace
+  exec PROG ARGS...                   become the user, then exec PROG (bhyve, bhyvectl...)";
 
 fn cpath(p: &str) -> CString {
     CString::new(p).unwrap_or_else(|_| usage("path contains NUL"))
@@ -316,6 +317,11 @@ fn run(args: &[&str]) -> String {
         ["stale-fd", ctl, name, which, how] => stale_fd(ctl, name, which, how),
         ["reuse", ctl, name, how] => reuse(ctl, name, how),
         ["jail-inherit", ctl, name, via] => jail_inherit(ctl, name, via),
+        ["exec", prog, rest @ ..] => {
+            use std::os::unix::process::CommandExt;
+            let e = std::process::Command::new(prog).args(rest).exec();
+            format!("ERR exec {prog}: {e}")
+        }
         _ => usage("unknown probe or wrong arguments"),
     }
 }
