@@ -139,10 +139,12 @@ fn run(o: Options) -> i32 {
         Ok(e) => e,
         Err(e) => return fatal(&e),
     };
+    // The tools run with the temporary directory as working directory.
+    let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
     if let Some(d) = &o.bhyve_dir {
-        env.bhyve_dir = d.clone();
+        env.bhyve_dir = absolute(d);
     }
-    env.guests = o.guests.clone();
+    env.guests = o.guests.as_ref().map(absolute);
     eprintln!("conformance: mount {} state {} log {}", env.mount.display(), env.state_dir.display(), env.log.display());
     if let Err(e) = env.start() {
         env.keep_log();

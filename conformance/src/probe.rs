@@ -320,7 +320,8 @@ fn run(args: &[&str]) -> String {
         ["exec", prog, rest @ ..] => {
             use std::os::unix::process::CommandExt;
             let e = std::process::Command::new(prog).args(rest).exec();
-            format!("ERR exec {prog}: {e}")
+            eprintln!("conformance probe: exec {prog}: {e}");
+            std::process::exit(127)
         }
         _ => usage("unknown probe or wrong arguments"),
     }
