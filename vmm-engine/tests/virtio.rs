@@ -263,13 +263,20 @@ pub fn passt(extra: &[&str]) -> Option<(OwnedFd, Passt)> {
     let (ours, theirs) = socketpair();
     let raw = theirs.as_raw_fd();
     let mut cmd = std::process::Command::new("passt");
-    cmd.args(["-f", "-q", "-1", "-F", "3"])
+    if std::env::var_os("PASST_DEBUG").is_none() {
+        cmd.arg("-q");
+    }
+    cmd.args(["-f", "-1", "-F", "3"])
         .args(["-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2"])
         .args(["--dns-forward", "10.0.2.3"])
         .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
+    if std::env::var_os("PASST_DEBUG").is_some() {
+        cmd.args(["-d", "--trace"])
+            .stderr(std::process::Stdio::inherit());
+    }
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -353,5 +360,108 @@ fn virtio_net_slirp_dhcp_arp_and_hostfwd_tcp() {
     assert_eq!(
         lines[4..],
         ["tcp listening", "tcp syn", "tcp closed", "msix delivered"]
+    );
+}
+
+/// A tap device in a private network namespace of this test thread
+/// (root only): the host side is 10.0.2.2/24, the guest 10.0.2.15.
+fn tap_in_new_netns() -> Option<OwnedFd> {
+    // SAFETY: unshare affects only this thread's network namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!(
+            "skipping: no network namespace: {}",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .ok()?;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..6].copy_from_slice(b"vtap0\0");
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq we own.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF as _, &mut req as *mut IfReq) };
+    if r != 0 {
+        eprintln!("skipping: TUNSETIFF: {}", std::io::Error::last_os_error());
+        return None;
+    }
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["addr", "add", "10.0.2.2/24", "dev", "vtap0"],
+        &["link", "set", "vtap0", "up"],
+    ] {
+        let ok = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("skipping: ip {args:?} failed");
+            return None;
+        }
+    }
+    Some(f.into())
+}
+
+#[test]
+fn virtio_net_tap_tcp_from_the_host_stack() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let Some(tap) = tap_in_new_netns() else {
+        return;
+    };
+    let mut t = vdev_vm(
+        "nettap",
+        "nettap",
+        vec![("device 4 virtio-net tap,fd={}".into(), vec![tap])],
+    );
+    t.run();
+    let mut out = t.read_until("tcp listening\n", 60);
+    let addr = "10.0.2.15:22".parse().unwrap();
+    let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .expect("connect to the guest over the tap");
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(b"over tap\n").unwrap();
+    let mut reply = vec![0u8; 15];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(reply, b"pong: over tap\n");
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    out.push_str(&powered_off(&mut t, 60));
+    assert_eq!(
+        out,
+        "vdev nettap\nnet mtu 0\ntcp listening\ntcp syn\ntcp closed\nmsix delivered\n"
+    );
+}
+
+#[test]
+fn virtio_blk_bench_guest_reads_whole_disk() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (_file, fd) = disk(4 << 20);
+    let mut t = vdev_vm(
+        "blkbench",
+        "blkbench",
+        vec![("device 3 virtio-blk fd={},ro".into(), vec![fd])],
+    );
+    t.run();
+    assert_eq!(
+        powered_off(&mut t, 60),
+        "vdev blkbench\nbench start\nbench done 4194304\n"
     );
 }

@@ -229,10 +229,16 @@ impl Blk {
         let ram = act.ram.clone();
         let q: &mut VirtQueue = &mut act.queues[0];
         let mut any = false;
-        while let Some(c) = q.pop(&ram).map_err(|e| e.0)? {
-            let n = self.request(&ram, &c);
-            q.push(&ram, c.head, n).map_err(|e| e.0)?;
-            any = true;
+        loop {
+            q.disable_notify(&ram);
+            while let Some(c) = q.pop(&ram).map_err(|e| e.0)? {
+                let n = self.request(&ram, &c);
+                q.push(&ram, c.head, n).map_err(|e| e.0)?;
+                any = true;
+            }
+            if !q.enable_notify(&ram).map_err(|e| e.0)? {
+                break;
+            }
         }
         if any && q.needs_notification(&ram) {
             act.irq.queue(0);

@@ -70,9 +70,7 @@ pub fn default_mac(vm: &str, slot: &str) -> [u8; 6] {
 
 pub struct Net {
     cfg: NetConfig,
-    /// Bytes for the back end (slirp: framed stream).
-    out: VecDeque<u8>,
-    /// tap: whole frames for the back end.
+    /// Frames for the back end (slirp: with their length word).
     out_frames: VecDeque<Vec<u8>>,
     /// slirp: stream bytes read but not yet split into frames.
     stream: Vec<u8>,
@@ -87,7 +85,6 @@ impl Net {
     pub fn new(cfg: NetConfig) -> Net {
         Net {
             cfg,
-            out: VecDeque::new(),
             out_frames: VecDeque::new(),
             stream: Vec::new(),
             pending: None,
@@ -97,7 +94,7 @@ impl Net {
     }
 
     fn out_len(&self) -> usize {
-        self.out.len() + self.out_frames.iter().map(|f| f.len()).sum::<usize>()
+        self.out_frames.iter().map(|f| f.len()).sum::<usize>()
     }
 
     /// Take transmit chains while the back end keeps up.
@@ -114,13 +111,12 @@ impl Net {
             if total as usize > HDR && total as usize <= buf.len() {
                 let n = c.read_at(&ram, 0, &mut buf[..total as usize]);
                 let frame = &buf[HDR..n];
-                match self.cfg.backend {
-                    NetBackend::Slirp => {
-                        self.out.extend((frame.len() as u32).to_be_bytes());
-                        self.out.extend(frame);
-                    }
-                    NetBackend::Tap => self.out_frames.push_back(frame.to_vec()),
+                let mut v = Vec::with_capacity(frame.len() + 4);
+                if self.cfg.backend == NetBackend::Slirp {
+                    v.extend_from_slice(&(frame.len() as u32).to_be_bytes());
                 }
+                v.extend_from_slice(frame);
+                self.out_frames.push_back(v);
             } else {
                 self.dropped += 1;
             }
@@ -130,35 +126,25 @@ impl Net {
         Ok(any)
     }
 
-    /// Write what the back end will take without blocking.
+    /// Write what the back end will take. Each slirp frame (length word
+    /// included) goes out in one send(2): a Unix stream then queues it as one
+    /// buffer, so passt never sees a frame split across reads (older passt
+    /// releases lose the stream's framing when a frame arrives in pieces).
+    /// The socket has a send timeout, so a stuck passt cannot hold the
+    /// device thread for long.
     fn flush(&mut self) {
         let fd = self.cfg.fd.as_raw_fd();
-        loop {
-            let r = match self.cfg.backend {
-                NetBackend::Slirp => {
-                    if self.out.is_empty() {
-                        return;
+        while let Some(f) = self.out_frames.front_mut() {
+            if poll_fds(&[(fd, libc::POLLOUT)], 0)[0] & libc::POLLOUT == 0 {
+                return;
+            }
+            // SAFETY: sending/writing from a live buffer.
+            let r = unsafe {
+                match self.cfg.backend {
+                    NetBackend::Slirp => {
+                        libc::send(fd, f.as_ptr().cast(), f.len(), libc::MSG_NOSIGNAL)
                     }
-                    let (a, _) = self.out.as_slices();
-                    // SAFETY: sending from a live slice.
-                    unsafe {
-                        libc::send(
-                            fd,
-                            a.as_ptr().cast(),
-                            a.len(),
-                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                        )
-                    }
-                }
-                NetBackend::Tap => {
-                    let Some(f) = self.out_frames.front() else {
-                        return;
-                    };
-                    if poll_fds(&[(fd, libc::POLLOUT)], 0)[0] & libc::POLLOUT == 0 {
-                        return;
-                    }
-                    // SAFETY: writing from a live buffer.
-                    unsafe { libc::write(fd, f.as_ptr().cast(), f.len()) }
+                    NetBackend::Tap => libc::write(fd, f.as_ptr().cast(), f.len()),
                 }
             };
             if r < 0 {
@@ -169,21 +155,19 @@ impl Net {
                     _ => {
                         log::debug!("virtio-net: back end write: {e}");
                         // Drop what cannot be sent rather than spin.
-                        self.out.clear();
                         self.out_frames.clear();
                         self.dead = true;
                         return;
                     }
                 }
             }
-            match self.cfg.backend {
-                NetBackend::Slirp => {
-                    self.out.drain(..r as usize);
-                }
-                NetBackend::Tap => {
-                    self.out_frames.pop_front();
-                }
+            let n = r as usize;
+            if self.cfg.backend == NetBackend::Slirp && n < f.len() {
+                // Timed out part-way: the rest must still follow.
+                f.drain(..n);
+                return;
             }
+            self.out_frames.pop_front();
         }
     }
 
@@ -342,6 +326,22 @@ impl VirtioDevice for Net {
         // Frames left from an earlier activation belong to a reset device.
         self.pending = None;
         self.stream.clear();
+        if self.cfg.backend == NetBackend::Slirp {
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            // SAFETY: setsockopt with a timeval we own; the socket is ours alone.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+        }
         let mut broken = false;
         loop {
             if act.should_stop() {
@@ -389,6 +389,12 @@ impl VirtioDevice for Net {
                     (bfd, ev),
                 ],
                 -1,
+            );
+            log::trace!(
+                "net: out {} pending {:?} dead {} broken {broken} revents {r:?}",
+                self.out_len(),
+                self.pending.as_ref().map(|p| p.len()),
+                self.dead
             );
             if r[0] != 0 {
                 return;

@@ -201,6 +201,21 @@ impl VirtQueue {
             .map_err(|e| QueueError(format!("queue {idx}: used ring: {e}")))
     }
 
+    /// Ask the driver not to notify (VRING_USED_F_NO_NOTIFY) while the
+    /// device is busy draining the ring anyway.
+    pub fn disable_notify(&mut self, ram: &Ram) {
+        let _ = self.q.disable_notification(&ram.mem);
+    }
+
+    /// Ask for notifications again; true when buffers arrived meanwhile
+    /// (the caller must look again, or it would sleep on a non-empty ring).
+    pub fn enable_notify(&mut self, ram: &Ram) -> Result<bool, QueueError> {
+        let idx = self.index;
+        self.q
+            .enable_notification(&ram.mem)
+            .map_err(|e| QueueError(format!("queue {idx}: {e}")))
+    }
+
     /// Should the driver be interrupted (it may ask not to be)?
     pub fn needs_notification(&mut self, ram: &Ram) -> bool {
         self.q.needs_notification(&ram.mem).unwrap_or(true)
