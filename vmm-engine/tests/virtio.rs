@@ -465,3 +465,20 @@ fn virtio_blk_bench_guest_reads_whole_disk() {
         "vdev blkbench\nbench start\nbench done 4194304\n"
     );
 }
+
+#[test]
+fn virtio_intx_through_the_ioapic_without_msix() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut t = vdev_vm(
+        "intx",
+        "rngintx",
+        vec![("device 5 virtio-rnd".into(), vec![])],
+    );
+    t.run();
+    assert_eq!(
+        powered_off(&mut t, 60),
+        "vdev rngintx\nintx pin 1 line ok, rng 32 bytes, intx delivered\n"
+    );
+}

@@ -61,13 +61,17 @@ irq_\n:
         msix 6
         msix 7
 
-# INTx (IOAPIC) vector 0x50: count, EOI.
+# INTx (IOAPIC) vector 0x50: count, read the device's ISR, EOI.
         .globl  irq_intx
 irq_intx:
         push    %rax
         lea     intx_count(%rip), %rax
         lock incl (%rax)
-        mov     $0xfee000b0, %rax
+        mov     intx_isr(%rip), %rax    # level-triggered: reading the ISR
+        test    %rax, %rax              # drops the line before the EOI
+        jz      1f
+        movb    (%rax), %al
+1:      mov     $0xfee000b0, %rax
         movl    $0, (%rax)
         pop     %rax
         iretq

@@ -4,6 +4,7 @@
  *   blkro      a write to a read-only disk must fail with IOERR
  *   blkbench   read the whole disk sequentially (64 x 256 KiB in flight)
  *   rng        ask for 64 random bytes
+ *   rngintx    the same with INTx (IOAPIC) instead of MSI-X
  *   con        write to virtio-console, echo one input line back
  *   net        DHCP, ARP with the gateway, then a TCP echo server on port 22
  *   nettap     the TCP echo server only (tap: the host's stack talks to it)
@@ -200,6 +201,10 @@ struct vdev {
     struct vq q[2];
 };
 
+/* The ISR the INTx handler reads; 0 = none. */
+volatile u8 *volatile intx_isr;
+static int use_msix = 1;
+
 static u64 heap = 0x1000000; /* 16 MiB up: rings and buffers */
 static void *alloc(u64 n, u64 align)
 {
@@ -317,7 +322,8 @@ static int vdev_init(struct vdev *d, u64 want, int nq, u16 qsize)
     C8(d, 0x14) = 1 | 2 | 8;
     if (!(status(d) & 8))
         return -2;
-    msix_setup(d, nq + 1);
+    if (use_msix)
+        msix_setup(d, nq + 1);
     C16(d, 0x10) = nq; /* config vector */
     d->nq = nq;
     for (int i = 0; i < nq; i++)
@@ -529,6 +535,42 @@ static void test_rng(void)
     puts(" bytes, ");
     puts(nz > 32 ? "random" : "zeros");
     puts(irq_count[0] > 0 ? ", msix delivered\n" : ", msix missing\n");
+    poweroff();
+}
+
+/* virtio-rnd with INTx: MSI-X left off, pin A routed through the IOAPIC. */
+static void test_rngintx(void)
+{
+    int s = find_dev(0x1044);
+    struct vdev d = {0};
+    if (s < 0 || vdev_probe(&d, s))
+        fail("no virtio-rnd");
+    u8 line = cfg8(s, 0x3c), pin = cfg8(s, 0x3d);
+    volatile u32 *ioapic = (volatile u32 *)0xfec00000ul;
+    ioapic[0] = 0x10 + 2 * line + 1;
+    ioapic[4] = 0;                  /* destination: APIC 0 */
+    ioapic[0] = 0x10 + 2 * line;
+    ioapic[4] = 0x50 | (1u << 15);  /* vector 0x50, level, active high */
+    intx_isr = d.isr;
+    use_msix = 0;
+    if (vdev_init(&d, 0, 1, 16))
+        fail("rng init");
+    u8 *buf = alloc(32, 64);
+    struct vq *q = &d.q[0];
+    q->desc[0] = (struct desc){(u64)buf, 32, 2, 0};
+    vq_push(q, 0);
+    vq_kick(q, 0);
+    u32 id, len;
+    if (!vq_wait(q, &id, &len))
+        fail("rng timeout");
+    for (u64 i = 0; i < 100000000ul && !intx_count; i++)
+        barrier();
+    puts("intx pin ");
+    putdec(pin);
+    puts(line >= 16 && line < 24 ? " line ok, rng " : " line bad, rng ");
+    putdec(len);
+    puts(intx_count ? " bytes, intx delivered" : " bytes, intx missing");
+    puts(irq_count[0] ? ", msix fired\n" : "\n");
     poweroff();
 }
 
@@ -1046,6 +1088,8 @@ void umain(void)
         test_blkbench();
     else if (streq(cmdline, "rng"))
         test_rng();
+    else if (streq(cmdline, "rngintx"))
+        test_rngintx();
     else if (streq(cmdline, "con"))
         test_con();
     else if (streq(cmdline, "net"))

@@ -109,7 +109,7 @@ impl Net {
             };
             let total = c.readable_len();
             if total as usize > HDR && total as usize <= buf.len() {
-                let n = c.read_at(&ram, 0, &mut buf[..total as usize]);
+                let n = c.read_at(&ram, 0, &mut buf[..total as usize]).max(HDR);
                 let frame = &buf[HDR..n];
                 let mut v = Vec::with_capacity(frame.len() + 4);
                 if self.cfg.backend == NetBackend::Slirp {

@@ -425,7 +425,11 @@ impl VirtioPci {
                 let s = self.common_snapshot();
                 data.copy_from_slice(&s[o as usize..(o + len) as usize]);
             }
-            ISR => data[0] = self.irq.read_isr(),
+            ISR => {
+                if let Some(b) = data.first_mut() {
+                    *b = self.irq.read_isr();
+                }
+            }
             o if o >= DEVCFG && o - DEVCFG + len <= self.config.len() as u64 => {
                 let s = (o - DEVCFG) as usize;
                 data.copy_from_slice(&self.config[s..s + data.len()]);
