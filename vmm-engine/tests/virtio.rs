@@ -482,3 +482,79 @@ fn virtio_intx_through_the_ioapic_without_msix() {
         "vdev rngintx\nintx pin 1 line ok, rng 32 bytes, intx delivered\n"
     );
 }
+
+#[test]
+fn several_devices_and_reinit_between_runs() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (file, fd) = disk(2 << 20);
+    let (in_r, _in_w) = pipe();
+    let (_out_r, out_w) = pipe();
+    let mut t = vdev_vm(
+        "multi",
+        "rng",
+        vec![
+            ("device 3 virtio-blk fd={}".into(), vec![fd]),
+            ("device 4 virtio-console fd={}:{}".into(), vec![in_r, out_w]),
+            ("device 5 virtio-rnd".into(), vec![]),
+        ],
+    );
+    t.run();
+    assert_eq!(
+        powered_off(&mut t, 60),
+        "vdev rng\nrng 64 bytes, random, msix delivered\n"
+    );
+    // Same devices, next run: fresh device state, the disk's descriptor kept.
+    t.exec("reinit").unwrap();
+    t.exec("cmdline blk").unwrap();
+    t.run();
+    assert_eq!(
+        powered_off(&mut t, 60),
+        "vdev blk\nblk capacity 4096 rw\nblk read 1048576 bytes, 0 bad\nblk write status 0\n\
+         blk id status 0 'vmmfs'\nblk flush status 0\nblk past end status 1\nmsix delivered\n"
+    );
+    use std::os::unix::fs::FileExt;
+    let mut back = [0u8; 4];
+    file.read_exact_at(&mut back, 2048 * 512).unwrap();
+    assert_eq!(back, [0xa5, 0xa4, 0xa7, 0xa6]);
+    // And once more after the guest reset itself.
+    t.exec("reinit").unwrap();
+    t.exec("cmdline rng").unwrap();
+    t.run();
+    assert_eq!(
+        powered_off(&mut t, 60),
+        "vdev rng\nrng 64 bytes, random, msix delivered\n"
+    );
+    t.vm.destroy();
+}
+
+#[test]
+fn destroy_while_devices_are_live() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let Some((sock, _passt)) = passt(&["-t", "none", "-u", "none"]) else {
+        return;
+    };
+    let (in_r, _in_w) = pipe();
+    let (_out_r, out_w) = pipe();
+    let mut t = vdev_vm(
+        "live",
+        "net",
+        vec![
+            ("device 4 virtio-net slirp,fd={}".into(), vec![sock]),
+            ("device 5 virtio-console fd={}:{}".into(), vec![in_r, out_w]),
+        ],
+    );
+    t.run();
+    t.read_until("tcp listening\n", 60);
+    let start = std::time::Instant::now();
+    t.vm.destroy();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(t.vm.state(), VmState::Destroyed);
+}
