@@ -846,6 +846,9 @@ impl Control {
         self.stop_threads();
         self.vcpus.clear();
         self.serial = [None, None];
+        // Device descriptors (disks, passt sockets, taps) go with the VM:
+        // passt then sees its socket close and exits.
+        self.pci.clear();
         self.kernel = None;
         self.initrd = None;
         // Closing the VM drops its memory slots before the mappings go.

@@ -534,7 +534,7 @@ fn destroy_while_devices_are_live() {
     if !kvm_or_skip() {
         return;
     }
-    let Some((sock, _passt)) = passt(&["-t", "none", "-u", "none"]) else {
+    let Some((sock, mut passt)) = passt(&["-t", "none", "-u", "none"]) else {
         return;
     };
     let (in_r, _in_w) = pipe();
@@ -557,4 +557,14 @@ fn destroy_while_devices_are_live() {
         start.elapsed()
     );
     assert_eq!(t.vm.state(), VmState::Destroyed);
+    // The VM let go of the socket: passt (one-off) sees it close and exits.
+    let mut gone = false;
+    for _ in 0..300 {
+        if passt.0.try_wait().unwrap().is_some() {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(gone, "passt still running after destroy");
 }
