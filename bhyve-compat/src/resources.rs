@@ -119,7 +119,16 @@ fn open_tap(name: &str) -> Result<OwnedFd> {
 
 /// Start passt (user-mode NAT, runs as the invoking user) on one end of a
 /// socketpair; the other end goes to the VM.
-fn start_slirp(hostfwd: &[crate::plan::HostFwd], helpers: &mut Vec<Child>) -> Result<OwnedFd> {
+/// Without `open`, outbound traffic is restricted as far as passt allows:
+/// its sockets are bound to 127.0.0.1 (`-o`), so the guest reaches the host's
+/// own addresses (the gateway 10.0.2.2 is the host's loopback) but nothing
+/// beyond the host; hostfwd rules (inbound) are unaffected. passt has no
+/// switch that refuses outbound connections outright.
+fn start_slirp(
+    hostfwd: &[crate::plan::HostFwd],
+    open: bool,
+    helpers: &mut Vec<Child>,
+) -> Result<OwnedFd> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
@@ -135,6 +144,11 @@ fn start_slirp(hostfwd: &[crate::plan::HostFwd], helpers: &mut Vec<Child>) -> Re
         .arg(theirs_raw.as_raw_fd().to_string())
         .args(["-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2"])
         .args(["--dns-forward", "10.0.2.3"])
+        .args(if open {
+            &[][..]
+        } else {
+            &["-o", "127.0.0.1"][..]
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     let mut tcp = Vec::new();
@@ -232,8 +246,8 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
             Backend::None => None,
             Backend::Disk { path, ro } => Some(open_disk(path, *ro)?.0),
             Backend::Net(NetBackend::Tap(name)) => Some(open_tap(name)?),
-            Backend::Net(NetBackend::Slirp { hostfwd, .. }) => {
-                Some(start_slirp(hostfwd, &mut r.helpers)?)
+            Backend::Net(NetBackend::Slirp { hostfwd, open }) => {
+                Some(start_slirp(hostfwd, *open, &mut r.helpers)?)
             }
             Backend::Passthru { host } => Some(passthru(host)?),
         };
