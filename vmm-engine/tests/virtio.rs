@@ -316,7 +316,8 @@ fn virtio_net_slirp_dhcp_arp_and_hostfwd_tcp() {
     }
     let port = free_port(false);
     let fwd = format!("127.0.0.1/{port}:22");
-    let Some((sock, _passt)) = passt(&["-t", &fwd, "-u", "none"]) else {
+    // As bhyve starts it without `open`: outbound sockets on 127.0.0.1.
+    let Some((sock, _passt)) = passt(&["-t", &fwd, "-u", "none", "-o", "127.0.0.1"]) else {
         return;
     };
     let mut t = vdev_vm(
