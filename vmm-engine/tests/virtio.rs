@@ -76,7 +76,7 @@ fn virtio_blk_reads_pattern_and_writes_back() {
     assert_eq!(
         out,
         "vdev blk\nblk capacity 4096 rw\nblk read 1048576 bytes, 0 bad\nblk write status 0\n\
-         blk id status 0 'vmmfs'\nblk flush status 0\nblk past end status 1\nmsix delivered\n"
+         blk id status 0 'vmmfs'\nblk flush status 0\nblk discard status 0, reads zeros\nblk past end status 1\nmsix delivered\n"
     );
     use std::os::unix::fs::FileExt;
     let mut back = vec![0u8; 4096 + 512];
@@ -84,6 +84,9 @@ fn virtio_blk_reads_pattern_and_writes_back() {
     for (i, b) in back[..4096].iter().enumerate() {
         assert_eq!(*b, 0xa5 ^ (i as u8), "byte {i}");
     }
+    let mut hole = vec![0xffu8; 4096];
+    file.read_exact_at(&mut hole, 1024 * 512).unwrap();
+    assert!(hole.iter().all(|b| *b == 0), "discarded range not zero");
     // Untouched around it.
     assert_eq!(
         back[4096..],
@@ -513,7 +516,7 @@ fn several_devices_and_reinit_between_runs() {
     assert_eq!(
         powered_off(&mut t, 60),
         "vdev blk\nblk capacity 4096 rw\nblk read 1048576 bytes, 0 bad\nblk write status 0\n\
-         blk id status 0 'vmmfs'\nblk flush status 0\nblk past end status 1\nmsix delivered\n"
+         blk id status 0 'vmmfs'\nblk flush status 0\nblk discard status 0, reads zeros\nblk past end status 1\nmsix delivered\n"
     );
     use std::os::unix::fs::FileExt;
     let mut back = [0u8; 4];

@@ -386,7 +386,8 @@ static int blk_rw(struct vdev *d, u32 type, u64 sector, void *buf, u32 len)
     *st = 0xff;
     q->desc[0] = (struct desc){(u64)hdr, 16, 1, 1};
     if (len) {
-        q->desc[1] = (struct desc){(u64)buf, len, (u16)(1 | (type == 1 ? 0 : 2)), 2};
+        int out = type == 1 || type == 11; /* device reads the buffer */
+        q->desc[1] = (struct desc){(u64)buf, len, (u16)(1 | (out ? 0 : 2)), 2};
         q->desc[2] = (struct desc){(u64)st, 1, 2, 0};
     } else {
         q->desc[1] = (struct desc){(u64)st, 1, 2, 0};
@@ -405,7 +406,7 @@ static void test_blk(int ro)
     struct vdev d = {0};
     if (s < 0 || vdev_probe(&d, s))
         fail("no virtio-blk");
-    if (vdev_init(&d, (1 << 5) | (1 << 9) | (1 << 2) | (1 << 6), 1, 128))
+    if (vdev_init(&d, (1 << 5) | (1 << 9) | (1 << 2) | (1 << 6) | (1 << 13), 1, 128))
         fail("blk init");
     u64 cap = *(volatile u64 *)d.devcfg;
     puts("blk capacity ");
@@ -446,6 +447,19 @@ static void test_blk(int ro)
         putc(buf[i]);
     puts("'\nblk flush status ");
     putdec(blk_rw(&d, 4, 0, NULL, 0));
+    puts("\nblk discard status ");
+    {
+        u64 *seg = (u64 *)buf; /* {sector, sectors | flags << 32} */
+        seg[0] = 1024;
+        seg[1] = 8;
+        putdec(d.features & (1 << 13) ? blk_rw(&d, 11, 0, buf, 16) : 99);
+        memset(buf, 0xee, 4096);
+        int st = blk_rw(&d, 0, 1024, buf, 4096);
+        u32 nz = 0;
+        for (int i = 0; i < 4096; i++)
+            nz += buf[i] != 0;
+        puts(st == 0 && nz == 0 ? ", reads zeros" : ", data left");
+    }
     puts("\nblk past end status ");
     putdec(blk_rw(&d, 0, cap, buf, 512));
     puts("\nmsix ");

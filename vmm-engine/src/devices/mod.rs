@@ -137,6 +137,7 @@ impl PciEmulation {
                     file: Arc::new(file),
                     ro,
                     sector_size,
+                    discard: !has("nodelete"),
                 })
             }
             "virtio-net" => {

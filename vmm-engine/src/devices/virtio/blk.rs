@@ -15,11 +15,16 @@ const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+/// Discard segments per request and sectors per segment we advertise.
+const DISCARD_SEG_MAX: u32 = 32;
+const DISCARD_SECTORS_MAX: u32 = 1 << 22;
 
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
@@ -37,6 +42,8 @@ pub struct BlkConfig {
     pub ro: bool,
     /// Logical sector size when given (512..=32768, a power of two).
     pub sector_size: Option<u32>,
+    /// Offer DISCARD (punches holes in the file); bhyve's `nodelete` clears it.
+    pub discard: bool,
 }
 
 pub struct Blk {
@@ -221,8 +228,55 @@ impl Blk {
                 let w = c.write_at(ram, 0, &self.id[..]);
                 (S_OK, w as u32)
             }
+            T_DISCARD if self.discard_on() => (self.discard(ram, c), 0),
             _ => (S_UNSUPP, 0),
         }
+    }
+
+    fn discard_on(&self) -> bool {
+        self.cfg.discard && !self.cfg.ro
+    }
+
+    /// DISCARD: segments of {sector u64, sectors u32, flags u32} after the
+    /// header; each becomes a hole in the file (reads then return zeros).
+    fn discard(&self, ram: &Ram, c: &Chain) -> u8 {
+        let body = c.readable_len().saturating_sub(HDR);
+        if body == 0 || body % 16 != 0 || body / 16 > u64::from(DISCARD_SEG_MAX) {
+            return S_IOERR;
+        }
+        for k in 0..body / 16 {
+            let mut seg = [0u8; 16];
+            if c.read_at(ram, HDR + 16 * k, &mut seg) != 16 {
+                return S_IOERR;
+            }
+            let mut s8 = [0u8; 8];
+            s8.copy_from_slice(&seg[..8]);
+            let sector = u64::from_le_bytes(s8);
+            let count = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+            let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+            let (Some(off), Some(len)) =
+                (sector.checked_mul(512), u64::from(count).checked_mul(512))
+            else {
+                return S_IOERR;
+            };
+            if flags != 0 || count > DISCARD_SECTORS_MAX || off.saturating_add(len) > self.size {
+                return S_IOERR;
+            }
+            // SAFETY: fallocate on our descriptor with checked offsets.
+            let r = unsafe {
+                libc::fallocate(
+                    self.cfg.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if r != 0 {
+                log::debug!("virtio-blk: discard: {}", std::io::Error::last_os_error());
+                return S_IOERR;
+            }
+        }
+        S_OK
     }
 
     fn drain_queue(&self, act: &mut Activation) -> Result<(), String> {
@@ -260,6 +314,9 @@ impl VirtioDevice for Blk {
         if self.cfg.sector_size.is_some() {
             f |= F_BLK_SIZE;
         }
+        if self.discard_on() {
+            f |= F_DISCARD;
+        }
         f
     }
 
@@ -273,6 +330,11 @@ impl VirtioDevice for Blk {
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&self.cfg.sector_size.unwrap_or(512).to_le_bytes());
         c[34..36].copy_from_slice(&1u16.to_le_bytes());
+        if self.discard_on() {
+            c[36..40].copy_from_slice(&DISCARD_SECTORS_MAX.to_le_bytes());
+            c[40..44].copy_from_slice(&DISCARD_SEG_MAX.to_le_bytes());
+            c[44..48].copy_from_slice(&1u32.to_le_bytes());
+        }
         c
     }
 
