@@ -241,7 +241,7 @@ impl Blk {
     /// header; each becomes a hole in the file (reads then return zeros).
     fn discard(&self, ram: &Ram, c: &Chain) -> u8 {
         let body = c.readable_len().saturating_sub(HDR);
-        if body == 0 || body % 16 != 0 || body / 16 > u64::from(DISCARD_SEG_MAX) {
+        if body == 0 || !body.is_multiple_of(16) || body / 16 > u64::from(DISCARD_SEG_MAX) {
             return S_IOERR;
         }
         for k in 0..body / 16 {
