@@ -572,3 +572,41 @@ fn destroy_while_devices_are_live() {
     }
     assert!(gone, "passt still running after destroy");
 }
+
+fn count(dir: &str) -> usize {
+    std::fs::read_dir(dir).unwrap().count()
+}
+
+#[test]
+fn no_descriptor_or_thread_leaks_with_devices() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let cycle = |i: usize| {
+        let (_file, fd) = disk(64 << 10);
+        let mut t = vdev_vm(
+            &format!("leak{i}"),
+            "rng",
+            vec![
+                ("device 3 virtio-blk fd={}".into(), vec![fd]),
+                ("device 5 virtio-rnd".into(), vec![]),
+            ],
+        );
+        t.run();
+        assert_eq!(
+            powered_off(&mut t, 60),
+            "vdev rng\nrng 64 bytes, random, msix delivered\n"
+        );
+        t.vm.destroy();
+    };
+    // Other tests run in parallel threads of this process: compare the
+    // trend over many cycles, not exact counts.
+    cycle(0);
+    let (fds0, tasks0) = (count("/proc/self/fd"), count("/proc/self/task"));
+    for i in 1..=30 {
+        cycle(i);
+    }
+    let (fds1, tasks1) = (count("/proc/self/fd"), count("/proc/self/task"));
+    assert!(fds1 <= fds0 + 10, "descriptors {fds0} -> {fds1}");
+    assert!(tasks1 <= tasks0 + 10, "threads {tasks0} -> {tasks1}");
+}
