@@ -471,3 +471,96 @@ impl Drop for VirtioPci {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::Region;
+
+    /// Random register traffic from a "driver" that knows nothing: the
+    /// transport and the device thread must neither panic nor hang.
+    #[test]
+    fn random_register_traffic_is_survived() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipping: no /dev/kvm");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let len = 1usize << 20;
+        // SAFETY: an anonymous mapping for the fake guest RAM, unmapped below.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(host, libc::MAP_FAILED);
+        let ram = Arc::new(
+            Ram::new(&[Region {
+                gpa: 0,
+                len: len as u64,
+                host: host as usize,
+            }])
+            .unwrap(),
+        );
+        let router = Arc::new(GsiRouter::new(vm.clone()));
+        let mut f = VirtioPci::function(
+            Box::new(crate::devices::virtio::rng::Rng),
+            "fuzz".into(),
+            vm,
+            router,
+            ram,
+            Placement {
+                bar_addr: 0xc000_0000,
+                intx_line: 16,
+                source: 0,
+            },
+        )
+        .unwrap();
+        let mut v = f.virtio.take().unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..4000 {
+            let r = next();
+            let size = [1usize, 2, 4, 8][(r & 3) as usize];
+            let off = match (r >> 2) % 6 {
+                0..=2 => (r >> 8) % 0x40,
+                3 => NOTIFY + (r >> 8) % 16,
+                4 => MSIX_TABLE + (r >> 8) % 0x60,
+                _ => (r >> 8) % BAR_SIZE,
+            };
+            let off = off.min(BAR_SIZE - size as u64);
+            let val = match (r >> 40) % 4 {
+                // Plausible addresses in RAM, small numbers, status bits, junk.
+                0 => (next() % (len as u64)) & !0xf,
+                1 => next() % 512,
+                2 => [0u64, 1, 3, 11, 15, 0x4f][(next() % 6) as usize],
+                _ => next(),
+            };
+            let mut data = val.to_le_bytes();
+            if r & (1 << 60) != 0 {
+                v.bar_read(0, off, &mut data[..size]);
+            } else {
+                v.bar_write(0, off, &data[..size]);
+            }
+            if r & (1 << 61) != 0 && r & (1 << 62) != 0 {
+                let mut cfg = f.cfg;
+                cfg[v.msix_cap + 3] = (next() as u8) & 0xc0;
+                v.config_written(&cfg, 0xc000_0000 + (next() % 4) * 0x4000, next() & 1 == 0);
+            }
+        }
+        v.shutdown();
+        drop(v);
+        // SAFETY: the device thread is joined; nothing uses the mapping now.
+        unsafe { libc::munmap(host, len) };
+    }
+}
