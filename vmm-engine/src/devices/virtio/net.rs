@@ -101,21 +101,26 @@ impl Net {
     fn transmit(&mut self, act: &mut Activation) -> Result<bool, String> {
         let ram = act.ram.clone();
         let mut any = false;
-        let mut buf = vec![0u8; HDR + MAX_FRAME];
+        let pre = if self.cfg.backend == NetBackend::Slirp {
+            4
+        } else {
+            0
+        };
         while self.out_len() < OUT_LIMIT {
             let q = &mut act.queues[1];
             let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
                 break;
             };
-            let total = c.readable_len();
-            if total as usize > HDR && total as usize <= buf.len() {
-                let n = c.read_at(&ram, 0, &mut buf[..total as usize]).max(HDR);
-                let frame = &buf[HDR..n];
-                let mut v = Vec::with_capacity(frame.len() + 4);
-                if self.cfg.backend == NetBackend::Slirp {
-                    v.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+            let total = c.readable_len() as usize;
+            if total > HDR && total <= HDR + MAX_FRAME {
+                // One copy, straight into the buffer that goes to the back
+                // end (slirp: behind its length word).
+                let mut v = vec![0u8; pre + total - HDR];
+                let n = c.read_at(&ram, HDR as u64, &mut v[pre..]);
+                v.truncate(pre + n);
+                if pre > 0 {
+                    v[..4].copy_from_slice(&(n as u32).to_be_bytes());
                 }
-                v.extend_from_slice(frame);
                 self.out_frames.push_back(v);
             } else {
                 self.dropped += 1;
