@@ -424,6 +424,11 @@ fn virtio_net_tap_tcp_from_the_host_stack() {
     if !kvm_or_skip() {
         return;
     }
+    // Its own thread: the network namespace change must not outlive the test.
+    std::thread::spawn(tap_tcp).join().unwrap();
+}
+
+fn tap_tcp() {
     let Some(tap) = tap_in_new_netns() else {
         return;
     };
