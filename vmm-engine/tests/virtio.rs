@@ -615,3 +615,21 @@ fn no_descriptor_or_thread_leaks_with_devices() {
     assert!(fds1 <= fds0 + 10, "descriptors {fds0} -> {fds1}");
     assert!(tasks1 <= tasks0 + 10, "threads {tasks0} -> {tasks1}");
 }
+
+#[test]
+fn virtio_blk_host_io_error_is_ioerr() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (file, fd) = disk(64 << 10);
+    let mut t = vdev_vm(
+        "blkerr",
+        "blkerr",
+        vec![("device 3 virtio-blk fd={}".into(), vec![fd])],
+    );
+    t.run();
+    std::thread::sleep(Duration::from_millis(200));
+    // Reads past the new end of file come back short: EIO on the host.
+    file.set_len(0).unwrap();
+    assert_eq!(powered_off(&mut t, 60), "vdev blkerr\nblk read status 1\n");
+}

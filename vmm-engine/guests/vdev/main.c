@@ -2,6 +2,7 @@
  * on this host's KVM). The kernel command line picks the test:
  *   blk        read the disk's pattern, write one back, get-id, flush
  *   blkro      a write to a read-only disk must fail with IOERR
+ *   blkerr     read until the host's file fails under it (host I/O error)
  *   blkbench   read the whole disk sequentially (64 x 256 KiB in flight)
  *   rng        ask for 64 random bytes
  *   rngintx    the same with INTx (IOAPIC) instead of MSI-X
@@ -464,6 +465,25 @@ static void test_blk(int ro)
     putdec(blk_rw(&d, 0, cap, buf, 512));
     puts("\nmsix ");
     puts(irq_count[0] > 0 ? "delivered" : "missing");
+    puts("\n");
+    poweroff();
+}
+
+/* Read sector 0 until the host makes it fail (it truncates the image). */
+static void test_blkerr(void)
+{
+    int s = find_dev(0x1042);
+    struct vdev d = {0};
+    if (s < 0 || vdev_probe(&d, s))
+        fail("no virtio-blk");
+    if (vdev_init(&d, 0, 1, 16))
+        fail("blk init");
+    u8 *buf = alloc(4096, 4096);
+    int st = 0;
+    for (u64 n = 0; n < 100000000ul && !st; n++)
+        st = blk_rw(&d, 0, 0, buf, 4096);
+    puts("blk read status ");
+    putdec(st);
     puts("\n");
     poweroff();
 }
@@ -1098,6 +1118,8 @@ void umain(void)
         test_blk(0);
     else if (streq(cmdline, "blkro"))
         test_blk(1);
+    else if (streq(cmdline, "blkerr"))
+        test_blkerr();
     else if (streq(cmdline, "blkbench"))
         test_blkbench();
     else if (streq(cmdline, "rng"))
