@@ -273,7 +273,9 @@ fn detach_stops_the_guest_and_lets_go_of_descriptors() {
     assert_eq!(t.vm.state(), VmState::Running);
     t.vm.detach();
     match t.vm.state() {
-        VmState::Exited(ExitReason::Error(cause)) => assert!(cause.contains("went away"), "{cause}"),
+        VmState::Exited(ExitReason::Error(cause)) => {
+            assert!(cause.contains("went away"), "{cause}")
+        }
         s => panic!("state after detach: {s:?}"),
     }
     assert!(t.vm.status().contains("status=4\n"));
@@ -289,7 +291,10 @@ fn detach_stops_the_guest_and_lets_go_of_descriptors() {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(t0.elapsed() < Duration::from_secs(2), "COM1 output still held by the engine");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(2),
+                    "COM1 output still held by the engine"
+                );
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => panic!("{e}"),
