@@ -40,7 +40,9 @@ impl Console {
             out_dead: false,
         }
     }
+}
 
+impl super::RxTx for Console {
     fn transmit(&mut self, act: &mut Activation) -> Result<bool, String> {
         let ram = act.ram.clone();
         let mut any = false;
@@ -157,29 +159,7 @@ impl VirtioDevice for Console {
             if act.should_stop() {
                 return;
             }
-            super::drain(&act.notify[0]);
-            super::drain(&act.notify[1]);
-            if !broken {
-                let r = self.transmit(act).and_then(|tx| {
-                    self.flush();
-                    Ok((tx, self.receive(act)?))
-                });
-                match r {
-                    Ok((tx, rx)) => {
-                        let ram = act.ram.clone();
-                        if tx && act.queues[1].needs_notification(&ram) {
-                            act.irq.queue(1);
-                        }
-                        if rx && act.queues[0].needs_notification(&ram) {
-                            act.irq.queue(0);
-                        }
-                    }
-                    Err(why) => {
-                        act.broken(&why);
-                        broken = true;
-                    }
-                }
-            }
+            super::service_rx_tx(self, act, &mut broken);
             let want_in = !broken && !self.in_eof && self.pending.is_empty();
             let want_out = !self.out.is_empty() && !self.out_dead;
             let r = poll_fds(

@@ -175,6 +175,47 @@ pub trait VirtioDevice: Send {
     fn run(&mut self, act: &mut Activation);
 }
 
+/// A device with a receive queue 0 and a transmit queue 1 (net, console).
+pub trait RxTx {
+    /// Take what the guest queued for sending; true if buffers were used.
+    fn transmit(&mut self, act: &mut Activation) -> std::result::Result<bool, String>;
+    /// Push what is waiting to the back end, as far as it takes it now.
+    fn flush(&mut self);
+    /// Fill the guest's receive buffers; true if buffers were used.
+    fn receive(&mut self, act: &mut Activation) -> std::result::Result<bool, String>;
+}
+
+/// One round of an [`RxTx`] device: clear the notifications, move what the
+/// guest sent and what the back end has for it, and interrupt the guest for
+/// each queue that used buffers. A guest that breaks a queue makes the device
+/// broken (`*broken`) until the driver resets it.
+pub fn service_rx_tx(dev: &mut impl RxTx, act: &mut Activation, broken: &mut bool) {
+    drain(&act.notify[0]);
+    drain(&act.notify[1]);
+    if *broken {
+        return;
+    }
+    let moved = dev.transmit(act).and_then(|tx| {
+        dev.flush();
+        Ok((tx, dev.receive(act)?))
+    });
+    match moved {
+        Ok((tx, rx)) => {
+            let ram = act.ram.clone();
+            if tx && act.queues[1].needs_notification(&ram) {
+                act.irq.queue(1);
+            }
+            if rx && act.queues[0].needs_notification(&ram) {
+                act.irq.queue(0);
+            }
+        }
+        Err(why) => {
+            act.broken(&why);
+            *broken = true;
+        }
+    }
+}
+
 /// Wait on `fds` (plus nothing else) with poll(2); returns revents per fd.
 /// EINTR counts as "nothing ready".
 pub fn poll_fds(fds: &[(RawFd, i16)], timeout_ms: i32) -> Vec<i16> {

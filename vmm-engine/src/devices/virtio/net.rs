@@ -97,85 +97,6 @@ impl Net {
         self.out_frames.iter().map(|f| f.len()).sum::<usize>()
     }
 
-    /// Take transmit chains while the back end keeps up.
-    fn transmit(&mut self, act: &mut Activation) -> Result<bool, String> {
-        let ram = act.ram.clone();
-        let mut any = false;
-        let pre = if self.cfg.backend == NetBackend::Slirp {
-            4
-        } else {
-            0
-        };
-        while self.out_len() < OUT_LIMIT {
-            let q = &mut act.queues[1];
-            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
-                break;
-            };
-            let total = c.readable_len() as usize;
-            if total > HDR && total <= HDR + MAX_FRAME {
-                // One copy, straight into the buffer that goes to the back
-                // end (slirp: behind its length word).
-                let mut v = vec![0u8; pre + total - HDR];
-                let n = c.read_at(&ram, HDR as u64, &mut v[pre..]);
-                v.truncate(pre + n);
-                if pre > 0 {
-                    v[..4].copy_from_slice(&(n as u32).to_be_bytes());
-                }
-                self.out_frames.push_back(v);
-            } else {
-                self.dropped += 1;
-            }
-            q.push(&ram, c.head, 0).map_err(|e| e.0)?;
-            any = true;
-        }
-        Ok(any)
-    }
-
-    /// Write what the back end will take. Each slirp frame (length word
-    /// included) goes out in one send(2): a Unix stream then queues it as one
-    /// buffer, so passt never sees a frame split across reads (older passt
-    /// releases lose the stream's framing when a frame arrives in pieces).
-    /// The socket has a send timeout, so a stuck passt cannot hold the
-    /// device thread for long.
-    fn flush(&mut self) {
-        let fd = self.cfg.fd.as_raw_fd();
-        while let Some(f) = self.out_frames.front_mut() {
-            if poll_fds(&[(fd, libc::POLLOUT)], 0)[0] & libc::POLLOUT == 0 {
-                return;
-            }
-            // SAFETY: sending/writing from a live buffer.
-            let r = unsafe {
-                match self.cfg.backend {
-                    NetBackend::Slirp => {
-                        libc::send(fd, f.as_ptr().cast(), f.len(), libc::MSG_NOSIGNAL)
-                    }
-                    NetBackend::Tap => libc::write(fd, f.as_ptr().cast(), f.len()),
-                }
-            };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => return,
-                    _ => {
-                        log::debug!("virtio-net: back end write: {e}");
-                        // Drop what cannot be sent rather than spin.
-                        self.out_frames.clear();
-                        self.dead = true;
-                        return;
-                    }
-                }
-            }
-            let n = r as usize;
-            if self.cfg.backend == NetBackend::Slirp && n < f.len() {
-                // Timed out part-way: the rest must still follow.
-                f.drain(..n);
-                return;
-            }
-            self.out_frames.pop_front();
-        }
-    }
-
     /// Read from the back end into `pending` (one frame at most).
     fn fill_pending(&mut self) {
         if self.pending.is_some() || self.dead {
@@ -265,6 +186,87 @@ impl Net {
         let b = c.write_at(ram, HDR as u64, frame);
         Some((a + b) as u32)
     }
+}
+
+impl super::RxTx for Net {
+    /// Take transmit chains while the back end keeps up.
+    fn transmit(&mut self, act: &mut Activation) -> Result<bool, String> {
+        let ram = act.ram.clone();
+        let mut any = false;
+        let pre = if self.cfg.backend == NetBackend::Slirp {
+            4
+        } else {
+            0
+        };
+        while self.out_len() < OUT_LIMIT {
+            let q = &mut act.queues[1];
+            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+                break;
+            };
+            let total = c.readable_len() as usize;
+            if total > HDR && total <= HDR + MAX_FRAME {
+                // One copy, straight into the buffer that goes to the back
+                // end (slirp: behind its length word).
+                let mut v = vec![0u8; pre + total - HDR];
+                let n = c.read_at(&ram, HDR as u64, &mut v[pre..]);
+                v.truncate(pre + n);
+                if pre > 0 {
+                    v[..4].copy_from_slice(&(n as u32).to_be_bytes());
+                }
+                self.out_frames.push_back(v);
+            } else {
+                self.dropped += 1;
+            }
+            q.push(&ram, c.head, 0).map_err(|e| e.0)?;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    /// Write what the back end will take. Each slirp frame (length word
+    /// included) goes out in one send(2): a Unix stream then queues it as one
+    /// buffer, so passt never sees a frame split across reads (older passt
+    /// releases lose the stream's framing when a frame arrives in pieces).
+    /// The socket has a send timeout, so a stuck passt cannot hold the
+    /// device thread for long.
+    fn flush(&mut self) {
+        let fd = self.cfg.fd.as_raw_fd();
+        while let Some(f) = self.out_frames.front_mut() {
+            if poll_fds(&[(fd, libc::POLLOUT)], 0)[0] & libc::POLLOUT == 0 {
+                return;
+            }
+            // SAFETY: sending/writing from a live buffer.
+            let r = unsafe {
+                match self.cfg.backend {
+                    NetBackend::Slirp => {
+                        libc::send(fd, f.as_ptr().cast(), f.len(), libc::MSG_NOSIGNAL)
+                    }
+                    NetBackend::Tap => libc::write(fd, f.as_ptr().cast(), f.len()),
+                }
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => return,
+                    _ => {
+                        log::debug!("virtio-net: back end write: {e}");
+                        // Drop what cannot be sent rather than spin.
+                        self.out_frames.clear();
+                        self.dead = true;
+                        return;
+                    }
+                }
+            }
+            let n = r as usize;
+            if self.cfg.backend == NetBackend::Slirp && n < f.len() {
+                // Timed out part-way: the rest must still follow.
+                f.drain(..n);
+                return;
+            }
+            self.out_frames.pop_front();
+        }
+    }
 
     /// Move frames from the back end into receive buffers.
     fn receive(&mut self, act: &mut Activation) -> Result<bool, String> {
@@ -352,30 +354,7 @@ impl VirtioDevice for Net {
             if act.should_stop() {
                 return;
             }
-            super::drain(&act.notify[0]);
-            super::drain(&act.notify[1]);
-            if !broken {
-                let r = self.transmit(act).and_then(|tx| {
-                    self.flush();
-                    let rx = self.receive(act)?;
-                    Ok((tx, rx))
-                });
-                match r {
-                    Ok((tx, rx)) => {
-                        let ram = act.ram.clone();
-                        if tx && act.queues[1].needs_notification(&ram) {
-                            act.irq.queue(1);
-                        }
-                        if rx && act.queues[0].needs_notification(&ram) {
-                            act.irq.queue(0);
-                        }
-                    }
-                    Err(why) => {
-                        act.broken(&why);
-                        broken = true;
-                    }
-                }
-            }
+            super::service_rx_tx(self, act, &mut broken);
             let mut ev = 0;
             if !self.dead && self.pending.is_none() && !broken {
                 ev |= libc::POLLIN;
