@@ -12,19 +12,8 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
-use vmm_engine::{Command, ExitReason, FdSource, Vm, VmState};
-
-struct Fds(Vec<OwnedFd>);
-impl FdSource for Fds {
-    fn take(&mut self, n: i32) -> std::io::Result<OwnedFd> {
-        let i = self
-            .0
-            .iter()
-            .position(|f| f.as_raw_fd() == n)
-            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?;
-        Ok(self.0.remove(i))
-    }
-}
+use vmm_engine::command::OwnedFds;
+use vmm_engine::{Command, ExitReason, Vm, VmState};
 
 fn memfd_with(data: &[u8]) -> OwnedFd {
     // SAFETY: plain syscall.
@@ -58,7 +47,7 @@ fn vdev(test: &str, device: &str, fd: OwnedFd) -> (Vm, Instant) {
         k.as_raw_fd(),
         fd.as_raw_fd(),
     );
-    let mut fds = Fds(vec![devnull, null2, k, fd]);
+    let mut fds = OwnedFds::from(vec![devnull, null2, k, fd]);
     for c in [
         "memory 256M".to_string(),
         format!("com1 {a} {b}"),

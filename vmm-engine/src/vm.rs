@@ -931,24 +931,21 @@ fn serial_reader(input: Arc<OwnedFd>, port: ComPort, ctx: Arc<RunCtx>) {
 mod tests {
     use super::*;
 
-    struct NoFds;
-    impl FdSource for NoFds {
-        fn take(&mut self, _: i32) -> std::io::Result<OwnedFd> {
-            Err(std::io::Error::from_raw_os_error(libc::EBADF))
-        }
-    }
+    use crate::command::OwnedFds as NoFds;
 
     #[test]
     fn create_configure_destroy() {
         let vm = Vm::create("t").expect("KVM must be available for engine tests");
         assert_eq!(vm.segments()[0].size, DEFAULT_MEMORY);
-        vm.execute(Command::parse("memory 64M").unwrap(), &mut NoFds)
+        vm.execute(Command::parse("memory 64M").unwrap(), &mut NoFds::default())
             .unwrap();
         assert_eq!(vm.segments()[0].size, 64 << 20);
         assert!(vm.status().contains("memory=67108864"));
         vm.destroy();
         assert_eq!(
-            vm.execute(Command::Run, &mut NoFds).unwrap_err().errno(),
+            vm.execute(Command::Run, &mut NoFds::default())
+                .unwrap_err()
+                .errno(),
             libc::ENXIO
         );
         assert!(vm.segments().is_empty());
@@ -963,7 +960,7 @@ mod tests {
     #[test]
     fn memory_above_4g() {
         let vm = Vm::create("big").unwrap();
-        vm.execute(Command::parse("memory 4G").unwrap(), &mut NoFds)
+        vm.execute(Command::parse("memory 4G").unwrap(), &mut NoFds::default())
             .unwrap();
         let c = vm.core.ctl.lock();
         let gm = c.guest_memory();
@@ -975,7 +972,9 @@ mod tests {
     fn run_without_boot_image_is_einval() {
         let vm = Vm::create("t").unwrap();
         assert_eq!(
-            vm.execute(Command::Run, &mut NoFds).unwrap_err().errno(),
+            vm.execute(Command::Run, &mut NoFds::default())
+                .unwrap_err()
+                .errno(),
             libc::EINVAL
         );
     }

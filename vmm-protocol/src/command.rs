@@ -6,12 +6,43 @@
 
 use crate::{ParseError, Result};
 use std::fmt;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 /// Turns a descriptor number of the client into a descriptor of our own.
 pub trait FdSource {
     /// Take a copy of the client's descriptor `client_fd`.
     fn take(&mut self, client_fd: i32) -> std::io::Result<OwnedFd>;
+}
+
+/// An [`FdSource`] for callers in the engine's own process (embedders, tests,
+/// benchmarks): descriptors handed over by value and named by their numbers.
+#[derive(Debug, Default)]
+pub struct OwnedFds(Vec<OwnedFd>);
+
+impl OwnedFds {
+    /// Hand over `fd`; returns the number that names it in a command.
+    pub fn add(&mut self, fd: OwnedFd) -> i32 {
+        let n = fd.as_raw_fd();
+        self.0.push(fd);
+        n
+    }
+}
+
+impl From<Vec<OwnedFd>> for OwnedFds {
+    fn from(fds: Vec<OwnedFd>) -> Self {
+        OwnedFds(fds)
+    }
+}
+
+impl FdSource for OwnedFds {
+    fn take(&mut self, client_fd: i32) -> std::io::Result<OwnedFd> {
+        let i = self
+            .0
+            .iter()
+            .position(|f| f.as_raw_fd() == client_fd)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?;
+        Ok(self.0.remove(i))
+    }
 }
 
 /// A PCI slot as bhyve writes it: `slot`, `slot:func` or `bus:slot:func`.

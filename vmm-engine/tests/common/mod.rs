@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use vmm_engine::{Command, ExitReason, FdSource, Vm, VmState};
+use vmm_engine::{Command, ExitReason, Vm, VmState};
 
 /// Directory with the built guests.
 pub fn guest_path(name: &str) -> PathBuf {
@@ -37,27 +37,7 @@ pub fn kvm_or_skip() -> bool {
 }
 
 /// Hands over our own descriptors, keyed by the numbers used in commands.
-#[derive(Default)]
-pub struct Fds(pub Vec<(i32, OwnedFd)>);
-
-impl Fds {
-    pub fn add(&mut self, fd: OwnedFd) -> i32 {
-        let n = fd.as_raw_fd();
-        self.0.push((n, fd));
-        n
-    }
-}
-
-impl FdSource for Fds {
-    fn take(&mut self, client_fd: i32) -> std::io::Result<OwnedFd> {
-        let i = self
-            .0
-            .iter()
-            .position(|(n, _)| *n == client_fd)
-            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?;
-        Ok(self.0.remove(i).1)
-    }
-}
+pub use vmm_engine::command::OwnedFds as Fds;
 
 pub fn pipe() -> (OwnedFd, OwnedFd) {
     let mut p = [0; 2];
