@@ -20,6 +20,18 @@ pub struct CtlArgs {
     pub get_all: bool,
 }
 
+/// Open vmmctl, or say why not.
+fn open_ctl(prog: &str, dev: &VmmDev) -> Option<crate::vmmdev::Ctl> {
+    dev.open_ctl()
+        .map_err(|e| {
+            warnx(
+                prog,
+                &Error::sys(format!("open {}", dev.ctl_path().display()), e).to_string(),
+            )
+        })
+        .ok()
+}
+
 /// bhyvectl's usage text.
 pub fn ctl_usage(prog: &str) -> String {
     format!(
@@ -142,15 +154,8 @@ pub fn bhyvectl_main(prog: &str, args: &[String]) -> i32 {
     }
     let dev = VmmDev::from_env();
     if a.create {
-        let ctl = match dev.open_ctl() {
-            Ok(c) => c,
-            Err(e) => {
-                warnx(
-                    prog,
-                    &Error::sys(format!("open {}", dev.ctl_path().display()), e).to_string(),
-                );
-                return 1;
-            }
+        let Some(ctl) = open_ctl(prog, &dev) else {
+            return 1;
         };
         if let Err(e) = ctl.create(&name, false) {
             let msg = if e == Errno::EPERM {
@@ -215,15 +220,8 @@ pub fn bhyvectl_main(prog: &str, args: &[String]) -> i32 {
     }
     drop(vm);
     if a.destroy {
-        let ctl = match dev.open_ctl() {
-            Ok(c) => c,
-            Err(e) => {
-                warnx(
-                    prog,
-                    &Error::sys(format!("open {}", dev.ctl_path().display()), e).to_string(),
-                );
-                return 1;
-            }
+        let Some(ctl) = open_ctl(prog, &dev) else {
+            return 1;
         };
         if let Err(e) = ctl.destroy(&name) {
             warnx(prog, &format!("vm_destroy: {}", crate::error::strerror(e)));
