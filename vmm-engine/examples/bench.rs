@@ -6,6 +6,8 @@
 //!
 //! `cargo run --release -p vmm-engine --example bench [-- SECONDS]`
 
+mod baseline;
+
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
 use std::io::Write;
@@ -159,39 +161,12 @@ fn engine_create_destroy(n: u32) -> Duration {
     t.elapsed() / n
 }
 
-/// The same work as `Vm::create` + `destroy` by hand: KVM_CREATE_VM and
-/// 256 MiB of memfd RAM mapped and registered, then everything closed.
+/// The same work as `Vm::create` + `destroy` by hand.
 fn bare_create_destroy(n: u32) -> Duration {
     let kvm = Kvm::new().unwrap();
-    let ram = 256u64 << 20;
     let t = Instant::now();
     for _ in 0..n {
-        let vm = kvm.create_vm().unwrap();
-        // SAFETY: plain syscalls on a descriptor and mapping this loop owns.
-        unsafe {
-            let fd = libc::memfd_create(c"sysmem".as_ptr(), libc::MFD_CLOEXEC);
-            assert!(fd >= 0 && libc::ftruncate(fd, ram as i64) == 0);
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                ram as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd,
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
-            let region = kvm_bindings::kvm_userspace_memory_region {
-                slot: 0,
-                flags: 0,
-                guest_phys_addr: 0,
-                memory_size: ram,
-                userspace_addr: p as u64,
-            };
-            vm.set_user_memory_region(region).unwrap();
-            drop(vm);
-            libc::munmap(p, ram as usize);
-            libc::close(fd);
-        }
+        baseline::bare_vm_with_ram(&kvm, 256 << 20);
     }
     t.elapsed() / n
 }

@@ -3,6 +3,9 @@
 //!
 //! Usage: ctlbench MOUNT [PAIRS]   (run by scripts/bench against a running vmmfs)
 
+#[path = "../../vmm-engine/examples/baseline/mod.rs"]
+mod baseline;
+
 use kvm_ioctls::Kvm;
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -53,38 +56,6 @@ fn measure(n: usize, candidates: &mut [&mut dyn FnMut(usize)]) -> Vec<Stats> {
     times.into_iter().map(Stats::of).collect()
 }
 
-/// What the engine does for a create, directly: KVM_CREATE_VM, a 256 MiB memfd
-/// mapped and registered as guest RAM; then close everything.
-fn bare_kvm(kvm: &Kvm) {
-    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    // SAFETY: plain syscalls on descriptors and a mapping this function owns.
-    unsafe {
-        let fd = libc::memfd_create(c"sysmem".as_ptr(), libc::MFD_CLOEXEC);
-        assert!(fd >= 0);
-        assert_eq!(libc::ftruncate(fd, RAM as i64), 0);
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            RAM as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
-            fd,
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED);
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: RAM,
-            userspace_addr: p as u64,
-        };
-        vm.set_user_memory_region(region).expect("set memory");
-        drop(vm);
-        libc::munmap(p, RAM as usize);
-        libc::close(fd);
-    }
-}
-
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -119,7 +90,7 @@ fn main() {
         c.write_all(format!("create tbench{i} destroy-on-close").as_bytes())
             .expect("create");
     };
-    let mut bare = |_| bare_kvm(&kvm);
+    let mut bare = |_| baseline::bare_vm_with_ram(&kvm, RAM);
     let mut tmpfs = |_| {
         let mut f = OpenOptions::new()
             .write(true)
