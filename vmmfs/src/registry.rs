@@ -11,6 +11,7 @@ use crate::error::{FsError, FsResult};
 use crate::state::NodeAttrs;
 use parking_lot::{Condvar, Mutex};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmm_engine::Vm;
@@ -66,7 +67,7 @@ pub struct Scope {
 pub struct Registry {
     table: Mutex<BTreeMap<VmId, Entry>>,
     changed: Condvar,
-    next_id: Mutex<VmId>,
+    next_id: AtomicU64,
     host: JailId,
     max_per_user: usize,
 }
@@ -76,7 +77,7 @@ impl Registry {
         Registry {
             table: Mutex::new(BTreeMap::new()),
             changed: Condvar::new(),
-            next_id: Mutex::new(1),
+            next_id: AtomicU64::new(1),
             host,
             max_per_user,
         }
@@ -141,11 +142,7 @@ impl Registry {
         if count >= self.max_per_user {
             return Err(FsError::Limit(self.max_per_user));
         }
-        let id = {
-            let mut n = self.next_id.lock();
-            *n += 1;
-            *n - 1
-        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let node = NodeAttrs {
             uid: c.euid,
             gid,

@@ -363,8 +363,8 @@ impl Service {
                 if !self.registry.is_visible(self.scope(creds.jail), id) {
                     return Err(FsError::NotFound);
                 }
+                // Its notifier was set when it was created (see vmmctl()).
                 let vm = self.registry.engine(id)?;
-                self.watch(id, &vm);
                 let h = VmHandle {
                     id,
                     seen: vm.generation(),
