@@ -160,10 +160,16 @@ fn check_mountpoint(path: &Path) -> Result<(), String> {
     }
     let canonical = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // "... MOUNTPOINT OPTIONS - FSTYPE SOURCE ...": vmmfs mounts as type
+    // fuse (or fuse.vmmfs through fusermount) with source "vmmfs".
     let ours = info.lines().any(|l| {
         let f: Vec<&str> = l.split(' ').collect();
-        let fstype = f.iter().position(|x| *x == "-").and_then(|i| f.get(i + 1));
-        f.get(4) == canonical.to_str().as_ref() && fstype == Some(&"fuse.vmmfs")
+        let sep = f.iter().position(|x| *x == "-");
+        let fstype = sep.and_then(|i| f.get(i + 1)).copied().unwrap_or("");
+        let source = sep.and_then(|i| f.get(i + 2)).copied().unwrap_or("");
+        f.get(4).copied() == canonical.to_str()
+            && fstype.starts_with("fuse")
+            && (source == "vmmfs" || fstype == "fuse.vmmfs")
     });
     if ours {
         return Err(format!(

@@ -31,6 +31,8 @@ pub struct Busy;
 
 struct PoolState {
     queues: HashMap<u32, VecDeque<Job>>,
+    /// Users with a job running on the submitting thread (see [`FairPool::run_or_submit`]).
+    inline: std::collections::HashSet<u32>,
     /// Users with queued work, in serving order.
     turn: VecDeque<u32>,
     stop: bool,
@@ -49,6 +51,7 @@ impl FairPool {
         let pool = Arc::new(FairPool {
             state: Mutex::new(PoolState {
                 queues: HashMap::new(),
+                inline: std::collections::HashSet::new(),
                 turn: VecDeque::new(),
                 stop: false,
             }),
@@ -69,6 +72,29 @@ impl FairPool {
     /// Queue `job` for `user`.
     pub fn submit(&self, user: u32, job: Job) -> Result<(), Busy> {
         self.enqueue(user, job, false)
+    }
+
+    /// Run `job` here if `user` has nothing else running or waiting, else
+    /// queue it. A lone request costs no thread switch; a user's burst still
+    /// gets one job at a time here plus its turn on the pool, so it cannot
+    /// occupy the callers' threads (FUSE's) or starve other users.
+    pub fn run_or_submit(&self, user: u32, job: Job) -> Result<(), Busy> {
+        {
+            let mut s = self.state.lock();
+            if s.queues.contains_key(&user) || !s.inline.insert(user) {
+                drop(s);
+                return self.enqueue(user, job, false);
+            }
+        }
+        struct Done<'a>(&'a FairPool, u32);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.state.lock().inline.remove(&self.1);
+            }
+        }
+        let _done = Done(self, user);
+        job();
+        Ok(())
     }
 
     /// Queue `job` for `user` even over the user's bound: for work that must
@@ -409,6 +435,37 @@ mod tests {
             .map(|(i, _)| i)
             .collect();
         assert_eq!(pos, vec![1, 3], "{order:?}");
+        pool.stop();
+    }
+
+    #[test]
+    fn a_lone_request_runs_inline_and_a_burst_queues() {
+        let pool = FairPool::start(1, 1000);
+        let here = std::thread::current().id();
+        let (tx, rx) = mpsc::channel();
+        let t = tx.clone();
+        pool.run_or_submit(
+            7,
+            Box::new(move || t.send(std::thread::current().id()).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(rx.recv().unwrap(), here, "ran on the caller's thread");
+        // While user 7 runs a job here, its next one goes to the pool.
+        let p2 = pool.clone();
+        let t = tx.clone();
+        pool.run_or_submit(
+            7,
+            Box::new(move || {
+                let t2 = t.clone();
+                p2.run_or_submit(
+                    7,
+                    Box::new(move || t2.send(std::thread::current().id()).unwrap()),
+                )
+                .unwrap();
+            }),
+        )
+        .unwrap();
+        assert_ne!(rx.recv().unwrap(), here, "queued behind the running one");
         pool.stop();
     }
 
