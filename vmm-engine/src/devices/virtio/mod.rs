@@ -22,6 +22,8 @@ pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
+#[cfg(test)]
+pub mod test_utils;
 
 use crate::error::{Error, Result};
 use crate::memory::Region;
@@ -31,7 +33,7 @@ use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use irq::{GsiRouter, Interrupt};
+pub use irq::{GsiRouter, Interrupt, VirtioInterrupt};
 pub use queue::{Chain, QueueError, VirtQueue};
 
 /// PCI vendor id of virtio devices.
@@ -139,7 +141,7 @@ pub struct Activation {
     pub queues: Vec<VirtQueue>,
     /// One per queue: signalled by the guest's notify writes.
     pub notify: Vec<Arc<EventFd>>,
-    pub irq: Arc<Interrupt>,
+    pub irq: Arc<dyn VirtioInterrupt>,
     /// Readable when the device must stop (reset or end of run).
     pub stop: Arc<EventFd>,
     /// Set when the thread should stop; checked around blocking calls.
