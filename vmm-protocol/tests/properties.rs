@@ -118,8 +118,8 @@ proptest! {
         ] {
             if let Ok(Command::Cpus(top)) = Command::parse(&l) {
                 prop_assert!(top.cpus >= 1 && top.cpus <= 255);
-                let slots = u32::from(top.sockets) * u32::from(top.cores) * u32::from(top.threads);
-                prop_assert!(slots >= u32::from(top.cpus), "{}: {:?}", l, top);
+                let slots = u64::from(top.sockets) * u64::from(top.cores) * u64::from(top.threads);
+                prop_assert!(slots >= u64::from(top.cpus), "{}: {:?}", l, top);
             }
         }
     }

@@ -6,11 +6,12 @@
 //! read-only disk, missing header) end that request with IOERR; host I/O
 //! errors too. Only queue-protocol violations mark the device broken.
 
-use super::queue::{Chain, Desc, VirtQueue};
+use super::queue::{Chain, Desc, QueueError};
 use super::{poll_fds, Activation, Ram, VirtioDevice, TYPE_BLOCK};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
+const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
@@ -22,8 +23,12 @@ const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const T_DISCARD: u32 = 11;
-/// Discard segments per request and sectors per segment we advertise.
+/// Discard segments per request we advertise and accept: the segment list
+/// (16 bytes each) is checked against it before one is read, and Linux
+/// sends one segment per request unless told more.
 const DISCARD_SEG_MAX: u32 = 32;
+/// Sectors per discard segment (2 GiB): each segment is one fallocate(2),
+/// which punches a hole of that size in milliseconds.
 const DISCARD_SECTORS_MAX: u32 = 1 << 22;
 
 const S_OK: u8 = 0;
@@ -31,9 +36,23 @@ const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
 const QUEUE_SIZE: u16 = 256;
-/// Data segments per request we advertise (seg_max).
-const SEG_MAX: u32 = 254;
+/// Data segments per request we advertise (seg_max): a full queue less the
+/// header and the status descriptor.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest data segment we advertise (size_max, when the driver takes
+/// VIRTIO_BLK_F_SIZE_MAX): with SEG_MAX it keeps a conforming driver's
+/// requests within MAX_REQUEST_BYTES.
+const SIZE_MAX: u32 = 256 << 10;
+/// Data bytes of one read or write at most (63.5 MiB). Requests go
+/// straight into guest pages, so this bounds time, not memory: a chain of
+/// buffers aliasing one page could otherwise keep the device thread (and a
+/// reset or VM destruction waiting for it) busy reading gigabytes. Larger
+/// requests are IOERR before any I/O.
+const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+/// Bytes of the request header (type, reserved, sector).
 const HDR: u64 = 16;
+/// Bytes of the GET_ID answer.
+const ID_BYTES: usize = 20;
 
 /// Options of `device S virtio-blk fd=N[,ro][,sectorsize=L[/P]]`.
 #[derive(Debug, Clone)]
@@ -50,7 +69,7 @@ pub struct Blk {
     cfg: BlkConfig,
     /// Size in bytes, rounded down to 512.
     size: u64,
-    id: [u8; 20],
+    id: [u8; ID_BYTES],
 }
 
 impl Blk {
@@ -65,9 +84,9 @@ impl Blk {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: fstat into a zeroed stat we own.
         unsafe { libc::fstat(fd, &mut st) };
-        let mut id = [0u8; 20];
+        let mut id = [0u8; ID_BYTES];
         let s = format!("vmmfs-{:x}-{:x}", st.st_dev, st.st_ino);
-        let n = s.len().min(20);
+        let n = s.len().min(ID_BYTES);
         id[..n].copy_from_slice(&s.as_bytes()[..n]);
         Ok(Blk {
             size: (end as u64) & !511,
@@ -186,6 +205,10 @@ impl Blk {
                 if ty == T_IN && last.len > 1 {
                     len -= 1;
                 }
+                if len > MAX_REQUEST_BYTES {
+                    log::debug!("virtio-blk: {len}-byte request over {MAX_REQUEST_BYTES}");
+                    return (S_IOERR, 0);
+                }
                 let ssz = u64::from(self.cfg.sector_size.unwrap_or(512));
                 let Some(off) = sector.checked_mul(512) else {
                     return (S_IOERR, 0);
@@ -225,7 +248,10 @@ impl Blk {
                 }
             }
             T_GET_ID => {
-                let w = c.write_at(ram, 0, &self.id[..]);
+                // Into the data buffers only: the writable bytes before the
+                // status byte (the last one), never the status itself.
+                let room = (c.writable_len() - 1).min(ID_BYTES as u64) as usize;
+                let w = c.write_at(ram, 0, &self.id[..room]);
                 (S_OK, w as u32)
             }
             T_DISCARD if self.discard_on() => (self.discard(ram, c), 0),
@@ -279,25 +305,8 @@ impl Blk {
         S_OK
     }
 
-    fn drain_queue(&self, act: &mut Activation) -> Result<(), String> {
-        let ram = act.ram.clone();
-        let q: &mut VirtQueue = &mut act.queues[0];
-        let mut any = false;
-        loop {
-            q.disable_notify(&ram);
-            while let Some(c) = q.pop(&ram).map_err(|e| e.0)? {
-                let n = self.request(&ram, &c);
-                q.push(&ram, c.head, n).map_err(|e| e.0)?;
-                any = true;
-            }
-            if !q.enable_notify(&ram).map_err(|e| e.0)? {
-                break;
-            }
-        }
-        if any && q.needs_notification(&ram) {
-            act.irq.queue(0);
-        }
-        Ok(())
+    fn drain_queue(&self, act: &mut Activation) -> Result<(), QueueError> {
+        act.serve_queue(0, |ram, c| self.request(ram, c))
     }
 }
 
@@ -307,7 +316,7 @@ impl VirtioDevice for Blk {
     }
 
     fn features(&self) -> u64 {
-        let mut f = F_SEG_MAX | F_FLUSH;
+        let mut f = F_SIZE_MAX | F_SEG_MAX | F_FLUSH;
         if self.cfg.ro {
             f |= F_RO;
         }
@@ -327,6 +336,7 @@ impl VirtioDevice for Blk {
     fn config(&self) -> Vec<u8> {
         let mut c = vec![0u8; 60];
         c[0..8].copy_from_slice(&(self.size / 512).to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&self.cfg.sector_size.unwrap_or(512).to_le_bytes());
         c[34..36].copy_from_slice(&1u16.to_le_bytes());

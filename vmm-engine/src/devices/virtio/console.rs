@@ -7,13 +7,22 @@
 //! to non-blocking: output waits for POLLOUT and writes at most a page at a
 //! time (what POLLOUT guarantees for pipes), input reads only after POLLIN.
 
-use super::{poll_fds, Activation, VirtioDevice, TYPE_CONSOLE};
+use super::{poll_fds, Activation, QueueError, VirtioDevice, TYPE_CONSOLE};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 const QUEUE_SIZE: u16 = 64;
+/// Bytes of one transmit chain at most. Linux's hvc driver hands the port
+/// at most a page per buffer, FreeBSD's vtcon 128 bytes; a longer chain
+/// (aliasing buffers make one of gigabytes cost the guest nothing) is
+/// refused before anything is copied, and the device needs a reset.
+pub const TX_CHAIN_MAX: u64 = 64 << 10;
+/// Output waiting for the back end before transmit stops taking chains;
+/// with TX_CHAIN_MAX, at most twice this is ever held.
 const OUT_LIMIT: usize = 64 << 10;
+/// Bytes per read from the input and per write to the output: what POLLIN
+/// and POLLOUT promise a pipe takes or gives without blocking.
 const CHUNK: usize = 4096;
 
 #[derive(Debug, Clone)]
@@ -43,17 +52,26 @@ impl Console {
 }
 
 impl super::RxTx for Console {
-    fn transmit(&mut self, act: &mut Activation) -> Result<bool, String> {
+    fn transmit(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let mut any = false;
         let mut buf = vec![0u8; CHUNK * 4];
-        while self.out.len() < OUT_LIMIT {
-            let q = &mut act.queues[1];
-            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+        let q = &mut act.queues[1];
+        let mut budget = q.size();
+        while self.out.len() < OUT_LIMIT && budget > 0 {
+            budget -= 1;
+            let Some(c) = q.pop(&ram)? else {
                 break;
             };
-            let mut skip = 0u64;
             let total = c.readable_len();
+            if total > TX_CHAIN_MAX {
+                return Err(QueueError::OverLimit {
+                    queue: 1,
+                    len: total,
+                    max: TX_CHAIN_MAX,
+                });
+            }
+            let mut skip = 0u64;
             while skip < total {
                 let n = c.read_at(&ram, skip, &mut buf);
                 if n == 0 {
@@ -64,8 +82,11 @@ impl super::RxTx for Console {
                 }
                 skip += n as u64;
             }
-            q.push(&ram, c.head, 0).map_err(|e| e.0)?;
+            q.push(&ram, c.head, 0)?;
             any = true;
+        }
+        if budget == 0 {
+            act.again(1);
         }
         Ok(any)
     }
@@ -94,7 +115,7 @@ impl super::RxTx for Console {
         }
     }
 
-    fn receive(&mut self, act: &mut Activation) -> Result<bool, String> {
+    fn receive(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let fd = self.cfg.input.as_raw_fd();
         if self.pending.is_empty()
@@ -117,15 +138,20 @@ impl super::RxTx for Console {
             }
         }
         let mut any = false;
-        while !self.pending.is_empty() {
-            let q = &mut act.queues[0];
-            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+        let q = &mut act.queues[0];
+        let mut budget = q.size();
+        while !self.pending.is_empty() && budget > 0 {
+            budget -= 1;
+            let Some(c) = q.pop(&ram)? else {
                 break;
             };
             let n = c.write_at(&ram, 0, &self.pending);
             self.pending.drain(..n);
-            q.push(&ram, c.head, n as u32).map_err(|e| e.0)?;
+            q.push(&ram, c.head, n as u32)?;
             any = true;
+        }
+        if budget == 0 {
+            act.again(0);
         }
         Ok(any)
     }

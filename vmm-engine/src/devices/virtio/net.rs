@@ -11,7 +11,7 @@
 //! stops further reads) until the driver posts one.
 
 use super::queue::Chain;
-use super::{poll_fds, Activation, Ram, VirtioDevice, TYPE_NET};
+use super::{poll_fds, Activation, QueueError, Ram, VirtioDevice, TYPE_NET};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -20,13 +20,24 @@ const F_MTU: u64 = 1 << 3;
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
 
+/// Bytes of the virtio-net header in front of every frame.
 const HDR: usize = 12;
 /// MTU advertised for slirp (passt's largest).
 pub const SLIRP_MTU: u16 = 65520;
-/// Largest frame accepted in either direction (MTU plus Ethernet header).
+/// Largest frame accepted in either direction (the largest IP packet plus
+/// the Ethernet header). A transmit chain longer than header plus this is
+/// dropped before anything is copied (as a NIC drops a giant frame); a
+/// slirp length word over it ends the stream.
 const MAX_FRAME: usize = 65535 + 14;
 /// Bytes waiting for the back end before transmit stops taking chains.
 const OUT_LIMIT: usize = 1 << 20;
+/// Frames waiting for the back end at most: each costs an allocation, and
+/// a flood of 1-byte frames would otherwise queue 200k of them under
+/// OUT_LIMIT. Two rings' worth keeps a full ring of small frames moving.
+const OUT_MAX_FRAMES: usize = 2 * QUEUE_SIZE as usize;
+/// Bytes asked of the slirp socket per read: the stream buffer never holds
+/// more than one incomplete frame plus this.
+const STREAM_READ: usize = 64 << 10;
 const QUEUE_SIZE: u16 = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +83,12 @@ pub struct Net {
     cfg: NetConfig,
     /// Frames for the back end (slirp: with their length word).
     out_frames: VecDeque<Vec<u8>>,
-    /// slirp: stream bytes read but not yet split into frames.
+    /// Bytes in `out_frames`.
+    out_bytes: usize,
+    /// slirp: stream bytes read; those before `stream_at` are split off
+    /// already (dropped in one move before the next read, not per frame).
     stream: Vec<u8>,
+    stream_at: usize,
     /// A frame waiting for a receive buffer.
     pending: Option<Vec<u8>>,
     /// The back end hung up or failed: no more reads.
@@ -86,7 +101,9 @@ impl Net {
         Net {
             cfg,
             out_frames: VecDeque::new(),
+            out_bytes: 0,
             stream: Vec::new(),
+            stream_at: 0,
             pending: None,
             dead: false,
             dropped: 0,
@@ -94,7 +111,7 @@ impl Net {
     }
 
     fn out_len(&self) -> usize {
-        self.out_frames.iter().map(|f| f.len()).sum::<usize>()
+        self.out_bytes
     }
 
     /// Read from the back end into `pending` (one frame at most).
@@ -105,32 +122,30 @@ impl Net {
         let fd = self.cfg.fd.as_raw_fd();
         match self.cfg.backend {
             NetBackend::Slirp => loop {
-                if self.stream.len() >= 4 {
-                    let len = u32::from_be_bytes([
-                        self.stream[0],
-                        self.stream[1],
-                        self.stream[2],
-                        self.stream[3],
-                    ]) as usize;
+                let s = &self.stream[self.stream_at..];
+                if let Some(word) = s.first_chunk::<4>() {
+                    let len = u32::from_be_bytes(*word) as usize;
                     if len > MAX_FRAME {
                         log::warn!("virtio-net: slirp sent a {len}-byte frame; stream dropped");
                         self.dead = true;
                         return;
                     }
-                    if self.stream.len() >= 4 + len {
-                        self.pending = Some(self.stream[4..4 + len].to_vec());
-                        self.stream.drain(..4 + len);
+                    if s.len() >= 4 + len {
+                        self.pending = Some(s[4..4 + len].to_vec());
+                        self.stream_at += 4 + len;
                         return;
                     }
                 }
+                self.stream.drain(..self.stream_at);
+                self.stream_at = 0;
                 let have = self.stream.len();
-                self.stream.resize(have + 65536, 0);
+                self.stream.resize(have + STREAM_READ, 0);
                 // SAFETY: receiving into the spare tail of the buffer.
                 let r = unsafe {
                     libc::recv(
                         fd,
                         self.stream[have..].as_mut_ptr().cast(),
-                        65536,
+                        STREAM_READ,
                         libc::MSG_DONTWAIT,
                     )
                 };
@@ -190,7 +205,7 @@ impl Net {
 
 impl super::RxTx for Net {
     /// Take transmit chains while the back end keeps up.
-    fn transmit(&mut self, act: &mut Activation) -> Result<bool, String> {
+    fn transmit(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let mut any = false;
         let pre = if self.cfg.backend == NetBackend::Slirp {
@@ -198,9 +213,11 @@ impl super::RxTx for Net {
         } else {
             0
         };
-        while self.out_len() < OUT_LIMIT {
-            let q = &mut act.queues[1];
-            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+        let q = &mut act.queues[1];
+        let mut budget = q.size();
+        while self.out_bytes < OUT_LIMIT && self.out_frames.len() < OUT_MAX_FRAMES && budget > 0 {
+            budget -= 1;
+            let Some(c) = q.pop(&ram)? else {
                 break;
             };
             let total = c.readable_len() as usize;
@@ -213,12 +230,16 @@ impl super::RxTx for Net {
                 if pre > 0 {
                     v[..4].copy_from_slice(&(n as u32).to_be_bytes());
                 }
+                self.out_bytes += v.len();
                 self.out_frames.push_back(v);
             } else {
                 self.dropped += 1;
             }
-            q.push(&ram, c.head, 0).map_err(|e| e.0)?;
+            q.push(&ram, c.head, 0)?;
             any = true;
+        }
+        if budget == 0 {
+            act.again(1);
         }
         Ok(any)
     }
@@ -253,6 +274,7 @@ impl super::RxTx for Net {
                         log::debug!("virtio-net: back end write: {e}");
                         // Drop what cannot be sent rather than spin.
                         self.out_frames.clear();
+                        self.out_bytes = 0;
                         self.dead = true;
                         return;
                     }
@@ -262,23 +284,27 @@ impl super::RxTx for Net {
             if self.cfg.backend == NetBackend::Slirp && n < f.len() {
                 // Timed out part-way: the rest must still follow.
                 f.drain(..n);
+                self.out_bytes -= n;
                 return;
             }
+            self.out_bytes -= f.len();
             self.out_frames.pop_front();
         }
     }
 
     /// Move frames from the back end into receive buffers.
-    fn receive(&mut self, act: &mut Activation) -> Result<bool, String> {
+    fn receive(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let mut any = false;
-        loop {
+        let mut budget = act.queues[0].size();
+        while budget > 0 {
+            budget -= 1;
             self.fill_pending();
             let Some(frame) = self.pending.take() else {
                 break;
             };
             let q = &mut act.queues[0];
-            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+            let Some(c) = q.pop(&ram)? else {
                 self.pending = Some(frame);
                 break;
             };
@@ -289,8 +315,11 @@ impl super::RxTx for Net {
                     0
                 }
             };
-            q.push(&ram, c.head, n).map_err(|e| e.0)?;
+            q.push(&ram, c.head, n)?;
             any = true;
+        }
+        if budget == 0 {
+            act.again(0);
         }
         Ok(any)
     }
@@ -333,6 +362,7 @@ impl VirtioDevice for Net {
         // Frames left from an earlier activation belong to a reset device.
         self.pending = None;
         self.stream.clear();
+        self.stream_at = 0;
         if self.cfg.backend == NetBackend::Slirp {
             let tv = libc::timeval {
                 tv_sec: 0,

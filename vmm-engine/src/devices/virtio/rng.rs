@@ -1,12 +1,16 @@
 //! virtio-rnd (entropy device): fills the driver's writable buffers with
 //! bytes from getrandom(2).
 
-use super::{poll_fds, Activation, VirtioDevice, TYPE_RNG};
+use super::{poll_fds, Activation, QueueError, VirtioDevice, TYPE_RNG};
 use std::os::fd::AsRawFd;
 
-/// Bytes served per request at most (a guest asking for gigabytes gets a
-/// short answer, which the protocol allows).
+/// Bytes served per request at most, from one buffer of this size (a guest
+/// asking for gigabytes, e.g. with aliasing buffers, gets a short answer,
+/// which the protocol allows; Linux asks for at most a page at a time).
 const MAX_REQUEST: usize = 64 << 10;
+
+/// Entropy requests in flight at most.
+const QUEUE_SIZE: u16 = 64;
 
 #[derive(Default)]
 pub struct Rng;
@@ -28,25 +32,16 @@ fn getrandom(buf: &mut [u8]) -> bool {
 }
 
 impl Rng {
-    fn serve(act: &mut Activation) -> Result<(), String> {
-        let ram = act.ram.clone();
-        let q = &mut act.queues[0];
-        let mut any = false;
+    fn serve(act: &mut Activation) -> Result<(), QueueError> {
         let mut buf = vec![0u8; MAX_REQUEST];
-        while let Some(c) = q.pop(&ram).map_err(|e| e.0)? {
-            let want = (c.writable_len() as usize).min(MAX_REQUEST);
-            let n = if getrandom(&mut buf[..want]) {
-                c.write_at(&ram, 0, &buf[..want])
+        act.serve_queue(0, |ram, c| {
+            let want = c.writable_len().min(MAX_REQUEST as u64) as usize;
+            if getrandom(&mut buf[..want]) {
+                c.write_at(ram, 0, &buf[..want]) as u32
             } else {
                 0
-            };
-            q.push(&ram, c.head, n as u32).map_err(|e| e.0)?;
-            any = true;
-        }
-        if any && q.needs_notification(&ram) {
-            act.irq.queue(0);
-        }
-        Ok(())
+            }
+        })
     }
 }
 
@@ -60,7 +55,7 @@ impl VirtioDevice for Rng {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![64]
+        vec![QUEUE_SIZE]
     }
 
     fn config(&self) -> Vec<u8> {
