@@ -48,7 +48,7 @@ const SIZE_MAX: u32 = 256 << 10;
 /// buffers aliasing one page could otherwise keep the device thread (and a
 /// reset or VM destruction waiting for it) busy reading gigabytes. Larger
 /// requests are IOERR before any I/O.
-const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+pub(super) const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 /// Bytes of the request header (type, reserved, sector).
 const HDR: u64 = 16;
 /// Bytes of the GET_ID answer.
@@ -305,7 +305,8 @@ impl Blk {
         S_OK
     }
 
-    fn drain_queue(&self, act: &mut Activation) -> Result<(), QueueError> {
+    /// One service round: the requests waiting, a ring's worth at most.
+    pub(super) fn drain_queue(&self, act: &mut Activation) -> Result<(), QueueError> {
         act.serve_queue(0, |ram, c| self.request(ram, c))
     }
 }
@@ -376,16 +377,9 @@ mod tests {
     use crate::devices::virtio::test_utils::*;
     use std::time::Duration;
 
-    /// A sparse disk of `len` bytes (a memfd: hole punching works) whose
-    /// first 64 KiB hold byte i = i * 7.
     fn disk(len: u64) -> Blk {
-        let fd = crate::memory::memfd("disk", len).unwrap();
-        let head: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
-        // SAFETY: writing our buffer at offset 0 of our memfd.
-        let r = unsafe { libc::pwrite(fd.as_raw_fd(), head.as_ptr().cast(), head.len(), 0) };
-        assert_eq!(r, 65536);
         Blk::new(BlkConfig {
-            file: Arc::new(fd),
+            file: Arc::new(memfd_disk(len)),
             ro: false,
             sector_size: None,
             discard: true,

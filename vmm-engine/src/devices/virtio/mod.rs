@@ -27,6 +27,8 @@ pub mod console;
 pub mod irq;
 pub mod net;
 pub mod pci;
+#[cfg(test)]
+mod properties;
 pub mod queue;
 pub mod rng;
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 /// Bytes served per request at most, from one buffer of this size (a guest
 /// asking for gigabytes, e.g. with aliasing buffers, gets a short answer,
 /// which the protocol allows; Linux asks for at most a page at a time).
-const MAX_REQUEST: usize = 64 << 10;
+pub(super) const MAX_REQUEST: usize = 64 << 10;
 
 /// Entropy requests in flight at most.
 const QUEUE_SIZE: u16 = 64;
@@ -32,7 +32,8 @@ fn getrandom(buf: &mut [u8]) -> bool {
 }
 
 impl Rng {
-    fn serve(act: &mut Activation) -> Result<(), QueueError> {
+    /// One service round: the requests waiting, a ring's worth at most.
+    pub(super) fn serve(act: &mut Activation) -> Result<(), QueueError> {
         let mut buf = vec![0u8; MAX_REQUEST];
         act.serve_queue(0, |ram, c| {
             let want = c.writable_len().min(MAX_REQUEST as u64) as usize;

@@ -467,3 +467,15 @@ pub fn refeed(g: &TestGuest, q: &mut DriverQueue, kick: &EventFd, stop: &AtomicB
         std::hint::spin_loop();
     }
 }
+
+/// A sparse disk of `len` bytes (a memfd: hole punching works) whose first
+/// 64 KiB hold byte i = i * 7.
+pub fn memfd_disk(len: u64) -> std::os::fd::OwnedFd {
+    use std::os::fd::AsRawFd;
+    let fd = crate::memory::memfd("disk", len).expect("memfd");
+    let head: Vec<u8> = (0..65536u32).map(|i| (i * 7) as u8).collect();
+    // SAFETY: writing our buffer at offset 0 of our memfd.
+    let r = unsafe { libc::pwrite(fd.as_raw_fd(), head.as_ptr().cast(), head.len(), 0) };
+    assert_eq!(r, 65536);
+    fd
+}
