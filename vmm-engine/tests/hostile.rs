@@ -83,6 +83,7 @@ fn run_measured(mode: &str, devices: Vec<(String, Vec<OwnedFd>)>) -> (String, us
     t.run();
     let out = powered_off(&mut t, 120);
     let grew = PEAK.load(Ordering::Acquire).saturating_sub(base);
+    eprintln!("{mode}: the heap grew by at most {grew} bytes during the run");
     t.vm.destroy();
     (out, grew)
 }

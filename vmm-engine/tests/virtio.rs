@@ -6,7 +6,7 @@ use common::*;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
-use vmm_engine::{Command, ExitReason, VmState};
+use vmm_engine::{ExitReason, VmState};
 
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()

@@ -70,11 +70,6 @@ impl TestGuest {
         }
     }
 
-    /// Size of RAM in bytes.
-    pub fn len(&self) -> u64 {
-        self.len as u64
-    }
-
     /// `len` bytes of RAM, 4 KiB aligned.
     pub fn alloc(&mut self, len: u64) -> u64 {
         let at = self.heap;
