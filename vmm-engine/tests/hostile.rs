@@ -73,9 +73,13 @@ unsafe impl GlobalAlloc for Capped {
 #[global_allocator]
 static ALLOC: Capped = Capped;
 
+/// One measured run at a time: the counters are process-wide.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Boot vdev.elf in `mode` with `devices`; returns the guest's output and
 /// the most the heap grew while the guest ran.
 fn run_measured(mode: &str, devices: Vec<(String, Vec<OwnedFd>)>) -> (String, usize) {
+    let _one = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     let mut t = vdev_vm_with(mode, "256M", mode, devices);
     let base = LIVE.load(Ordering::Acquire);
     PEAK.fetch_min(base, Ordering::AcqRel);
