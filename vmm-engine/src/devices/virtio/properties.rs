@@ -45,7 +45,7 @@ fn any_desc(size: u16) -> impl Strategy<Value = RawDesc> {
         6 => PAGES.prop_map(|p| p * 4096),
         2 => BUF_BASE..RAM,
         1 => Just(RAM - 1),
-        1 => (RAM..u64::MAX),
+        1 => RAM..u64::MAX,
     ];
     let len = prop_oneof![
         4 => 0u32..600,
