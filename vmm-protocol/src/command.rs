@@ -199,20 +199,25 @@ fn parse_topology(args: &[&str]) -> Result<Topology> {
     if explicit_cpus && t.cpus == 0 {
         return Err(ParseError("vCPU count out of range".into()));
     }
+    // Products of three u16s are computed in u64: cores=2 threads=32768
+    // must be "out of range", not an overflow (a panic in debug builds).
+    let per_socket = u64::from(t.cores) * u64::from(t.threads);
     if t.sockets == 0 {
         t.sockets = if t.cpus == 0 {
             1
         } else {
-            (t.cpus / (t.cores * t.threads).max(1)).max(1)
+            // At most cpus, so it fits in a u16.
+            (u64::from(t.cpus) / per_socket.max(1)).max(1) as u16
         };
     }
+    let slots = u64::from(t.sockets) * per_socket;
     if t.cpus == 0 {
-        t.cpus = t.sockets * t.cores * t.threads;
+        t.cpus = u16::try_from(slots).unwrap_or(u16::MAX);
     }
     if t.cpus == 0 || t.cores == 0 || t.threads == 0 || t.cpus > 255 {
         return Err(ParseError("vCPU count out of range".into()));
     }
-    if u32::from(t.sockets) * u32::from(t.cores) * u32::from(t.threads) < u32::from(t.cpus) {
+    if slots < u64::from(t.cpus) {
         return Err(ParseError("topology smaller than vCPU count".into()));
     }
     Ok(t)
@@ -506,6 +511,8 @@ mod tests {
             "device 40 hostbridge",
             "cpus 0",
             "cpus 300",
+            "cpus sockets=0 cores=2 threads=32768",
+            "cpus sockets=256 cores=256 threads=256",
             "com1 0",
             "run\nrun",
             "set novalue",
