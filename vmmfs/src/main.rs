@@ -14,6 +14,8 @@ mod received;
 mod registry;
 mod sched;
 mod service;
+#[cfg(test)]
+mod service_tests;
 mod state;
 
 use clap::{Args, Parser, Subcommand};

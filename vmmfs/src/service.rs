@@ -262,6 +262,30 @@ impl<E: Engine> Service<E> {
         &self.registry
     }
 
+    #[cfg(test)]
+    pub fn engine(&self) -> &E {
+        &self.engine
+    }
+
+    /// Poll wakers waiting, in all.
+    #[cfg(test)]
+    pub fn wakers(&self) -> usize {
+        self.pollers.0.lock().values().map(|m| m.len()).sum()
+    }
+
+    /// Set a jail's grants without a process in it (unit tests' fake jails).
+    #[cfg(test)]
+    pub fn grant_for_test(&self, jail: &Jail, grants: Grants) {
+        self.grants.lock().insert(
+            jail.ns(),
+            LiveGrant {
+                jail: jail.clone(),
+                init: ProcessId { pid: 1, start: 0 },
+                grants,
+            },
+        );
+    }
+
     pub fn jails(&self) -> &Arc<Jails> {
         &self.jails
     }
