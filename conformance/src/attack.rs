@@ -902,7 +902,7 @@ pub fn root_reserve(s: &mut Suite) {
         ls,
     );
     let results: Vec<String> = (0..MAX_VMS).map(|i| s.root_destroy(&format!("rr{i}"))).collect();
-    s.check("Root reserve: root destroys each of vmmtest2's VMs", vec!["OK"; MAX_VMS].join(","), results.join(","));
+    s.check("Root reserve: root destroys each of vmmtest2's VMs", ["OK"; MAX_VMS].join(","), results.join(","));
     for mut h in held {
         h.release();
     }

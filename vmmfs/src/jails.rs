@@ -102,10 +102,6 @@ impl Jails {
         }
     }
 
-    pub fn host(&self) -> &Jail {
-        &self.host
-    }
-
     /// The jail of thread or process `pid` (in the daemon's PID namespace).
     pub fn of_pid(&self, pid: u32) -> std::io::Result<Jail> {
         let ino = fs::metadata(ns_path(pid))?.ino();
@@ -236,6 +232,6 @@ mod tests {
         let jails = Jails::new().unwrap();
         let j = jails.of_pid(std::process::id()).unwrap();
         assert!(j.is_host());
-        assert_eq!(&j, jails.host());
+        assert_eq!(j, jails.host);
     }
 }

@@ -108,6 +108,17 @@ fn capacity_message(fds_in_use: u64, limits: &Limits) -> String {
     )
 }
 
+/// A create request.
+#[derive(Debug, Clone)]
+pub struct NewVm<'a> {
+    pub name: &'a str,
+    pub transient: Option<Transient>,
+    /// Guest memory the new VM is charged at first.
+    pub memory: u64,
+    /// Descriptors the daemon has open (0 for privileged callers: not checked).
+    pub fds_in_use: u64,
+}
+
 /// A decision that may have to wait for a destroy in progress.
 #[derive(Debug)]
 pub enum Verdict {
@@ -204,13 +215,11 @@ pub fn open_vm(who: &Principal, rec: Option<&VmRecord>) -> FsResult<()> {
 pub fn create<R: AsRef<VmRecord>>(
     vms: &BTreeMap<VmId, R>,
     who: &Principal,
-    name: &str,
-    transient: bool,
-    initial_memory: u64,
+    new: &NewVm,
     limits: &Limits,
-    fds_in_use: u64,
     alive: &dyn Fn(&ProcessId) -> bool,
 ) -> Verdict {
+    let (name, transient) = (new.name, new.transient.is_some());
     let jail = &who.creds.jail;
     let mut clash = false;
     let mut wait = false;
@@ -241,7 +250,7 @@ pub fn create<R: AsRef<VmRecord>>(
     if !who.grants.vmm {
         return Verdict::No(FsError::NotPermitted(JAIL_MSG.into()));
     }
-    check_limits(vms, who, initial_memory, limits, fds_in_use)
+    check_limits(vms, who, new.memory, limits, new.fds_in_use)
 }
 
 /// Whether a VM `name` made in `jail` would show the host a name that the
@@ -433,6 +442,18 @@ mod tests {
         }
     }
 
+    fn new(name: &str, transient: bool, memory: u64, fds_in_use: u64) -> NewVm<'_> {
+        NewVm {
+            name,
+            transient: transient.then_some(Transient {
+                fh: 1,
+                opener: ProcessId { pid: 1, start: 0 },
+            }),
+            memory,
+            fds_in_use,
+        }
+    }
+
     fn verdict(v: Verdict) -> String {
         match v {
             Verdict::Go => "go".into(),
@@ -449,7 +470,13 @@ mod tests {
         vms.insert(1, rec("a", &h, 1000, Phase::Alive));
         let alive = |_: &ProcessId| true;
         let c = |w: &Principal, name: &str, t: bool, vms: &BTreeMap<u64, VmRecord>| {
-            verdict(create(vms, w, name, t, 256 << 20, &limits(), 100, &alive))
+            verdict(create(
+                vms,
+                w,
+                &new(name, t, 256 << 20, 100),
+                &limits(),
+                &alive,
+            ))
         };
         // Exists before privilege: an unprivileged non-transient create of an existing name.
         assert_eq!(c(&who(1000, &h, true), "a", false, &vms), "errno 17");
@@ -467,11 +494,8 @@ mod tests {
             verdict(create(
                 &few,
                 w,
-                "n",
-                true,
-                0,
+                &new("n", true, 0, 2048 - 1024),
                 &limits(),
-                2048 - 1024,
                 &alive,
             ))
         };
@@ -497,11 +521,11 @@ mod tests {
         let gone = |_: &ProcessId| false;
         let here = |_: &ProcessId| true;
         assert_eq!(
-            verdict(create(&vms, &w, "t", true, 0, &limits(), 100, &gone)),
+            verdict(create(&vms, &w, &new("t", true, 0, 100), &limits(), &gone)),
             "wait"
         );
         assert_eq!(
-            verdict(create(&vms, &w, "t", true, 0, &limits(), 100, &here)),
+            verdict(create(&vms, &w, &new("t", true, 0, 100), &limits(), &here)),
             "errno 17"
         );
     }
@@ -521,11 +545,8 @@ mod tests {
             verdict(create(
                 &vms,
                 &who(0, &j5, true),
-                "a",
-                true,
-                0,
+                &new("a", true, 0, 100),
                 &l,
-                100,
                 &alive
             )),
             "errno 17"
@@ -540,11 +561,8 @@ mod tests {
             verdict(create(
                 &vms,
                 &who(0, &h, true),
-                "a@5",
-                false,
-                0,
+                &new("a@5", false, 0, 100),
                 &l,
-                100,
                 &alive
             )),
             "errno 17"

@@ -210,12 +210,12 @@ pub fn mount_dev(mountpoint: &std::path::Path) -> Option<(u32, u32)> {
     let want = mountpoint.to_str()?;
     // Later lines are newer mounts: the last match is what the path shows.
     info.lines()
+        .rev()
         .filter(|l| l.split(' ').nth(4) == Some(want))
-        .filter_map(|l| {
+        .find_map(|l| {
             let (maj, min) = l.split(' ').nth(2)?.split_once(':')?;
             Some((maj.parse().ok()?, min.parse().ok()?))
         })
-        .last()
 }
 
 #[cfg(test)]
@@ -262,7 +262,7 @@ mod tests {
             use std::os::unix::fs::MetadataExt;
             (libc::major(m.dev()), libc::minor(m.dev()))
         };
-        assert!(classify(&f.into(), Some(stx_dev))
+        assert!(classify(&f, Some(stx_dev))
             .unwrap_err()
             .contains("vmmfs mount"));
     }

@@ -6,7 +6,7 @@
 
 use crate::error::{FsError, FsResult};
 use crate::jails::{Jail, ProcessId};
-use crate::policy::{self, Limits, Phase, Principal, Transient, Verdict, VmId, VmRecord};
+use crate::policy::{self, Limits, NewVm, Phase, Principal, Verdict, VmId, VmRecord};
 use crate::sched::Executor;
 use crate::state::NodeAttrs;
 use parking_lot::Mutex;
@@ -100,26 +100,14 @@ impl<V> Registry<V> {
     pub fn create(
         &self,
         who: &Principal,
-        name: &str,
-        transient: Option<Transient>,
+        new: &NewVm,
         gid: u32,
-        initial_memory: u64,
-        fds_in_use: u64,
         alive: &dyn Fn(&ProcessId) -> bool,
         retry: Box<dyn FnOnce(bool) + Send>,
     ) -> FsResult<Created> {
         let mut t = self.t.lock();
-        let verdict = policy::create(
-            &t.vms,
-            who,
-            name,
-            transient.is_some(),
-            initial_memory,
-            &self.limits,
-            fds_in_use,
-            alive,
-        );
-        match verdict {
+        let (name, transient, initial_memory) = (new.name, new.transient, new.memory);
+        match policy::create(&t.vms, who, new, &self.limits, alive) {
             Verdict::No(e) => Err(e),
             Verdict::Wait => {
                 let id = t.next_park;
@@ -369,11 +357,5 @@ impl<V> Registry<V> {
     /// Number of VMs in any phase.
     pub fn len(&self) -> usize {
         self.t.lock().vms.len()
-    }
-
-    /// Number of parked creates.
-    #[cfg(test)]
-    pub fn parked(&self) -> usize {
-        self.t.lock().parked.len()
     }
 }

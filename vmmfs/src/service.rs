@@ -258,6 +258,7 @@ impl<E: Engine> Service<E> {
         Ok(Arc::new(svc))
     }
 
+    #[cfg(test)]
     pub fn registry(&self) -> &Registry<E::Vm> {
         &self.registry
     }
@@ -816,7 +817,7 @@ impl<E: Engine> Service<E> {
             }
             CtlRequest::Destroy { name } => Box::new(move || svc.destroy(who, name, d2)),
         };
-        if self.pool.submit(user, job).is_err() {
+        if self.pool.run_or_submit(user, job).is_err() {
             log::warn!(
                 "uid {user}: vmmctl request refused: {MAX_QUEUED_PER_USER} requests waiting"
             );
@@ -850,17 +851,15 @@ impl<E: Engine> Service<E> {
                 d2.call(Err(FsError::Busy("too many requests waiting".into())));
             }
         });
-        let in_use = if who.privileged() { 0 } else { fds_in_use() };
-        let created = self.registry.create(
-            &who,
-            &name,
+        let request = policy::NewVm {
+            name: &name,
             transient,
-            self.config.group,
-            DEFAULT_MEMORY,
-            in_use,
-            &|p| p.alive(),
-            retry,
-        );
+            memory: DEFAULT_MEMORY,
+            fds_in_use: if who.privileged() { 0 } else { fds_in_use() },
+        };
+        let created =
+            self.registry
+                .create(&who, &request, self.config.group, &|p| p.alive(), retry);
         match created {
             Err(e) => {
                 if matches!(e, FsError::NotPermitted(_) | FsError::Limit(_)) {

@@ -377,7 +377,7 @@ impl Model {
         };
         let idx = self.visible(ns)[i];
         let v = &self.vms[idx];
-        if !(v.2 == uid && v.1 == ns) && !Self::privileged(uid, ns) {
+        if !(Self::privileged(uid, ns) || v.2 == uid && v.1 == ns) {
             return libc::EPERM;
         }
         self.vms.remove(idx);
