@@ -504,6 +504,25 @@ impl Env {
         unmount(&self.mount);
     }
 
+    /// SIGTERM the daemon once and wait at most `limit`: its exit and how
+    /// long it took (`TIMEOUT` if it did not exit; it is then killed).
+    pub fn terminate(&mut self, limit: Duration) -> (String, Duration) {
+        let Some(mut child) = self.daemon.take() else {
+            return ("no daemon".into(), Duration::ZERO);
+        };
+        let t0 = Instant::now();
+        kill(child.id(), libc::SIGTERM);
+        let r = match wait_timeout(&mut child, limit) {
+            Some(st) => exit_text(st),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                format!("TIMEOUT({}s)", limit.as_secs())
+            }
+        };
+        (r, t0.elapsed())
+    }
+
     /// Stop and start again with the same state directory.
     pub fn restart(&mut self) -> Result<(), String> {
         self.stop();
