@@ -165,8 +165,10 @@ impl<E: Engine> VmmFs<E> {
 
 impl<E: Engine> Filesystem for VmmFs<E> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // open(O_TRUNC) arrives with the open: `echo create x > vmmctl` is one round trip less.
-        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // No FUSE_ATOMIC_O_TRUNC: with it the kernel sets a truncating
+        // opener's file size to 0 itself, and vmmctl must keep its size (see
+        // service::VMMCTL_SIZE); without it `echo ... > vmmctl` sends a
+        // SETATTR, answered with the size unchanged.
         self.passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok();
         if !self.passthrough {
@@ -240,7 +242,15 @@ impl<E: Engine> Filesystem for VmmFs<E> {
             Err(e) => return reply.error(errno(e)),
         };
         let Some(memfd) = opened.backing else {
-            return reply.opened(FileHandle(opened.fh), FopenFlags::FOPEN_DIRECT_IO);
+            // Writes to one inode run in parallel (else the kernel holds
+            // the inode lock across each round trip, and every vmmctl user
+            // waits behind every other user's requests). vmmctl is a
+            // stream: its writes all start at offset 0, within its size.
+            let mut flags = FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+            if node == Node::Vmmctl {
+                flags |= FopenFlags::FOPEN_STREAM;
+            }
+            return reply.opened(FileHandle(opened.fh), flags);
         };
         match self.backings.acquire(ino.0, memfd.as_raw_fd(), || {
             reply.open_backing(memfd.as_ref())

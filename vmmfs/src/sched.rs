@@ -31,14 +31,30 @@ pub struct Busy;
 
 struct PoolState {
     queues: HashMap<u32, VecDeque<Job>>,
-    /// Users with a job running on the submitting thread (see [`FairPool::run_or_submit`]).
-    inline: std::collections::HashSet<u32>,
-    /// Users with queued work, in serving order.
+    /// Users with a job running, on a worker or on a submitting thread.
+    running: std::collections::HashSet<u32>,
+    /// Users with queued work and nothing running, in serving order.
     turn: VecDeque<u32>,
     stop: bool,
 }
 
-/// Threads serving per-user queues round-robin.
+impl PoolState {
+    /// `user`'s job finished: its next one, if any, takes its turn.
+    fn finished(&mut self, user: u32) -> bool {
+        self.running.remove(&user);
+        let more = self.queues.contains_key(&user);
+        if more {
+            self.turn.push_back(user);
+        }
+        more
+    }
+}
+
+/// Threads serving per-user queues in turn, one job per user at a time: a
+/// user's burst of requests (16 processes hammering vmmctl) runs one after
+/// the other, and every other user's request is next in line. The work is
+/// CPU-bound kernel work (creating and tearing down KVM VMs), so one job at
+/// a time per user costs a single user little and keeps the CPU for others.
 pub struct FairPool {
     state: Mutex<PoolState>,
     work: Condvar,
@@ -51,7 +67,7 @@ impl FairPool {
         let pool = Arc::new(FairPool {
             state: Mutex::new(PoolState {
                 queues: HashMap::new(),
-                inline: std::collections::HashSet::new(),
+                running: std::collections::HashSet::new(),
                 turn: VecDeque::new(),
                 stop: false,
             }),
@@ -75,13 +91,11 @@ impl FairPool {
     }
 
     /// Run `job` here if `user` has nothing else running or waiting, else
-    /// queue it. A lone request costs no thread switch; a user's burst still
-    /// gets one job at a time here plus its turn on the pool, so it cannot
-    /// occupy the callers' threads (FUSE's) or starve other users.
+    /// queue it. A lone request costs no thread switch; a burst queues.
     pub fn run_or_submit(&self, user: u32, job: Job) -> Result<(), Busy> {
         {
             let mut s = self.state.lock();
-            if s.queues.contains_key(&user) || !s.inline.insert(user) {
+            if s.queues.contains_key(&user) || !s.running.insert(user) {
                 drop(s);
                 return self.enqueue(user, job, false);
             }
@@ -89,7 +103,9 @@ impl FairPool {
         struct Done<'a>(&'a FairPool, u32);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                self.0.state.lock().inline.remove(&self.1);
+                if self.0.state.lock().finished(self.1) {
+                    self.0.work.notify_one();
+                }
             }
         }
         let _done = Done(self, user);
@@ -110,7 +126,8 @@ impl FairPool {
             return Err(Busy);
         }
         q.push_back(job);
-        if q.len() == 1 {
+        let first = q.len() == 1;
+        if first && !s.running.contains(&user) {
             s.turn.push_back(user);
         }
         drop(s);
@@ -120,7 +137,7 @@ impl FairPool {
 
     fn serve(&self) {
         loop {
-            let job = {
+            let (user, job) = {
                 let mut s = self.state.lock();
                 loop {
                     if s.stop {
@@ -131,16 +148,18 @@ impl FairPool {
                         let job = q.pop_front().expect("users in turn have work");
                         if q.is_empty() {
                             s.queues.remove(&user);
-                        } else {
-                            // Back of the line: every other waiting user goes first.
-                            s.turn.push_back(user);
                         }
-                        break job;
+                        s.running.insert(user);
+                        break (user, job);
                     }
                     self.work.wait(&mut s);
                 }
             };
             job();
+            // Back of the line: every other waiting user goes first.
+            if self.state.lock().finished(user) {
+                self.work.notify_one();
+            }
         }
     }
 

@@ -55,6 +55,12 @@ pub fn fds_in_use() -> u64 {
     std::fs::read_dir("/proc/self/fd").map_or(u64::MAX, |d| d.count() as u64)
 }
 
+/// The size vmmctl reports. The kernel runs writes to a FUSE file in
+/// parallel only while they end within its size; vmmctl is opened as a
+/// stream (every write at offset 0) and a valid command is at most 254
+/// bytes, so every write fits and no user's request waits for another's.
+pub const VMMCTL_SIZE: u64 = 4096;
+
 /// Where a result goes.
 pub type Done<T> = Box<dyn FnOnce(FsResult<T>) + Send>;
 
@@ -345,6 +351,7 @@ impl<E: Engine> Service<E> {
                 let size = self.segment(id, &name)?.size;
                 (self.registry.segment_node(id, &name, |_| ())?.1, size)
             }
+            Node::Vmmctl => (self.static_attrs(node), VMMCTL_SIZE),
             n => (self.static_attrs(n), 0),
         };
         Ok(Attr { node, attrs, size })
