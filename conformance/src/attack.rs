@@ -943,3 +943,138 @@ pub fn sigterm(s: &mut Suite) {
     let r = s.env.start();
     s.check("SIGTERM: vmmfs starts again on the same state", "OK", r.err().unwrap_or_else(|| "OK".into()));
 }
+
+/// What the daemon holds: descriptors (and memfds among them), threads, and
+/// passt processes on the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    fds: usize,
+    memfds: usize,
+    threads: usize,
+    passt: usize,
+}
+
+fn held(pid: u32) -> Held {
+    let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|st| st.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0);
+    let passt = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "passt"))
+                .count()
+        })
+        .unwrap_or(0);
+    Held { fds: links.len(), memfds: links.iter().filter(|l| l.contains("memfd:")).count(), threads, passt }
+}
+
+/// Bounded kill storm (issue "fair and predictable"): 4 users start bhyve -M
+/// (some with slirp networking) and raw transient clients while random
+/// SIGKILLs hit bhyve parents, their monitor children and the clients; then
+/// nothing may be left: VMs, descriptors, memfds, threads, passt processes.
+pub fn kill_storm(s: &mut Suite) {
+    let Some(g) = crate::bhyve::guests(s) else { return };
+    let rom = g.join("multi.rom");
+    let Some(pid) = s.env.daemon_pid() else { return };
+    // The engine keeps /dev/kvm open from its first VM on: make that happen first.
+    s.probe(Who::root(), &["timed-create-destroy", &s.env.ctl(), "ks-warm"]);
+    let before = held(pid);
+    let seed = crate::bhyve::seed();
+    crate::harness::progress(&format!("  kill-storm: seed {seed:#x} (CONFORMANCE_SEED repeats it)"));
+    let mut rng = crate::bhyve::Rng(seed);
+    let users = [Who::root(), Who::user(MEMBER1), Who::user(MEMBER2), Who::user(MEMBER1).with_ruid(60123)];
+    enum Live {
+        Bhyve(crate::harness::Tool),
+        Client(Holder),
+    }
+    let mut live: Vec<Live> = Vec::new();
+    let (mut kills, mut started) = (0, 0);
+    let t0 = Instant::now();
+    let mut i = 0u64;
+    while t0.elapsed() < STORM {
+        i += 1;
+        let who = users[rng.below(users.len() as u64) as usize];
+        match rng.below(10) {
+            0..=3 if live.len() < 12 => {
+                let name = format!("ks{i}");
+                let net = rng.below(4) == 0;
+                let extra: Vec<&str> = if net { vec!["-M", "-s", "3,virtio-net,slirp"] } else { vec!["-M"] };
+                let args = crate::bhyve::bhyve_args(&extra, &rom, &name);
+                if let Ok(t) = s.env.tool(who, "bhyve", &crate::bhyve::strs(&args)) {
+                    live.push(Live::Bhyve(t));
+                    started += 1;
+                }
+            }
+            4..=5 if live.len() < 12 => {
+                if let Ok(h) = s.env.hold(who, &format!("kc{i}"), if rng.below(2) == 0 { "write" } else { "ioctl" }) {
+                    live.push(Live::Client(h));
+                    started += 1;
+                }
+            }
+            _ if !live.is_empty() => {
+                let k = rng.below(live.len() as u64) as usize;
+                match &mut live[k] {
+                    Live::Bhyve(t) => {
+                        // The monitor child, or the parent.
+                        let kid = crate::harness::children_of(t.pid()).first().copied();
+                        match kid.filter(|_| rng.below(2) == 0) {
+                            Some(c) => {
+                                // SAFETY: a process of bhyve's, which we started.
+                                unsafe { libc::kill(c as i32, libc::SIGKILL) };
+                                let _ = t.wait(Duration::from_secs(5));
+                            }
+                            None => t.sigkill(),
+                        }
+                    }
+                    Live::Client(h) => h.sigkill(),
+                }
+                live.swap_remove(k);
+                kills += 1;
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(60)));
+    }
+    for l in &mut live {
+        match l {
+            Live::Bhyve(t) => t.sigkill(),
+            Live::Client(h) => h.sigkill(),
+        }
+        kills += 1;
+    }
+    drop(live);
+    crate::harness::progress(&format!("  kill-storm: {started} started, {kills} SIGKILLs"));
+    let settled = |s: &Suite| s.leftovers().is_empty() && held(pid) == before;
+    let end = Instant::now() + Duration::from_secs(10);
+    while !settled(s) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.check("Kill storm: 4 users, random SIGKILLs of bhyve parents, children and raw clients -> no VM left", "none", {
+        let l = s.leftovers();
+        if l.is_empty() {
+            "none".into()
+        } else {
+            l.join(",")
+        }
+    });
+    let after = held(pid);
+    s.check(
+        "Kill storm: the daemon's descriptors, memfds and threads and the passt processes are back to where they were",
+        format!("{before:?}"),
+        format!("{after:?}"),
+    );
+    let alive = if s.env.daemon_alive() { "alive" } else { "dead" };
+    s.check("Kill storm: the daemon is alive", "alive", alive);
+}
+
+/// How long the kill storm starts and kills.
+const STORM: Duration = Duration::from_secs(40);

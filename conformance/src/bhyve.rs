@@ -72,7 +72,7 @@ pub(crate) fn guests(s: &mut Suite) -> Option<PathBuf> {
 }
 
 /// `bhyve [-M] [EXTRA...] -m 32M -l com1,stdio -l bootrom,ROM NAME`.
-fn bhyve_args(extra: &[&str], rom: &Path, name: &str) -> Vec<String> {
+pub(crate) fn bhyve_args(extra: &[&str], rom: &Path, name: &str) -> Vec<String> {
     let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     v.extend(["-m", "32M", "-l", "com1,stdio", "-l"].map(String::from));
     v.push(format!("bootrom,{}", rom.display()));
@@ -80,7 +80,7 @@ fn bhyve_args(extra: &[&str], rom: &Path, name: &str) -> Vec<String> {
     v
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
+pub(crate) fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
@@ -260,7 +260,7 @@ pub fn exit_status(s: &mut Suite) {
 // ---------------------------------------------------------------- SIGKILL
 
 /// splitmix64: small, seedable, good enough to pick moments.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -271,13 +271,13 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
 
 /// `CONFORMANCE_SEED` (hex, `0x` optional) or one from the clock.
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     if let Some(v) = std::env::var("CONFORMANCE_SEED").ok().filter(|v| !v.is_empty()) {
         if let Ok(n) = u64::from_str_radix(v.trim_start_matches("0x"), 16) {
             return n;

@@ -62,6 +62,7 @@ pub const GROUPS: &[(&str, Group)] = &[
     ("reuse-after-exit", crate::attack::reuse_after_exit),
     ("root-reserve", crate::attack::root_reserve),
     ("no-freeze", crate::attack::no_freeze),
+    ("kill-storm", crate::attack::kill_storm),
     ("sigterm", crate::attack::sigterm),
     ("bhyve-exit-status", crate::bhyve::exit_status),
     ("bhyve-sigkill", crate::bhyve::sigkill),

@@ -529,6 +529,11 @@ impl Env {
         self.start()
     }
 
+    /// The daemon's process ID.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
     /// Whether the daemon is still running.
     pub fn daemon_alive(&mut self) -> bool {
         self.daemon.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
