@@ -582,22 +582,16 @@ impl<E: Engine> Service<E> {
             return done(Err(FsError::Invalid("unknown handle".into())));
         };
         match &mut handle.kind {
-            Kinded::Ctl(c) => {
-                let opener = c.opener.clone();
-                let process = c.process;
+            Kinded::Ctl(_) => {
                 drop(h);
-                let req = policy::authority(&opener, &caller.creds, caller.pid, "vmmctl write")
-                    .and_then(|()| Ok(vmmctl::parse_line(data)?));
-                match req {
-                    Ok(req) => self.vmmctl(
-                        fh,
-                        &opener,
-                        process,
-                        req,
-                        Box::new(move |r| done(r.map(|()| len))),
-                    ),
-                    Err(e) => done(Err(e)),
-                }
+                let req = vmmctl::parse_line(data);
+                self.ctl_request(
+                    fh,
+                    &caller,
+                    "vmmctl write",
+                    req,
+                    Box::new(move |r| done(r.map(|()| len))),
+                );
             }
             Kinded::Vm(vh) => {
                 vh.snapshot = None;
@@ -776,26 +770,36 @@ impl<E: Engine> Service<E> {
         data: &[u8],
         done: Done<Vec<u8>>,
     ) {
+        let req = vmmctl::parse_ioctl(cmd, data);
+        let out = data.to_vec();
+        self.ctl_request(
+            fh,
+            &caller,
+            "vmmctl ioctl",
+            req,
+            Box::new(move |r| done(r.map(|()| out))),
+        );
+    }
+
+    /// A vmmctl request, written or by ioctl, from `caller` on handle `fh`:
+    /// with the opener's authority, or none.
+    fn ctl_request(
+        self: &Arc<Self>,
+        fh: u64,
+        caller: &Caller,
+        what: &str,
+        req: vmm_protocol::Result<CtlRequest>,
+        done: Done<()>,
+    ) {
         let ctl = match self.handles.lock().map.get(&fh).map(|h| &h.kind) {
             Some(Kinded::Ctl(c)) => Some((c.opener.clone(), c.process)),
             _ => None,
         };
         let Some((opener, process)) = ctl else {
-            return done(Err(FsError::Invalid(
-                "ioctl on a node that takes none".into(),
-            )));
+            return done(Err(FsError::Invalid("not a vmmctl handle".into())));
         };
-        let req = policy::authority(&opener, &caller.creds, caller.pid, "vmmctl ioctl")
-            .and_then(|()| Ok(vmmctl::parse_ioctl(cmd, data)?));
-        let out = data.to_vec();
-        match req {
-            Ok(req) => self.vmmctl(
-                fh,
-                &opener,
-                process,
-                req,
-                Box::new(move |r| done(r.map(|()| out))),
-            ),
+        match policy::authority(&opener, &caller.creds, caller.pid, what).and_then(|()| Ok(req?)) {
+            Ok(req) => self.vmmctl(fh, &opener, process, req, done),
             Err(e) => done(Err(e)),
         }
     }
