@@ -77,6 +77,8 @@ pub struct Handover {
     closer: Arc<Closer>,
     /// Device number of the vmmfs mount, once known.
     own_dev: Mutex<Option<(u32, u32)>>,
+    /// The daemon's descriptor limits (root's reserve).
+    limits: crate::policy::Limits,
 }
 
 fn nonce() -> Nonce {
@@ -106,7 +108,11 @@ fn send_text(sock: &OwnedFd, text: &str) -> bool {
 }
 
 impl Handover {
-    pub fn new(jails: Arc<Jails>, closer: Arc<Closer>) -> std::io::Result<Handover> {
+    pub fn new(
+        jails: Arc<Jails>,
+        closer: Arc<Closer>,
+        limits: crate::policy::Limits,
+    ) -> std::io::Result<Handover> {
         Ok(Handover {
             conns: Mutex::new(Conns::default()),
             wake: nix::sys::eventfd::EventFd::from_flags(
@@ -116,6 +122,7 @@ impl Handover {
             jails,
             closer,
             own_dev: Mutex::new(None),
+            limits,
         })
     }
 
@@ -274,9 +281,12 @@ impl Handover {
             return;
         };
         let user = peer.ruid();
+        // Each connection is a descriptor of the daemon: root's reserve stays.
+        let reserve_kept = user == 0
+            || crate::policy::fds_available(crate::service::fds_in_use(), 1, &self.limits);
         let mut c = self.conns.lock();
         let mine = c.per_user.get(&user).copied().unwrap_or(0);
-        if c.all.len() >= MAX_CONNS || (user != 0 && mine >= MAX_CONNS_PER_USER) {
+        if !reserve_kept || c.all.len() >= MAX_CONNS || (user != 0 && mine >= MAX_CONNS_PER_USER) {
             drop(c);
             log::warn!(
                 "hand-over connection of uid {user} refused: {} connections ({mine} of theirs)",

@@ -231,12 +231,14 @@ impl<E: Engine> Service<E> {
         let mut state = store.load(config.group)?;
         let grants = revive_grants(&mut state, &jails);
         let closer = Closer::new();
-        let handover = Arc::new(Handover::new(jails.clone(), closer.clone()).map_err(
-            |source| crate::state::StateError::Io {
-                path: "eventfd".into(),
-                source,
-            },
-        )?);
+        let handover = Arc::new(
+            Handover::new(jails.clone(), closer.clone(), config.limits.clone()).map_err(
+                |source| crate::state::StateError::Io {
+                    path: "eventfd".into(),
+                    source,
+                },
+            )?,
+        );
         let svc = Service {
             engine,
             registry: Registry::new(config.limits.clone()),
