@@ -166,6 +166,43 @@ fn writes_from_other_credentials_carry_no_authority() {
 }
 
 #[test]
+fn a_revoked_jail_keeps_its_vms_but_cannot_open_them() {
+    let f = fixture(4);
+    let jail = f.jails[1].clone();
+    let jroot = caller(0, &jail);
+    assert_eq!(errno(f.open_ctl(&jroot)), libc::EPERM, "no allow.vmm yet");
+    f.svc.grant_for_test(
+        &jail,
+        Grants {
+            vmm: true,
+            ppt: false,
+        },
+    );
+    let ctl = f.open_ctl(&jroot).unwrap();
+    assert_eq!(
+        errno(f.write(ctl, &jroot, "create j")),
+        libc::EPERM,
+        "jailed root: no privilege"
+    );
+    f.write(ctl, &jroot, "create j destroy-on-close").unwrap();
+    assert_eq!(errno(f.open_vm(&jroot, "j")), 0);
+    f.svc.grant_for_test(&jail, Grants::default());
+    assert_eq!(errno(f.open_vm(&jroot, "j")), libc::EPERM);
+    assert_eq!(
+        errno(f.open_vm(&caller(0, &f.jails[2]), "j")),
+        libc::ENOENT,
+        "other jails never see it"
+    );
+    assert_eq!(
+        errno(f.open_vm(&caller(0, &f.jails[0]), "j")),
+        0,
+        "the host does"
+    );
+    f.svc.release(ctl);
+    assert!(f.wait_vms(0));
+}
+
+#[test]
 fn descriptors_are_taken_all_or_none() {
     let f = fixture(4);
     let root = caller(0, &f.jails[0]);
@@ -639,10 +676,10 @@ fn check_sequence(ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_sequences_follow_the_spec(ops in proptest::collection::vec(op(), 1..40)) {
+    fn random_sequences_follow_the_spec(ops in proptest::collection::vec(op(), 1..60)) {
         check_sequence(ops)?;
     }
 }
