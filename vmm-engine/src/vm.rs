@@ -208,8 +208,19 @@ pub struct Vm {
     core: Arc<Core>,
 }
 
+static KVM: OnceLock<std::result::Result<Kvm, i32>> = OnceLock::new();
+
+/// Use `fd` (an open /dev/kvm) instead of opening /dev/kvm: for a process
+/// that cannot open it (vmmfs's VM worker runs in an empty root). Must come
+/// before the first VM; false if the engine already has one.
+pub fn use_kvm_fd(fd: OwnedFd) -> bool {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: `fd` is an open /dev/kvm descriptor whose ownership moves here.
+    let kvm = unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) };
+    KVM.set(Ok(kvm)).is_ok()
+}
+
 fn kvm() -> Result<&'static Kvm> {
-    static KVM: OnceLock<std::result::Result<Kvm, i32>> = OnceLock::new();
     KVM.get_or_init(|| Kvm::new().map_err(|e| e.errno()))
         .as_ref()
         .map_err(|e| Error::kvm("open /dev/kvm", std::io::Error::from_raw_os_error(*e)))
@@ -779,8 +790,10 @@ impl Control {
             let c = ctx.clone();
             match std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || vcpu::vcpu_thread(v, i, run_size, c))
-            {
+                .spawn(move || {
+                    crate::threads::started(crate::threads::ThreadKind::Vcpu);
+                    vcpu::vcpu_thread(v, i, run_size, c)
+                }) {
                 Ok(h) => rt.vcpus.push(h),
                 Err(e) => {
                     // The vCPU moved into the failed closure is gone; KVM cannot
@@ -794,8 +807,10 @@ impl Control {
             let c = ctx.clone();
             match std::thread::Builder::new()
                 .name("vcpu-watchdog".into())
-                .spawn(move || vcpu::watchdog_thread(c))
-            {
+                .spawn(move || {
+                    crate::threads::started(crate::threads::ThreadKind::Helper);
+                    vcpu::watchdog_thread(c)
+                }) {
                 Ok(h) => rt.helpers.push(h),
                 Err(e) => spawn_failed = Some(spawn_err(e)),
             }
@@ -810,8 +825,10 @@ impl Control {
             let port = if i == 0 { ComPort::Com1 } else { ComPort::Com2 };
             match std::thread::Builder::new()
                 .name(format!("com{}-in", i + 1))
-                .spawn(move || serial_reader(input, port, c))
-            {
+                .spawn(move || {
+                    crate::threads::started(crate::threads::ThreadKind::Helper);
+                    serial_reader(input, port, c)
+                }) {
                 Ok(h) => rt.helpers.push(h),
                 Err(e) => spawn_failed = Some(spawn_err(e)),
             }
