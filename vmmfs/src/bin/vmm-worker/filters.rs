@@ -1,0 +1,5 @@
+//! Seccomp allow-lists (placeholder until the lists are measured).
+
+pub fn install() -> std::io::Result<()> {
+    Ok(())
+}

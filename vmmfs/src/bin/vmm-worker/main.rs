@@ -1,0 +1,271 @@
+//! vmm-worker: one VM, in a process of its own, jailed (vmmfs(8) ISOLATION).
+//!
+//! Started only by the vmmfs daemon, as root, in new mount, network, IPC,
+//! UTS and PID namespaces, with descriptor 3 its end of a `SOCK_SEQPACKET`
+//! socketpair to the daemon and descriptor 4 an open /dev/kvm. Before it
+//! reads a request it enters its jail (jail.rs) and installs its seccomp
+//! filter (filters.rs); from then on it speaks the worker protocol of
+//! `vmm_protocol::worker` and runs the VM with `vmm_engine`. When the daemon
+//! goes away (its end of the socket closes) the worker exits, and the VM with
+//! it.
+
+mod filters;
+mod jail;
+
+use parking_lot::Mutex;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Weak};
+use vmm_engine::command::{Command, FdSource};
+use vmm_engine::{Error, Vm};
+use vmm_protocol::status::Status;
+use vmm_protocol::worker::{self, ErrorKind, Event, Reply, Request, SegmentInfo};
+
+const SOCKET_FD: i32 = 3;
+const KVM_FD: i32 = 4;
+/// Exit status when the jail cannot be entered (EX_OSERR).
+const JAIL_FAILED: i32 = 71;
+/// The test hook's command (only with `--test-hooks`): makes a system call
+/// no filter allows, as a compromised worker would.
+const FORBIDDEN_SYSCALL_HOOK: &str = "x-test-forbidden-syscall";
+
+struct Args {
+    jail: jail::Config,
+    test_hooks: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = std::env::args().skip(1);
+    let (mut uid, mut gid, mut fds, mut threads, mut test_hooks) = (None, None, None, None, false);
+    while let Some(k) = a.next() {
+        let mut num = |what: &str| -> Result<u64, String> {
+            a.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or(format!("{what} needs a number"))
+        };
+        match k.as_str() {
+            "--uid" => uid = Some(num("--uid")?),
+            "--gid" => gid = Some(num("--gid")?),
+            "--max-fds" => fds = Some(num("--max-fds")?),
+            "--max-threads" => threads = Some(num("--max-threads")?),
+            "--test-hooks" => test_hooks = true,
+            _ => return Err(format!("unknown argument '{k}'")),
+        }
+    }
+    let id = |v: Option<u64>, what: &str| -> Result<u32, String> {
+        v.and_then(|v| u32::try_from(v).ok())
+            .ok_or(format!("{what} missing or out of range"))
+    };
+    Ok(Args {
+        jail: jail::Config {
+            uid: id(uid, "--uid")?,
+            gid: id(gid, "--gid")?,
+            max_fds: fds.ok_or("--max-fds missing")?,
+            max_threads: threads.ok_or("--max-threads missing")?,
+        },
+        test_hooks,
+    })
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // The daemon blocks its shutdown signals in every thread, and the mask
+    // survives exec: a worker takes signals as any process does.
+    // SAFETY: sigprocmask with an empty set.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("vmm-worker: {e} (started only by vmmfs)");
+            std::process::exit(64);
+        }
+    };
+    // SAFETY: the daemon placed these descriptors; nothing else owns them.
+    let (sock, kvm) = unsafe {
+        (
+            OwnedFd::from_raw_fd(SOCKET_FD),
+            OwnedFd::from_raw_fd(KVM_FD),
+        )
+    };
+    if let Err(e) = jail::enter(&args.jail) {
+        log::error!("cannot enter the jail: {e}");
+        std::process::exit(JAIL_FAILED);
+    }
+    vmm_engine::vm::use_kvm_fd(kvm);
+    if let Err(e) = filters::install() {
+        log::error!("cannot install the seccomp filter: {e}");
+        std::process::exit(JAIL_FAILED);
+    }
+    let sock = Arc::new(sock);
+    if worker::send(sock.as_fd(), &Event::Ready.to_string(), &[]).is_err() {
+        return;
+    }
+    serve(&sock, args.test_hooks);
+}
+
+/// Descriptors of one request, by label. A label may be taken twice
+/// (`com1 4 4`): each take gets its own descriptor of the file.
+struct Labelled(Vec<(i32, OwnedFd)>);
+
+impl FdSource for Labelled {
+    fn take(&mut self, label: i32) -> std::io::Result<OwnedFd> {
+        self.0
+            .iter()
+            .find(|(n, _)| *n == label)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?
+            .1
+            .try_clone()
+    }
+}
+
+/// Sends the VM's status to the daemon. One at a time: a status computed
+/// earlier must not overtake a later one on the socket.
+struct Reporter {
+    sock: Arc<OwnedFd>,
+    lock: Mutex<()>,
+}
+
+impl Reporter {
+    fn status(&self, vm: &Vm) {
+        let _one = self.lock.lock();
+        let text = vm.status();
+        // The engine's text starts with its name line; the daemon adds its own.
+        let lines = text.split_once('\n').map_or("", |(_, rest)| rest);
+        match Status::parse(lines) {
+            Ok(s) => {
+                let _ = worker::send(self.sock.as_fd(), &Event::Status(s).to_string(), &[]);
+            }
+            Err(e) => log::error!("engine status does not parse: {e}"),
+        }
+    }
+}
+
+/// The segments last sent, by memfd identity.
+#[derive(Default)]
+struct Sent(Vec<(String, u64, usize)>);
+
+fn send_segments(sock: BorrowedFd<'_>, vm: &Vm, sent: &mut Sent) {
+    let segs = vm.segments();
+    let now: Vec<(String, u64, usize)> = segs
+        .iter()
+        .map(|s| (s.name.clone(), s.size, Arc::as_ptr(&s.fd) as usize))
+        .collect();
+    if now == sent.0 {
+        return;
+    }
+    let ev = Event::Segments(
+        segs.iter()
+            .map(|s| SegmentInfo {
+                name: s.name.clone(),
+                size: s.size,
+            })
+            .collect(),
+    );
+    let fds: Vec<BorrowedFd<'_>> = segs.iter().map(|s| s.fd.as_fd()).collect();
+    if worker::send(sock, &ev.to_string(), &fds).is_ok() {
+        sent.0 = now;
+    }
+}
+
+fn reply_of(r: Result<(), Error>) -> Reply {
+    let (kind, message) = match r {
+        Ok(()) => return Reply::Ok,
+        Err(ref e) => match e {
+            Error::InvalidCommand(m) => (ErrorKind::Invalid, m.clone()),
+            Error::WrongState(s) => (ErrorKind::State, s.to_string()),
+            Error::Destroyed => (ErrorKind::Destroyed, String::new()),
+            Error::Unsupported(m) => (ErrorKind::Unsupported, m.clone()),
+            Error::NoMemory(m) => (ErrorKind::NoMemory, m.clone()),
+            Error::Kvm { what, .. } => (ErrorKind::Os, format!("kvm: {what}")),
+            Error::Io { what, .. } => (ErrorKind::Os, what.clone()),
+        },
+    };
+    Reply::Error {
+        errno: r.unwrap_err().errno(),
+        kind,
+        message,
+    }
+}
+
+fn serve(sock: &Arc<OwnedFd>, test_hooks: bool) {
+    let reporter = Arc::new(Reporter {
+        sock: sock.clone(),
+        lock: Mutex::new(()),
+    });
+    let mut vm: Option<Arc<Vm>> = None;
+    let mut sent = Sent::default();
+    loop {
+        let (text, fds) = match worker::recv(sock.as_fd()) {
+            Ok(Some(m)) => m,
+            // The daemon is gone (or broke the protocol): so is the VM.
+            Ok(None) => std::process::exit(0),
+            Err(e) => {
+                log::error!("receiving a request: {e}");
+                std::process::exit(1);
+            }
+        };
+        let req = match Request::parse(&text) {
+            Ok(r) if r.fds() == fds.len() => r,
+            _ => {
+                log::error!("malformed request from the daemon");
+                std::process::exit(1);
+            }
+        };
+        let result = match (req, &vm) {
+            (Request::Create { name }, None) => match Vm::create(&name) {
+                Ok(v) => {
+                    let v = Arc::new(v);
+                    let weak: Weak<Vm> = Arc::downgrade(&v);
+                    let r = reporter.clone();
+                    v.set_notifier(Box::new(move || {
+                        if let Some(v) = weak.upgrade() {
+                            r.status(&v);
+                        }
+                    }));
+                    reporter.status(&v);
+                    vm = Some(v);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            (Request::Create { .. }, Some(_)) => Err(Error::InvalidCommand("the VM exists".into())),
+            (_, None) => Err(Error::InvalidCommand("no VM yet".into())),
+            (Request::Exec { labels, command }, Some(v)) => {
+                if test_hooks
+                    && matches!(&command, Command::Set { key, .. } if key == FORBIDDEN_SYSCALL_HOOK)
+                {
+                    forbidden_syscall();
+                }
+                let mut src = Labelled(labels.into_iter().zip(fds).collect());
+                let r = v.execute(command, &mut src);
+                // What the engine did not keep is closed now.
+                drop(src);
+                r
+            }
+            (Request::Detach, Some(v)) => {
+                v.detach();
+                Ok(())
+            }
+        };
+        if let Some(v) = &vm {
+            send_segments(sock.as_fd(), v, &mut sent);
+        }
+        let reply = Event::Reply(reply_of(result));
+        if worker::send(sock.as_fd(), &reply.to_string(), &[]).is_err() {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// A system call no thread of a worker may make. The filter kills the
+/// process; should it ever return, the worker ends itself all the same.
+fn forbidden_syscall() {
+    log::warn!("test hook: making a forbidden system call");
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    log::error!("the forbidden system call returned {fd}: the filter is missing");
+    std::process::abort();
+}
