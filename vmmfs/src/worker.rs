@@ -848,6 +848,10 @@ impl Drop for WorkerVm {
 }
 
 #[cfg(test)]
+#[path = "worker_tests.rs"]
+mod live_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
