@@ -285,6 +285,102 @@ impl Event {
     }
 }
 
+/// The daemon asks its zygote (a pre-started, not yet jailed `vmm-worker`)
+/// for a new worker: `spawn UID GID MAX_FDS MAX_THREADS HOOKS`, with the
+/// worker's end of its socketpair attached. Forking a process that has
+/// already loaded and initialised is much cheaper than starting a program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spawn {
+    pub uid: u32,
+    pub gid: u32,
+    pub max_fds: u64,
+    pub max_threads: u64,
+    /// Honour the test hook (`set x-test-forbidden-syscall=1`).
+    pub test_hooks: bool,
+}
+
+impl fmt::Display for Spawn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spawn {} {} {} {} {}",
+            self.uid,
+            self.gid,
+            self.max_fds,
+            self.max_threads,
+            u8::from(self.test_hooks)
+        )
+    }
+}
+
+impl Spawn {
+    pub fn parse(text: &str) -> Result<Spawn> {
+        let bad = || ParseError(format!("zygote request: '{text}'"));
+        let f: Vec<&str> = text.split(' ').collect();
+        let num = |s: &str| -> Result<u64> {
+            s.parse::<u64>()
+                .ok()
+                .filter(|n| n.to_string() == s)
+                .ok_or_else(bad)
+        };
+        let id = |s: &str| -> Result<u32> {
+            u32::try_from(num(s)?)
+                .ok()
+                .filter(|&n| n != 0 && n != u32::MAX)
+                .ok_or_else(bad)
+        };
+        match f.as_slice() {
+            ["spawn", uid, gid, fds, threads, hooks] => Ok(Spawn {
+                uid: id(uid)?,
+                gid: id(gid)?,
+                max_fds: num(fds)?,
+                max_threads: num(threads)?,
+                test_hooks: match *hooks {
+                    "0" => false,
+                    "1" => true,
+                    _ => return Err(bad()),
+                },
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// The zygote's answer: `spawned PID` with the new worker's pidfd attached
+/// (the worker is the daemon's child: it was cloned with CLONE_PARENT), or
+/// `failed ERRNO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spawned {
+    Pid(u32),
+    Failed(i32),
+}
+
+impl fmt::Display for Spawned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Spawned::Pid(p) => write!(f, "spawned {p}"),
+            Spawned::Failed(e) => write!(f, "failed {e}"),
+        }
+    }
+}
+
+impl Spawned {
+    pub fn parse(text: &str) -> Result<Spawned> {
+        let bad = || ParseError(format!("zygote answer: '{text}'"));
+        let (verb, n) = text.split_once(' ').ok_or_else(bad)?;
+        let n: u32 = n
+            .parse()
+            .ok()
+            .filter(|v: &u32| v.to_string() == n)
+            .ok_or_else(bad)?;
+        match verb {
+            "spawned" if n > 1 => Ok(Spawned::Pid(n)),
+            "failed" if (1..4096).contains(&n) => Ok(Spawned::Failed(n as i32)),
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// Send `text` with `fds` as one message. EPIPE/ECONNRESET mean the other
 /// side is gone.
 pub fn send(sock: BorrowedFd<'_>, text: &str, fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
@@ -473,6 +569,27 @@ mod tests {
         fn parsers_never_panic(text in "[ -~\\n]{0,120}") {
             let _ = Request::parse(&text);
             let _ = Event::parse(&text);
+            let _ = Spawn::parse(&text);
+            let _ = Spawned::parse(&text);
+        }
+
+        #[test]
+        fn zygote_messages_round_trip(
+            uid in 1..u32::MAX,
+            gid in 1..u32::MAX,
+            max_fds: u64,
+            max_threads: u64,
+            test_hooks: bool,
+            pid in 2..u32::MAX,
+            errno in 1..4096i32,
+        ) {
+            let s = Spawn { uid, gid, max_fds, max_threads, test_hooks };
+            prop_assert_eq!(Spawn::parse(&s.to_string()), Ok(s));
+            prop_assert_eq!(Spawned::parse(&Spawned::Pid(pid).to_string()), Ok(Spawned::Pid(pid)));
+            prop_assert_eq!(
+                Spawned::parse(&Spawned::Failed(errno).to_string()),
+                Ok(Spawned::Failed(errno))
+            );
         }
     }
 
@@ -490,6 +607,24 @@ mod tests {
             "shutdown",
         ] {
             assert!(Request::parse(t).is_err(), "{t}");
+        }
+        for t in [
+            "spawn 0 1 1 1 0",
+            "spawn 1 4294967295 1 1 0",
+            "spawn 1 1 1 1 2",
+            "spawn 1 1 01 1 0",
+            "spawn 1 1 1 1",
+        ] {
+            assert!(Spawn::parse(t).is_err(), "{t}");
+        }
+        for t in [
+            "spawned 0",
+            "spawned 1",
+            "failed 0",
+            "spawned +5",
+            "spawned",
+        ] {
+            assert!(Spawned::parse(t).is_err(), "{t}");
         }
         for t in [
             "ready now",

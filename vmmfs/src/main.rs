@@ -69,6 +69,9 @@ struct DaemonArgs {
     /// The vmm-worker executable (default: beside vmmfs).
     #[arg(long)]
     worker_exe: Option<PathBuf>,
+    /// Jailed workers kept ready, so that a create starts no process.
+    #[arg(long, default_value_t = 2)]
+    worker_spares: usize,
     /// Run VMs inside the daemon, without worker processes: no isolation
     /// between guests and the daemon. For comparison benchmarks only.
     #[arg(long)]
@@ -395,6 +398,7 @@ fn start_workers(args: &DaemonArgs, max_cpus: u16) -> Result<worker::Workers, St
             uids: r,
             max_cpus,
             test_hooks: args.test_hooks,
+            prefork: args.worker_spares,
         },
         cgroups,
     )

@@ -1,10 +1,12 @@
 //! The engine that runs each VM in a jailed worker process of its own
 //! (DESIGN.md "Per-VM worker", vmmfs(8) ISOLATION).
 //!
-//! The daemon starts `vmm-worker` with clone3 in new mount, network, IPC,
-//! UTS and PID namespaces, giving it one end of a `SOCK_SEQPACKET`
-//! socketpair and /dev/kvm; the worker jails itself (a uid of
-//! `--worker-uids`, no capabilities, seccomp) before it reads a request.
+//! The daemon starts one `vmm-worker --zygote` (root, its own namespaces)
+//! and asks it for a worker per VM: the zygote forks it with clone3 in new
+//! mount, network, IPC, UTS and PID namespaces, as the daemon's child
+//! (CLONE_PARENT), with one end of a `SOCK_SEQPACKET` socketpair and
+//! /dev/kvm; the worker jails itself (a uid of `--worker-uids`, no
+//! capabilities, seccomp) before it reads a request.
 //! The daemon never holds a VM descriptor and never maps guest memory: it
 //! keeps the memfds the worker sends for `vmm.io` passthrough, the last
 //! status the worker reported, and a pidfd to end the worker with.
@@ -18,7 +20,6 @@ use crate::cgroup::{Cgroups, Leaf};
 use crate::engine::{Creator, Engine, EngineError, EngineVm};
 use parking_lot::{Condvar, Mutex};
 use std::collections::BTreeSet;
-use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,17 +27,13 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use vmm_engine::{Command, FdSource, Segment};
 use vmm_protocol::status::{Exit, State, Status};
-use vmm_protocol::worker::{self, ErrorKind, Event, Reply, Request};
+use vmm_protocol::worker::{self, ErrorKind, Event, Reply, Request, Spawn, Spawned};
 
 /// Where a worker finds the daemon's socket and /dev/kvm (vmm-worker's main.rs).
 const SOCKET_FD: RawFd = 3;
 const KVM_FD: RawFd = 4;
 /// How long a new worker may take to enter its jail and say `ready`.
 const READY_WITHIN: Duration = Duration::from_secs(10);
-/// How long a destroy waits for the killed worker to be reaped. A worker
-/// that does not die at once is inside a client's hung file (a FUSE server
-/// that never answers); the VM is gone for every client all the same.
-const REAP_WITHIN: Duration = Duration::from_secs(2);
 /// RLIMIT_NOFILE of a worker: a VM's PCI devices hold up to about ten
 /// descriptors each (client files, eventfds of queues and interrupts), plus
 /// the vCPUs and memory segments.
@@ -148,14 +145,26 @@ pub struct WorkerConfig {
     /// Let `set x-test-forbidden-syscall=1` make a forbidden system call
     /// (the conformance suite's proof that the filter kills).
     pub test_hooks: bool,
+    /// Jailed workers kept ready for the next creates.
+    pub prefork: usize,
 }
 
 /// The worker engine.
 pub struct Workers {
+    spawner: Arc<Spawner>,
+    cgroups: Option<Arc<Cgroups>>,
+}
+
+/// Starts workers (through the zygote) and keeps a few ready.
+struct Spawner {
     config: WorkerConfig,
     kvm: OwnedFd,
+    zygote: Mutex<Option<Zygote>>,
     uids: Arc<Mutex<Uids>>,
-    cgroups: Option<Arc<Cgroups>>,
+    /// Jailed workers waiting for a VM, with their uids.
+    ready: Mutex<Vec<(Child, u32)>>,
+    /// Signalled when a ready worker was taken.
+    taken: Condvar,
 }
 
 impl Workers {
@@ -167,16 +176,88 @@ impl Workers {
         }
         // SAFETY: a fresh descriptor.
         let kvm = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Workers {
+        let spawner = Arc::new(Spawner {
             uids: Arc::new(Mutex::new(Uids {
                 range: config.uids,
                 used: BTreeSet::new(),
                 next: 0,
             })),
+            zygote: Mutex::new(Some(start_zygote(&config, &kvm)?)),
             config,
             kvm,
+            ready: Mutex::new(Vec::new()),
+            taken: Condvar::new(),
+        });
+        if spawner.config.prefork > 0 {
+            let s = Arc::downgrade(&spawner);
+            std::thread::Builder::new()
+                .name("worker-pool".into())
+                .stack_size(READER_STACK)
+                .spawn(move || Spawner::keep_ready(s))?;
+        }
+        Ok(Workers {
+            spawner,
             cgroups: cgroups.map(Arc::new),
         })
+    }
+}
+
+impl Spawner {
+    /// Keep `prefork` jailed workers ready, so that a create costs no
+    /// process start. Ends with the engine.
+    fn keep_ready(me: std::sync::Weak<Spawner>) {
+        loop {
+            let Some(s) = me.upgrade() else { return };
+            let missing = s.config.prefork.saturating_sub(s.ready.lock().len());
+            if missing == 0 {
+                let mut r = s.ready.lock();
+                if r.len() >= s.config.prefork {
+                    // Wake up now and then to notice the engine's end.
+                    s.taken.wait_for(&mut r, Duration::from_secs(1));
+                }
+                continue;
+            }
+            let Some(uid) = s.uids.lock().take(&[]) else {
+                drop(s);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            match s.spawn(uid) {
+                Ok(child) => s.ready.lock().push((child, uid)),
+                Err(e) => {
+                    s.uids.lock().used.remove(&uid);
+                    log::warn!("cannot start a spare worker: {e}");
+                    drop(s);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// A ready worker whose uid is none of `avoid`, or a new one.
+    fn get(&self, avoid: &[u32]) -> Result<(Child, u32), EngineError> {
+        {
+            let mut r = self.ready.lock();
+            if let Some(i) = r.iter().position(|(_, uid)| !avoid.contains(uid)) {
+                let got = r.swap_remove(i);
+                drop(r);
+                self.taken.notify_one();
+                return Ok(got);
+            }
+        }
+        let uid = self.uids.lock().take(avoid).ok_or_else(|| {
+            EngineError::NoMemory(format!(
+                "all {} worker uids are in use",
+                self.config.uids.count
+            ))
+        })?;
+        match self.spawn(uid) {
+            Ok(c) => Ok((c, uid)),
+            Err(e) => {
+                self.uids.lock().used.remove(&uid);
+                Err(EngineError::io("starting the VM's worker", e))
+            }
+        }
     }
 }
 
@@ -184,28 +265,13 @@ impl Engine for Workers {
     type Vm = WorkerVm;
 
     fn create(&self, name: &str, creator: &Creator) -> Result<WorkerVm, EngineError> {
-        let uid = self
-            .uids
-            .lock()
-            .take(&[creator.ruid, creator.euid])
-            .ok_or_else(|| {
-                EngineError::NoMemory(format!(
-                    "all {} worker uids are in use",
-                    self.config.uids.count
-                ))
-            })?;
-        let child = match spawn(&self.config, &self.kvm, uid) {
-            Ok(c) => c,
-            Err(e) => {
-                self.uids.lock().used.remove(&uid);
-                return Err(EngineError::io("starting the VM's worker", e));
-            }
-        };
+        let sp = &self.spawner;
+        let (child, uid) = sp.get(&[creator.ruid, creator.euid])?;
         let leaf = self
             .cgroups
             .as_ref()
             .and_then(|c| c.place(child.pid, uid, creator.pid));
-        let vm = WorkerVm::start(name, child, uid, self.uids.clone(), leaf)?;
+        let vm = WorkerVm::start(name, child, uid, sp.uids.clone(), leaf)?;
         vm.request(&Request::Create { name: name.into() }, &[])?;
         Ok(vm)
     }
@@ -218,40 +284,20 @@ struct Child {
     sock: OwnedFd,
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
+/// The zygote process and the daemon's end of its socket.
+struct Zygote {
+    process: std::process::Child,
+    sock: OwnedFd,
 }
 
-fn cstring(s: impl Into<Vec<u8>>) -> std::io::Result<CString> {
-    CString::new(s).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-/// A descriptor numbered above the ones the child sets up, so that its
-/// dup2 onto 3 and 4 never finds the source already there.
-fn high(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
-    // SAFETY: fcntl duplicates a descriptor we hold.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
-    // SAFETY: fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
-/// Start a worker for `uid` and wait until it is jailed and ready.
-fn spawn(cfg: &WorkerConfig, kvm: &OwnedFd, uid: u32) -> std::io::Result<Child> {
+fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut sv = [0; 2];
     // SAFETY: socketpair writes two descriptors.
     let rc = unsafe {
@@ -266,91 +312,108 @@ fn spawn(cfg: &WorkerConfig, kvm: &OwnedFd, uid: u32) -> std::io::Result<Child> 
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fresh descriptors.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
-    let theirs = high(theirs.as_fd())?;
-    let kvm = high(kvm.as_fd())?;
-    // Everything the child needs is made before the clone: between clone
-    // and exec a copy of a multi-threaded process may only make system calls.
-    let exe = cstring(cfg.exe.as_os_str().as_encoded_bytes())?;
-    let threads = u64::from(cfg.max_cpus) + WORKER_EXTRA_THREADS;
-    let mut argv_s = vec![
-        cstring("vmm-worker")?,
-        cstring("--uid")?,
-        cstring(uid.to_string())?,
-        cstring("--gid")?,
-        cstring(uid.to_string())?,
-        cstring("--max-fds")?,
-        cstring(WORKER_MAX_FDS.to_string())?,
-        cstring("--max-threads")?,
-        cstring(threads.to_string())?,
-    ];
-    if cfg.test_hooks {
-        argv_s.push(cstring("--test-hooks")?);
-    }
-    let mut argv: Vec<*const libc::c_char> = argv_s.iter().map(|s| s.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    // Only the log filter passes: the worker needs no other environment.
-    let env_s: Vec<CString> = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| cstring(format!("RUST_LOG={v}")).ok())
-        .into_iter()
-        .collect();
-    let mut envp: Vec<*const libc::c_char> = env_s.iter().map(|s| s.as_ptr()).collect();
-    envp.push(std::ptr::null());
-    let mut pidfd: RawFd = -1;
-    let args = CloneArgs {
-        flags: (libc::CLONE_PIDFD
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWNS
-            | libc::CLONE_NEWNET
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUTS) as u64,
-        pidfd: &mut pidfd as *mut RawFd as u64,
-        exit_signal: libc::SIGCHLD as u64,
-        ..Default::default()
-    };
-    let (their_raw, kvm_raw) = (theirs.as_raw_fd(), kvm.as_raw_fd());
-    // SAFETY: clone3 without CLONE_VM copies the process like fork(2). The
-    // child only makes async-signal-safe system calls on memory prepared
-    // above, then execs or exits.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if pid == 0 {
-        // SAFETY: the child of clone3 (see above).
-        unsafe {
-            if libc::dup2(their_raw, SOCKET_FD) < 0 || libc::dup2(kvm_raw, KVM_FD) < 0 {
-                libc::_exit(126);
-            }
-            // Nothing else of the daemon's may reach the worker: not
-            // /dev/fuse, not a client's descriptor.
-            libc::syscall(libc::SYS_close_range, KVM_FD + 1, u32::MAX, 0);
-            libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            libc::_exit(127);
-        }
-    }
-    if pid < 0 {
+    Ok(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
+}
+
+/// A descriptor numbered above the ones the child sets up, so that its
+/// dup2 onto 3 and 4 never finds the source already there.
+fn high(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    // SAFETY: fcntl duplicates a descriptor we hold.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    drop(theirs);
-    // SAFETY: clone3 stored a fresh pidfd.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let child = Child {
-        pid: pid as i32,
-        pidfd,
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Start the zygote: `vmm-worker --zygote`, root, in the daemon's
+/// namespaces, with its socket as descriptor 3 and /dev/kvm as 4.
+fn start_zygote(cfg: &WorkerConfig, kvm: &OwnedFd) -> std::io::Result<Zygote> {
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = seqpacket_pair()?;
+    let (theirs, kvm) = (high(theirs.as_fd())?, high(kvm.as_fd())?);
+    let (t, k) = (theirs.as_raw_fd(), kvm.as_raw_fd());
+    let mut cmd = std::process::Command::new(&cfg.exe);
+    cmd.arg("--zygote")
+        .env_clear()
+        .stdin(std::process::Stdio::null());
+    // Only the log filter passes: a worker needs no other environment.
+    if let Some(v) = std::env::var_os("RUST_LOG") {
+        cmd.env("RUST_LOG", v);
+    }
+    // SAFETY: dup2 is async-signal-safe; it runs in the forked child only.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(t, SOCKET_FD) < 0 || libc::dup2(k, KVM_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let process = cmd.spawn()?;
+    Ok(Zygote {
+        process,
         sock: ours,
-    };
-    match wait_ready(&child) {
-        Ok(()) => Ok(child),
-        Err(e) => {
-            kill(&child.pidfd);
-            reap(&child.pidfd);
-            Err(e)
+    })
+}
+
+impl Spawner {
+    /// Start a worker for `uid` and wait until it is jailed and ready.
+    fn spawn(&self, uid: u32) -> std::io::Result<Child> {
+        let threads = u64::from(self.config.max_cpus) + WORKER_EXTRA_THREADS;
+        let req = Spawn {
+            uid,
+            gid: uid,
+            max_fds: WORKER_MAX_FDS,
+            max_threads: threads,
+            test_hooks: self.config.test_hooks,
+        };
+        let (ours, theirs) = seqpacket_pair()?;
+        let (pid, pidfd) = {
+            let mut z = self.zygote.lock();
+            // A zygote that died (or was killed) is replaced once.
+            let mut answer = Err(std::io::Error::other("no zygote"));
+            for _ in 0..2 {
+                if z.is_none() {
+                    *z = Some(start_zygote(&self.config, &self.kvm)?);
+                }
+                let zy = z.as_ref().expect("set above");
+                answer = ask_zygote(zy, &req, &theirs);
+                if answer.is_ok() {
+                    break;
+                }
+                log::warn!("the worker zygote failed; starting a new one");
+                *z = None;
+            }
+            answer?
+        };
+        drop(theirs);
+        let child = Child {
+            pid: pid as i32,
+            pidfd,
+            sock: ours,
+        };
+        match wait_ready(&child) {
+            Ok(()) => Ok(child),
+            Err(e) => {
+                kill(&child.pidfd);
+                reap(&child.pidfd);
+                Err(e)
+            }
         }
+    }
+}
+
+/// One spawn request to the zygote: the new worker's pid and pidfd.
+fn ask_zygote(z: &Zygote, req: &Spawn, theirs: &OwnedFd) -> std::io::Result<(u32, OwnedFd)> {
+    worker::send(z.sock.as_fd(), &req.to_string(), &[theirs.as_fd()])?;
+    let bad = || std::io::Error::other("malformed zygote answer");
+    let (text, mut fds) = worker::recv(z.sock.as_fd())?.ok_or_else(bad)?;
+    match (Spawned::parse(&text).map_err(|_| bad())?, fds.pop()) {
+        (Spawned::Pid(pid), Some(pidfd)) if fds.is_empty() => Ok((pid, pidfd)),
+        (Spawned::Failed(errno), None) => Err(std::io::Error::from_raw_os_error(errno)),
+        _ => Err(bad()),
     }
 }
 
@@ -790,19 +853,11 @@ impl EngineVm for WorkerVm {
     fn destroy(&self) {
         self.0.killed.store(true, Ordering::Release);
         kill(&self.0.pidfd);
+        // Not waiting for the reaper: the worker's memory goes with its
+        // end, its uid is free again once it is reaped, and a worker inside
+        // a client's hung file must not hold up the destroy.
         {
             let mut v = self.0.view.lock();
-            if !v.reaped {
-                let _ = self.0.reaped.wait_for(&mut v, REAP_WITHIN);
-            }
-            if !v.reaped {
-                log::warn!(
-                    "VM {}: worker pid {} has not ended {REAP_WITHIN:?} after SIGKILL \
-                     (inside a hung file?); it is reaped when it does",
-                    self.0.name,
-                    self.0.pid
-                );
-            }
             v.status.state = State::Destroyed;
             v.segments.clear();
         }

@@ -11,7 +11,7 @@ use vmm_engine::command::OwnedFds;
 const CREATOR: u32 = 2147483650;
 const RANGE: UidRange = UidRange {
     first: 2147483648,
-    count: 4,
+    count: 16,
 };
 
 fn usable() -> bool {
@@ -48,6 +48,7 @@ fn engine(test_hooks: bool) -> Workers {
             uids: RANGE,
             max_cpus: 2,
             test_hooks,
+            prefork: 1,
         },
         None,
     )
@@ -199,10 +200,11 @@ fn a_worker_is_jailed() {
     assert_eq!(fds, ["/dev/kvm", "/memfd", "anon_inode", "socket"]);
     vm.destroy();
     assert!(vm.status().contains("state=destroyed"));
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "the worker is gone after destroy"
-    );
+    let end = Instant::now() + Duration::from_secs(2);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < end, "the worker is gone after destroy");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -300,7 +302,11 @@ fn kill_ends_a_command_stuck_on_a_client_file() {
     let t0 = Instant::now();
     vm.kill();
     vm.destroy();
-    assert!(t0.elapsed() < REAP_WITHIN, "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
     assert_eq!(stuck.join().unwrap().unwrap_err().errno(), libc::ENXIO);
     assert!(!vm.failed(), "a destroy is no failure");
     drop(w);

@@ -1,8 +1,9 @@
 //! vmm-worker: one VM, in a process of its own, jailed (vmmfs(8) ISOLATION).
 //!
-//! Started only by the vmmfs daemon, as root, in new mount, network, IPC,
-//! UTS and PID namespaces, with descriptor 3 its end of a `SOCK_SEQPACKET`
-//! socketpair to the daemon and descriptor 4 an open /dev/kvm. Before it
+//! Started only by the vmmfs daemon, as root, with descriptor 3 a
+//! `SOCK_SEQPACKET` socket to the daemon and descriptor 4 an open /dev/kvm.
+//! With `--zygote` it forks workers on the daemon's request (zygote.rs);
+//! each starts in new mount, network, IPC, UTS and PID namespaces. Before it
 //! reads a request it enters its jail (jail.rs) and installs its seccomp
 //! filter (filters.rs); from then on it speaks the worker protocol of
 //! `vmm_protocol::worker` and runs the VM with `vmm_engine`. When the daemon
@@ -11,6 +12,7 @@
 
 mod filters;
 mod jail;
+mod zygote;
 
 use parking_lot::Mutex;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -18,25 +20,23 @@ use std::sync::{Arc, Weak};
 use vmm_engine::command::{Command, FdSource};
 use vmm_engine::{Error, Vm};
 use vmm_protocol::status::Status;
-use vmm_protocol::worker::{self, ErrorKind, Event, Reply, Request, SegmentInfo};
+use vmm_protocol::worker::{self, ErrorKind, Event, Reply, Request, SegmentInfo, Spawn};
 
-const SOCKET_FD: i32 = 3;
-const KVM_FD: i32 = 4;
+pub(crate) const SOCKET_FD: i32 = 3;
+pub(crate) const KVM_FD: i32 = 4;
 /// Exit status when the jail cannot be entered (EX_OSERR).
 const JAIL_FAILED: i32 = 71;
 /// The test hook's command (only with `--test-hooks`): makes a system call
 /// no filter allows, as a compromised worker would.
 const FORBIDDEN_SYSCALL_HOOK: &str = "x-test-forbidden-syscall";
 
-struct Args {
-    jail: jail::Config,
-    test_hooks: bool,
-}
-
-fn parse_args() -> Result<Args, String> {
+fn parse_args() -> Result<Option<Spawn>, String> {
     let mut a = std::env::args().skip(1);
     let (mut uid, mut gid, mut fds, mut threads, mut test_hooks) = (None, None, None, None, false);
     while let Some(k) = a.next() {
+        if k == "--zygote" {
+            return Ok(None);
+        }
         let mut num = |what: &str| -> Result<u64, String> {
             a.next()
                 .and_then(|v| v.parse().ok())
@@ -55,15 +55,13 @@ fn parse_args() -> Result<Args, String> {
         v.and_then(|v| u32::try_from(v).ok())
             .ok_or(format!("{what} missing or out of range"))
     };
-    Ok(Args {
-        jail: jail::Config {
-            uid: id(uid, "--uid")?,
-            gid: id(gid, "--gid")?,
-            max_fds: fds.ok_or("--max-fds missing")?,
-            max_threads: threads.ok_or("--max-threads missing")?,
-        },
+    Ok(Some(Spawn {
+        uid: id(uid, "--uid")?,
+        gid: id(gid, "--gid")?,
+        max_fds: fds.ok_or("--max-fds missing")?,
+        max_threads: threads.ok_or("--max-threads missing")?,
         test_hooks,
-    })
+    }))
 }
 
 fn main() {
@@ -76,21 +74,41 @@ fn main() {
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     }
-    let args = match parse_args() {
+    let spawn = match parse_args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("vmm-worker: {e} (started only by vmmfs)");
             std::process::exit(64);
         }
     };
+    close_from(KVM_FD + 1);
     // SAFETY: the daemon placed these descriptors; nothing else owns them.
-    let (sock, kvm) = unsafe {
-        (
-            OwnedFd::from_raw_fd(SOCKET_FD),
-            OwnedFd::from_raw_fd(KVM_FD),
-        )
+    let sock = unsafe { OwnedFd::from_raw_fd(SOCKET_FD) };
+    match spawn {
+        Some(s) => run_worker(sock, &s),
+        None => zygote::serve(sock),
+    }
+}
+
+/// Close every descriptor from `first` on: nothing of the daemon's but the
+/// socket and /dev/kvm may stay (not /dev/fuse, not a client's file).
+pub(crate) fn close_from(first: i32) {
+    // SAFETY: close_range on descriptors this process does not use.
+    unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
+}
+
+/// Jail this process as `spawn` says and serve the daemon on `sock`
+/// (descriptor 3; descriptor 4 is /dev/kvm). Never returns.
+pub(crate) fn run_worker(sock: OwnedFd, spawn: &Spawn) -> ! {
+    // SAFETY: the daemon (or the zygote) placed /dev/kvm here.
+    let kvm = unsafe { OwnedFd::from_raw_fd(KVM_FD) };
+    let cfg = jail::Config {
+        uid: spawn.uid,
+        gid: spawn.gid,
+        max_fds: spawn.max_fds,
+        max_threads: spawn.max_threads,
     };
-    if let Err(e) = jail::enter(&args.jail) {
+    if let Err(e) = jail::enter(&cfg) {
         log::error!("cannot enter the jail: {e}");
         std::process::exit(JAIL_FAILED);
     }
@@ -101,9 +119,10 @@ fn main() {
     }
     let sock = Arc::new(sock);
     if worker::send(sock.as_fd(), &Event::Ready.to_string(), &[]).is_err() {
-        return;
+        std::process::exit(0);
     }
-    serve(&sock, args.test_hooks);
+    serve(&sock, spawn.test_hooks);
+    std::process::exit(0)
 }
 
 /// Descriptors of one request, by label. A label may be taken twice
