@@ -74,7 +74,14 @@ const COMMON: &[i64] = &[
 /// Starting a thread (glibc's pthread_create and Rust's thread setup); the
 /// new thread installs its own filter under its parent's, which can only
 /// narrow what it may do.
-const THREADS: &[i64] = &[libc::SYS_clone3, libc::SYS_clone, libc::SYS_seccomp];
+const THREADS: &[i64] = &[
+    libc::SYS_clone3,
+    libc::SYS_clone,
+    libc::SYS_seccomp,
+    // vCPU threads make themselves SCHED_BATCH (without privileges no
+    // real-time policy can be had).
+    libc::SYS_sched_setscheduler,
+];
 
 /// Device back ends: client disks, consoles, sockets, taps, eventfds.
 const DEVICE_IO: &[i64] = &[
@@ -210,6 +217,15 @@ fn on_thread_start(kind: ThreadKind) {
         ThreadKind::Device => Kind::Device,
         ThreadKind::Helper => Kind::Helper,
     };
+    if kind == Kind::Vcpu {
+        // A guest's vCPUs are batch work to the host: SCHED_BATCH keeps
+        // their fair share but does not let them delay the wake-ups of
+        // control work (the daemon's and every worker's request loop) when
+        // guests keep the CPUs busy.
+        let p = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler on the calling thread (pid 0).
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &p) };
+    }
     let r = program(kind).and_then(|p| seccompiler::apply_filter(&p).map_err(|e| e.to_string()));
     if let Err(e) = r {
         log::error!("cannot confine a {kind:?} thread: {e}");

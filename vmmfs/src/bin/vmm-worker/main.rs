@@ -236,6 +236,7 @@ fn serve(sock: &Arc<OwnedFd>, test_hooks: bool) {
         let result = match (req, &vm) {
             (Request::Create { name }, None) => match Vm::create(&name) {
                 Ok(v) => {
+                    name_process(&name);
                     let v = Arc::new(v);
                     let weak: Weak<Vm> = Arc::downgrade(&v);
                     let r = reporter.clone();
@@ -277,6 +278,21 @@ fn serve(sock: &Arc<OwnedFd>, test_hooks: bool) {
             std::process::exit(0);
         }
     }
+}
+
+/// Show `vm:NAME` as this process's command name (ps, /proc/PID/comm), so
+/// that an administrator can tell which worker runs which VM.
+fn name_process(vm: &str) {
+    let mut comm: Vec<u8> = format!("vm:{vm}").into_bytes();
+    // The kernel keeps 15 bytes; cut at a character boundary.
+    let mut n = comm.len().min(15);
+    while n > 0 && std::str::from_utf8(&comm[..n]).is_err() {
+        n -= 1;
+    }
+    comm.truncate(n);
+    comm.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr(), 0, 0, 0) };
 }
 
 /// A system call no thread of a worker may make. The filter kills the
