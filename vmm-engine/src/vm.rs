@@ -18,7 +18,6 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use parking_lot::Mutex;
-use std::fmt::Write as _;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -40,66 +39,10 @@ const SLOT_BOOTROM: u32 = 2;
 const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
 const TSS_ADDR: usize = 0xfeff_d000;
 
-/// Why a guest stopped, with bhyve's exit status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitReason {
-    Reboot,
-    PowerOff,
-    Halt,
-    TripleFault,
-    Error(String),
-    Suspend,
-}
-
-impl ExitReason {
-    /// bhyve's exit status for this reason.
-    pub fn status(&self) -> i32 {
-        match self {
-            ExitReason::Reboot => 0,
-            ExitReason::PowerOff => 1,
-            ExitReason::Halt => 2,
-            ExitReason::TripleFault => 3,
-            ExitReason::Error(_) => 4,
-            ExitReason::Suspend => 5,
-        }
-    }
-
-    /// The word used in status text.
-    pub fn name(&self) -> &'static str {
-        match self {
-            ExitReason::Reboot => "reboot",
-            ExitReason::PowerOff => "poweroff",
-            ExitReason::Halt => "halt",
-            ExitReason::TripleFault => "triple-fault",
-            ExitReason::Error(_) => "error",
-            ExitReason::Suspend => "suspend",
-        }
-    }
-}
-
-/// Life cycle of a VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmState {
-    /// Created, accepting configuration.
-    Configuring,
-    /// vCPUs running.
-    Running,
-    /// Guest stopped; `reinit` makes it configurable again.
-    Exited(ExitReason),
-    /// Destroyed: every operation fails with ENXIO.
-    Destroyed,
-}
-
-impl VmState {
-    fn name(&self) -> &'static str {
-        match self {
-            VmState::Configuring => "configuring",
-            VmState::Running => "running",
-            VmState::Exited(_) => "exited",
-            VmState::Destroyed => "destroyed",
-        }
-    }
-}
+/// Why a guest stopped, with bhyve's exit status; the life cycle of a VM.
+/// Both are the status types of the protocol crate, so that what the engine
+/// reports and what vmmfs serves (or receives from a VM worker) are one.
+pub use vmm_protocol::status::{Exit as ExitReason, State as VmState};
 
 /// A memory segment: memfd-backed, shareable through vmmfs (`vmm.io/NAME.SEG`).
 #[derive(Debug, Clone)]
@@ -502,26 +445,18 @@ impl Vm {
         Ok(())
     }
 
-    /// `key=value` lines describing the VM.
+    /// `key=value` lines describing the VM: its name, then
+    /// [`vmm_protocol::status::Status`].
     pub fn status(&self) -> String {
         let st = self.core.st.lock();
-        let mut s = String::new();
-        let _ = writeln!(s, "name={}", self.name);
-        let _ = writeln!(s, "state={}", st.state.name());
-        let _ = writeln!(s, "cpus={}", st.cpus);
-        let _ = writeln!(s, "memory={}", st.memory);
-        if let VmState::Exited(r) = &st.state {
-            let _ = writeln!(s, "exit={}", r.name());
-            let _ = writeln!(s, "status={}", r.status());
-            if let ExitReason::Error(cause) = r {
-                let _ = writeln!(s, "cause={}", cause.replace('\n', " "));
-            }
-        }
-        let _ = writeln!(s, "exits={}", self.exits());
-        if let Some(us) = self.boot_time_us() {
-            let _ = writeln!(s, "boot_time_us={us}");
-        }
-        s
+        let status = vmm_protocol::status::Status {
+            state: st.state.clone(),
+            cpus: st.cpus,
+            memory: st.memory,
+            exits: self.exits(),
+            boot_time_us: self.boot_time_us(),
+        };
+        format!("name={}\n{status}", self.name)
     }
 
     /// The client that ran the guest went away (vmmfs: its `vmm/NAME` handle

@@ -103,7 +103,11 @@ impl fmt::Display for Status {
             writeln!(f, "exit={}", e.name())?;
             writeln!(f, "status={}", e.status())?;
             if let Exit::Error(cause) = e {
-                writeln!(f, "cause={cause}")?;
+                // One line of at most MAX_CAUSE bytes, whoever made the cause.
+                match Exit::error(cause) {
+                    Exit::Error(c) => writeln!(f, "cause={c}")?,
+                    _ => unreachable!("Exit::error makes an error"),
+                }
             }
         }
         writeln!(f, "exits={}", self.exits)?;
@@ -267,5 +271,17 @@ mod tests {
             Exit::Error("é".repeat(MAX_CAUSE / 2))
         );
         assert_eq!(Exit::error("a\nb"), Exit::Error("a b".into()));
+        // Display makes any cause fit, so that a status always parses.
+        let s = Status {
+            state: State::Exited(Exit::Error(format!("two\nlines{}", "x".repeat(MAX_CAUSE)))),
+            cpus: 1,
+            memory: 1,
+            exits: 0,
+            boot_time_us: None,
+        };
+        let back = Status::parse(&s.to_string()).unwrap();
+        assert!(
+            matches!(back.state, State::Exited(Exit::Error(c)) if c.starts_with("two lines") && c.len() == MAX_CAUSE)
+        );
     }
 }

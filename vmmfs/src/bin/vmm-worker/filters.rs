@@ -78,9 +78,10 @@ const THREADS: &[i64] = &[
     libc::SYS_clone3,
     libc::SYS_clone,
     libc::SYS_seccomp,
-    // vCPU threads make themselves SCHED_BATCH (without privileges no
-    // real-time policy can be had).
+    // vCPU threads make themselves SCHED_BATCH at nice 0 (without
+    // privileges no real-time policy or lower nice value can be had).
     libc::SYS_sched_setscheduler,
+    libc::SYS_setpriority,
 ];
 
 /// Device back ends: client disks, consoles, sockets, taps, eventfds.
@@ -218,13 +219,19 @@ fn on_thread_start(kind: ThreadKind) {
         ThreadKind::Helper => Kind::Helper,
     };
     if kind == Kind::Vcpu {
-        // A guest's vCPUs are batch work to the host: SCHED_BATCH keeps
-        // their fair share but does not let them delay the wake-ups of
-        // control work (the daemon's and every worker's request loop) when
-        // guests keep the CPUs busy.
+        // A guest's vCPUs are batch work to the host: SCHED_BATCH at nice 0
+        // (the worker's control thread inherited the daemon's higher
+        // priority, see vmmfs(8)) keeps their fair share against other
+        // processes but lets control work (the daemon's and every worker's
+        // request loop) run first when guests keep the CPUs busy. Device
+        // threads start from vCPU threads and inherit both.
         let p = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler on the calling thread (pid 0).
-        unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &p) };
+        // SAFETY: scheduling calls on the calling thread (0); raising the
+        // nice value needs no privilege.
+        unsafe {
+            libc::sched_setscheduler(0, libc::SCHED_BATCH, &p);
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+        }
     }
     let r = program(kind).and_then(|p| seccompiler::apply_filter(&p).map_err(|e| e.to_string()));
     if let Err(e) = r {

@@ -17,7 +17,7 @@ mod zygote;
 use parking_lot::Mutex;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Weak};
-use vmm_engine::command::{Command, FdSource};
+use vmm_engine::command::{Command, Labelled};
 use vmm_engine::{Error, Vm};
 use vmm_protocol::status::Status;
 use vmm_protocol::worker::{self, ErrorKind, Event, Reply, Request, SegmentInfo, Spawn};
@@ -123,21 +123,6 @@ pub(crate) fn run_worker(sock: OwnedFd, spawn: &Spawn) -> ! {
     }
     serve(&sock, spawn.test_hooks);
     std::process::exit(0)
-}
-
-/// Descriptors of one request, by label. A label may be taken twice
-/// (`com1 4 4`): each take gets its own descriptor of the file.
-struct Labelled(Vec<(i32, OwnedFd)>);
-
-impl FdSource for Labelled {
-    fn take(&mut self, label: i32) -> std::io::Result<OwnedFd> {
-        self.0
-            .iter()
-            .find(|(n, _)| *n == label)
-            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?
-            .1
-            .try_clone()
-    }
 }
 
 /// Sends the VM's status to the daemon. One at a time: a status computed
@@ -259,7 +244,10 @@ fn serve(sock: &Arc<OwnedFd>, test_hooks: bool) {
                 {
                     forbidden_syscall();
                 }
-                let mut src = Labelled(labels.into_iter().zip(fds).collect());
+                let mut src = Labelled::default();
+                for (label, fd) in labels.into_iter().zip(fds) {
+                    src.add(label, fd);
+                }
                 let r = v.execute(command, &mut src);
                 // What the engine did not keep is closed now.
                 drop(src);
