@@ -58,9 +58,11 @@ def main():
         try:
             os.killpg(proc.pid, signal.SIGINT)
             proc.wait(10)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        except ProcessLookupError:
+            pass  # already gone
         sys.exit(1)
 
     for step in steps:
