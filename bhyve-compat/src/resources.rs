@@ -194,7 +194,8 @@ fn start_slirp(
 fn console_port(path: &str) -> Result<(OwnedFd, OwnedFd, OwnedFd)> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     use std::os::unix::fs::FileTypeExt;
-    let fail = |e: std::io::Error| Error::io(format!("virtio-console: cannot listen on {path}"), &e);
+    let fail =
+        |e: std::io::Error| Error::io(format!("virtio-console: cannot listen on {path}"), &e);
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         std::fs::remove_file(path).map_err(fail)?;
     }

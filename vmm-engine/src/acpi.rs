@@ -9,7 +9,8 @@
 
 use crate::devices::rtc::{CENTURY, RTC_INDEX};
 use crate::devices::{
-    intx_route, COM_PORTS, PCI_MMIO_BASE, PM1A_CNT, PM1A_EVT, PM_TMR, RESET_PORT, SCI_IRQ,
+    intx_route, COM_PORTS, ECAM_BASE, ECAM_SIZE, PCI_MMIO_BASE, PM1A_CNT, PM1A_EVT, PM_TMR,
+    RESET_PORT, SCI_IRQ,
 };
 use crate::error::Result;
 use crate::memory::GuestMemory;
@@ -24,11 +25,12 @@ const FADT_ADDR: u64 = 0xf_0100;
 const FACS_ADDR: u64 = 0xf_0200;
 const MADT_ADDR: u64 = 0xf_0400;
 const MPC_ADDR: u64 = 0xf_1000;
+const MCFG_ADDR: u64 = 0xf_0d00;
 const DSDT_ADDR: u64 = 0xf_3000;
 /// End of the area the tables use (sizes for 255 vCPUs are checked in the tests).
 pub const ACPI_END: u64 = 0xf_6000;
-/// Top of the 32-bit PCI memory window: the I/O APIC follows.
-const PCI_MMIO_END: u64 = 0xfebf_ffff;
+/// Top of the 32-bit PCI memory window: the ECAM window follows.
+const PCI_MMIO_END: u64 = ECAM_BASE - 1;
 
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
@@ -238,7 +240,10 @@ fn dsdt() -> Vec<u8> {
     let pci0 = encode(&aml::Device::new(
         "PCI0".into(),
         vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03")),
+            // PCI Express root bridge (configuration through the MCFG's
+            // ECAM), compatible with a plain PCI one.
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
             &aml::Name::new("_ADR".into(), &0u8),
             &aml::Name::new("_SEG".into(), &0u8),
             &aml::Name::new("_UID".into(), &0u8),
@@ -262,10 +267,39 @@ fn dsdt() -> Vec<u8> {
             )
         })
         .collect();
-    let mut sb: Vec<&dyn Aml> = vec![&pci0, &rtc];
+    // The ECAM window is claimed as a motherboard resource, as Linux
+    // wants before it trusts the MCFG.
+    let mbrs = encode(&aml::Device::new(
+        "MBRS".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &0u8),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
+                    false,
+                    ECAM_BASE as u32,
+                    ECAM_SIZE as u32,
+                )]),
+            ),
+        ],
+    ));
+    let mut sb: Vec<&dyn Aml> = vec![&pci0, &mbrs, &rtc];
     sb.extend(com.iter().map(|c| c as &dyn Aml));
     aml::Scope::new("\\_SB_".into(), sb).to_aml_bytes(&mut body);
     t.bytes(&body);
+    t.finish()
+}
+
+/// PCI Express memory-mapped configuration: segment 0, buses 0..255.
+fn mcfg() -> Vec<u8> {
+    let mut t = Table::new(b"MCFG", 1);
+    t.u64(0) // reserved
+        .u64(ECAM_BASE)
+        .u16(0) // segment
+        .u8(0) // first bus
+        .u8(((ECAM_SIZE >> 20) - 1) as u8) // last bus
+        .u32(0);
     t.finish()
 }
 
@@ -408,7 +442,8 @@ pub fn write_tables(mem: &GuestMemory, cpus: u16, mptable: bool) -> Result<()> {
     mem.write(DSDT_ADDR, &dsdt())?;
     mem.write(FADT_ADDR, &fadt())?;
     mem.write(MADT_ADDR, &madt(cpus))?;
-    mem.write(XSDT_ADDR, &xsdt(&[FADT_ADDR, MADT_ADDR]))?;
+    mem.write(MCFG_ADDR, &mcfg())?;
+    mem.write(XSDT_ADDR, &xsdt(&[FADT_ADDR, MADT_ADDR, MCFG_ADDR]))?;
     mem.write(RSDP_ADDR, &rsdp())?;
     Ok(())
 }
@@ -424,7 +459,7 @@ mod tests {
     #[test]
     fn tables_checksum_and_fit() {
         assert_eq!(fadt().len(), 244);
-        for t in [fadt(), dsdt(), madt(255), xsdt(&[1, 2])] {
+        for t in [fadt(), dsdt(), madt(255), xsdt(&[1, 2, 3]), mcfg()] {
             assert_eq!(sum(&t), 0);
             assert_eq!(
                 u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
@@ -441,9 +476,10 @@ mod tests {
         assert_eq!(sum(&m), 0);
         assert!(RSDP_ADDR + r.len() as u64 <= MPFP_ADDR);
         assert!(MPFP_ADDR + m.len() as u64 <= XSDT_ADDR);
-        assert!(XSDT_ADDR + xsdt(&[1, 2]).len() as u64 <= FADT_ADDR);
+        assert!(XSDT_ADDR + xsdt(&[1, 2, 3]).len() as u64 <= FADT_ADDR);
         assert!(FADT_ADDR + fadt().len() as u64 <= FACS_ADDR);
-        assert!(MADT_ADDR + madt(255).len() as u64 <= MPC_ADDR);
+        assert!(MADT_ADDR + madt(255).len() as u64 <= MCFG_ADDR);
+        assert!(MCFG_ADDR + mcfg().len() as u64 <= MPC_ADDR);
         assert!(MPC_ADDR + mp_config(255).len() as u64 <= DSDT_ADDR);
         assert!(DSDT_ADDR + dsdt().len() as u64 <= ACPI_END);
     }

@@ -58,6 +58,10 @@ pub enum PciEmulation {
 /// First address of the window BARs are placed in before the guest moves
 /// them (the PCI hole starts at 3 GiB).
 pub const PCI_MMIO_BASE: u64 = 0xc000_0000;
+/// PCIe enhanced configuration (ECAM) for buses 0..255, described by the
+/// MCFG: one MMIO exit per configuration access instead of two port exits.
+pub const ECAM_BASE: u64 = 0xe000_0000;
+pub const ECAM_SIZE: u64 = 256 << 20;
 
 fn bad(msg: String) -> Error {
     Error::InvalidCommand(msg)
@@ -497,9 +501,13 @@ impl Platform {
         None
     }
 
-    /// MMIO outside RAM: PCI memory BARs; elsewhere reads return ones and
-    /// writes are dropped.
+    /// MMIO outside RAM: the ECAM window and PCI memory BARs; elsewhere
+    /// reads return ones and writes are dropped.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some(off) = addr.checked_sub(ECAM_BASE).filter(|o| *o < ECAM_SIZE) {
+            self.devs.lock().pci.ecam(off, data, false);
+            return;
+        }
         if !self.devs.lock().pci.mmio(addr, data, false) {
             log::debug!("unhandled MMIO read {addr:#x} size {}", data.len());
             data.fill(0xff);
@@ -510,6 +518,10 @@ impl Platform {
         let mut buf = [0u8; 8];
         let n = data.len().min(8);
         buf[..n].copy_from_slice(&data[..n]);
+        if let Some(off) = addr.checked_sub(ECAM_BASE).filter(|o| *o < ECAM_SIZE) {
+            self.devs.lock().pci.ecam(off, &mut buf[..n], true);
+            return;
+        }
         if !self.devs.lock().pci.mmio(addr, &mut buf[..n], true) {
             log::debug!("unhandled MMIO write {addr:#x} size {}", data.len());
         }
