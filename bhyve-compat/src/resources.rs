@@ -132,14 +132,7 @@ fn start_slirp(
     open: bool,
     helpers: &mut Vec<Child>,
 ) -> Result<OwnedFd> {
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| Error::sys("slirp: socketpair", e))?;
+    let (ours, theirs) = stream_pair("slirp")?;
     // The child's copy must survive exec: dup it without CLOEXEC.
     let theirs_raw = nix::unistd::dup(&theirs).map_err(|e| Error::sys("slirp: dup", e))?;
     let mut cmd = Command::new("passt");
@@ -192,7 +185,6 @@ fn start_slirp(
 /// `path` (created as the invoking user; a stale socket there is replaced).
 /// Returns the listener, bhyve's end of a socket pair and the device's end.
 fn console_port(path: &str) -> Result<(OwnedFd, OwnedFd, OwnedFd)> {
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     use std::os::unix::fs::FileTypeExt;
     let fail =
         |e: std::io::Error| Error::io(format!("virtio-console: cannot listen on {path}"), &e);
@@ -200,14 +192,21 @@ fn console_port(path: &str) -> Result<(OwnedFd, OwnedFd, OwnedFd)> {
         std::fs::remove_file(path).map_err(fail)?;
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(fail)?;
-    let (ours, device) = socketpair(
+    let (ours, device) = stream_pair("virtio-console")?;
+    Ok((OwnedFd::from(listener), ours, device))
+}
+
+/// A connected pair of UNIX stream sockets (close-on-exec): bhyve's end and
+/// the end a device or helper gets.
+fn stream_pair(what: &str) -> Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    socketpair(
         AddressFamily::Unix,
         SockType::Stream,
         None,
         SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(|e| Error::sys("virtio-console: socketpair", e))?;
-    Ok((OwnedFd::from(listener), ours, device))
+    .map_err(|e| Error::sys(format!("{what}: socketpair"), e))
 }
 
 /// Relay between a console port's listening socket and the device: one

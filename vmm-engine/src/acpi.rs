@@ -225,7 +225,8 @@ fn dsdt() -> Vec<u8> {
     let prt_refs: Vec<&dyn Aml> = prt_pkgs.iter().map(|p| p as &dyn Aml).collect();
     let prt = encode(&aml::Package::new(prt_refs));
     let crs = encode(&aml::ResourceTemplate::new(vec![
-        &aml::AddressSpace::new_bus_number(0u16, 0xffu16),
+        // Bus 0 only, as the MCFG.
+        &aml::AddressSpace::new_bus_number(0u16, 0u16),
         &aml::IO::new(0xcf8, 0xcf8, 1, 8),
         &aml::AddressSpace::new_io(0u16, 0xcf7u16, None),
         &aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None),
@@ -291,7 +292,7 @@ fn dsdt() -> Vec<u8> {
     t.finish()
 }
 
-/// PCI Express memory-mapped configuration: segment 0, buses 0..255.
+/// PCI Express memory-mapped configuration: segment 0, bus 0.
 fn mcfg() -> Vec<u8> {
     let mut t = Table::new(b"MCFG", 1);
     t.u64(0) // reserved
