@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""Connect to HOST PORT (retrying while nothing listens yet), read one line,
-print it. Gives up after TIMEOUT seconds in all.
+"""Connect to HOST PORT (retrying while nothing listens yet), send "ping",
+read one line, print it. Gives up after TIMEOUT seconds in all.
 
     tcpget.py HOST PORT TIMEOUT
 """
@@ -19,6 +19,7 @@ while True:
             sys.exit(f"tcpget: {e}")
         time.sleep(0.5)
 s.settimeout(max(1, deadline - time.monotonic()))
+s.sendall(b"ping\n")
 data = b""
 try:
     while b"\n" not in data:
