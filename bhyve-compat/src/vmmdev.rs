@@ -6,10 +6,12 @@ use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::Mode;
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use vmm_protocol::command::Command;
+use vmm_protocol::handover::{self, Ack, Fds, Greeting, MAX_MESSAGE};
 use vmm_protocol::vmmctl::{validate_name, CtlRequest};
 
 /// Where the vmmfs files are.
@@ -43,6 +45,11 @@ impl VmmDev {
         self.dir.join("vmm").join(name)
     }
 
+    /// The descriptor hand-over socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.join(handover::SOCKET_NAME)
+    }
+
     /// Open vmmctl read-write.
     pub fn open_ctl(&self) -> std::result::Result<Ctl, Errno> {
         let fd = open(
@@ -66,6 +73,8 @@ impl VmmDev {
         Ok(VmHandle {
             fd,
             name: name.to_string(),
+            socket_path: self.socket_path(),
+            handover: OnceCell::new(),
         })
     }
 
@@ -190,6 +199,9 @@ impl Status {
 pub struct VmHandle {
     fd: OwnedFd,
     name: String,
+    socket_path: PathBuf,
+    /// The hand-over connection attached to this handle, made on first use.
+    handover: OnceCell<OwnedFd>,
 }
 
 /// What woke [`VmHandle::wait`].
@@ -210,19 +222,96 @@ impl VmHandle {
     }
 
     /// Send one command; on failure, the daemon's message (`error=`) is attached.
+    /// The descriptors it names are handed over first (see vmm(4), DESCRIPTORS).
     pub fn command(&self, cmd: &Command) -> Result<()> {
+        let fds = cmd.descriptors();
+        if !fds.is_empty() {
+            self.send_fds(&fds)?;
+        }
         let cmd = cmd.to_string();
         log::debug!("vmm/{}: {cmd}", self.name);
-        match write_line(self.fd.as_fd(), &cmd) {
-            Ok(()) => Ok(()),
-            Err(errno) => {
-                let detail = self.status().ok().and_then(|s| s.error);
-                Err(Error::Command {
-                    command: cmd,
-                    errno,
-                    detail,
-                })
+        write_line(self.fd.as_fd(), &cmd).map_err(|errno| self.command_error(cmd, errno))
+    }
+
+    fn command_error(&self, command: String, errno: Errno) -> Error {
+        let detail = self.status().ok().and_then(|s| s.error);
+        Error::Command {
+            command,
+            errno,
+            detail,
+        }
+    }
+
+    /// The hand-over connection, connected and attached on first use.
+    fn connection(&self) -> Result<BorrowedFd<'_>> {
+        if let Some(c) = self.handover.get() {
+            return Ok(c.as_fd());
+        }
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let path = &self.socket_path;
+        let what = || format!("connect {}", path.display());
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| Error::sys(what(), e))?;
+        let addr = UnixAddr::new(path).map_err(|e| Error::sys(what(), e))?;
+        connect(sock.as_raw_fd(), &addr).map_err(|e| Error::sys(what(), e))?;
+        let greeting = recv_text(&sock).map_err(|e| Error::sys(what(), e))?;
+        let nonce = match Greeting::parse(&greeting) {
+            Ok(Greeting(n)) => n,
+            Err(_) => {
+                // A refusal is an acknowledgement with the daemon's reason.
+                return Err(match Ack::parse(&greeting) {
+                    Ok(Ack::Error { errno, message }) => Error::Command {
+                        command: "connect".into(),
+                        errno: Errno::from_raw(errno),
+                        detail: Some(message),
+                    },
+                    _ => Error::Other(format!("{}: not a vmmfs hand-over socket", path.display())),
+                });
             }
+        };
+        let line = handover::attach_line(&nonce);
+        write_line(self.fd.as_fd(), &line)
+            .map_err(|errno| self.command_error("attach".into(), errno))?;
+        Ok(self.handover.get_or_init(|| sock).as_fd())
+    }
+
+    /// Hand descriptors `fds` (this process's own, named by their numbers) to the VM.
+    pub fn send_fds(&self, fds: &[i32]) -> Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let conn = self.connection()?;
+        let text = Fds(fds.to_vec()).to_string();
+        let failed = |errno| Error::Command {
+            command: text.clone(),
+            errno,
+            detail: Some("handing descriptors over".into()),
+        };
+        loop {
+            match sendmsg::<()>(
+                conn.as_raw_fd(),
+                &[std::io::IoSlice::new(text.as_bytes())],
+                &[ControlMessage::ScmRights(fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        let reply = recv_text(&conn).map_err(failed)?;
+        match Ack::parse(&reply) {
+            Ok(Ack::Ok) => Ok(()),
+            Ok(Ack::Error { errno, message }) => Err(Error::Command {
+                command: text.clone(),
+                errno: Errno::from_raw(errno),
+                detail: Some(message),
+            }),
+            Err(_) => Err(failed(Errno::EPROTO)),
         }
     }
 
@@ -283,6 +372,23 @@ impl VmHandle {
     /// The raw descriptor.
     pub fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
+    }
+}
+
+/// One message from a hand-over socket, as text.
+fn recv_text(sock: &impl AsFd) -> std::result::Result<String, Errno> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    loop {
+        match nix::sys::socket::recv(
+            sock.as_fd().as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::empty(),
+        ) {
+            Ok(0) => return Err(Errno::ECONNRESET),
+            Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -20,7 +20,7 @@ const GONE: Duration = Duration::from_secs(1);
 
 /// The test guests: `--guests DIR`, or hello.rom and multi.rom built once
 /// into the (world-searchable) temporary directory.
-fn guests(s: &mut Suite) -> Option<PathBuf> {
+pub(crate) fn guests(s: &mut Suite) -> Option<PathBuf> {
     let ok = |d: &Path| d.join("hello.rom").is_file() && d.join("multi.rom").is_file();
     if let Some(g) = s.env.guests.clone() {
         if ok(&g) {
@@ -72,7 +72,7 @@ fn guests(s: &mut Suite) -> Option<PathBuf> {
 }
 
 /// `bhyve [-M] [EXTRA...] -m 32M -l com1,stdio -l bootrom,ROM NAME`.
-fn bhyve_args(extra: &[&str], rom: &Path, name: &str) -> Vec<String> {
+pub(crate) fn bhyve_args(extra: &[&str], rom: &Path, name: &str) -> Vec<String> {
     let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     v.extend(["-m", "32M", "-l", "com1,stdio", "-l"].map(String::from));
     v.push(format!("bootrom,{}", rom.display()));
@@ -80,11 +80,11 @@ fn bhyve_args(extra: &[&str], rom: &Path, name: &str) -> Vec<String> {
     v
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
+pub(crate) fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn run_bhyve(s: &Suite, who: Who, extra: &[&str], rom: &Path, name: &str) -> ToolEnd {
+pub(crate) fn run_bhyve(s: &Suite, who: Who, extra: &[&str], rom: &Path, name: &str) -> ToolEnd {
     s.env.run_tool(who, "bhyve", &strs(&bhyve_args(extra, rom, name)), RUN)
 }
 
@@ -100,7 +100,7 @@ fn multi(s: &Suite, who: Who, rom: &Path, name: &str) -> Result<Tool, String> {
 }
 
 /// A tool's stderr on one line: `no message`, or its lines joined by ` / `.
-fn message(stderr: &str) -> String {
+pub(crate) fn message(stderr: &str) -> String {
     let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     if lines.is_empty() {
         "no message".into()
@@ -153,7 +153,7 @@ fn no_trace_within(s: &Suite, name: &str, limit: Duration) -> String {
 }
 
 /// Root's `ls vmm/` once VM `name` is gone (waiting up to 1 s for it to go).
-fn ls_after(s: &Suite, name: &str) -> String {
+pub(crate) fn ls_after(s: &Suite, name: &str) -> String {
     let _ = no_trace_within(s, name, GONE);
     ls(s)
 }
@@ -171,7 +171,7 @@ fn cleanup(s: &Suite, name: &str) {
 }
 
 /// The console text as the table shows it: `console "ready\n"`.
-fn console(out: &str) -> String {
+pub(crate) fn console(out: &str) -> String {
     format!("console {out:?}")
 }
 
@@ -260,7 +260,7 @@ pub fn exit_status(s: &mut Suite) {
 // ---------------------------------------------------------------- SIGKILL
 
 /// splitmix64: small, seedable, good enough to pick moments.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -271,13 +271,13 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
 
 /// `CONFORMANCE_SEED` (hex, `0x` optional) or one from the clock.
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     if let Some(v) = std::env::var("CONFORMANCE_SEED").ok().filter(|v| !v.is_empty()) {
         if let Ok(n) = u64::from_str_radix(v.trim_start_matches("0x"), 16) {
             return n;

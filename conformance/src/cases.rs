@@ -51,6 +51,19 @@ pub const GROUPS: &[(&str, Group)] = &[
     ("jail-visibility", jail_visibility),
     ("two-jails", two_jails),
     ("jail-revoke", jail_revoke),
+    ("authority", crate::attack::authority),
+    ("handover", crate::attack::handover),
+    ("order", crate::attack::check_order),
+    ("limits", crate::attack::limits),
+    ("jail-reuse", crate::attack::jail_reuse),
+    ("names-unambiguous", crate::attack::names_unambiguous),
+    ("ppt", crate::attack::ppt),
+    ("single-instance", crate::attack::single_instance),
+    ("reuse-after-exit", crate::attack::reuse_after_exit),
+    ("root-reserve", crate::attack::root_reserve),
+    ("no-freeze", crate::attack::no_freeze),
+    ("kill-storm", crate::attack::kill_storm),
+    ("sigterm", crate::attack::sigterm),
     ("bhyve-exit-status", crate::bhyve::exit_status),
     ("bhyve-sigkill", crate::bhyve::sigkill),
     ("bhyve-access", crate::bhyve::access),
@@ -880,7 +893,9 @@ fn jail_without_allow(s: &mut Suite) {
         let r = s.root_create(&name);
         s.check(&format!("Jails: host root creates {name}"), "OK", r);
         let r = s.probe(Who::root(), &["jail-inherit", &ctl, &name, via]);
-        s.check(&format!("Jails: jail destroys a host VM via a host fd ({via}) -> EINVAL (invisible)"), "EINVAL", r);
+        // SPEC "Authority": the writer (in a jail) is not the opener (on the
+        // host), so the command carries no authority at all.
+        s.check(&format!("Jails: jail destroys a host VM via a host fd ({via}) -> EPERM (not the opener)"), "EPERM", r);
         let left = exists(&s.env.stat(&s.env.vm(&name)));
         s.check(&format!("Jails: host VM survives the jail's destroy attempt ({via})"), "exists", left);
         s.root_destroy(&name);

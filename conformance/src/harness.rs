@@ -370,6 +370,11 @@ pub fn children_of(parent: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The PID namespace number of host process `pid`.
+pub fn pidns_of(pid: u32) -> Option<u64> {
+    pidns(&pid.to_string())
+}
+
 fn pidns(pid: &str) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok().map(|m| m.ino())
@@ -499,10 +504,34 @@ impl Env {
         unmount(&self.mount);
     }
 
+    /// SIGTERM the daemon once and wait at most `limit`: its exit and how
+    /// long it took (`TIMEOUT` if it did not exit; it is then killed).
+    pub fn terminate(&mut self, limit: Duration) -> (String, Duration) {
+        let Some(mut child) = self.daemon.take() else {
+            return ("no daemon".into(), Duration::ZERO);
+        };
+        let t0 = Instant::now();
+        kill(child.id(), libc::SIGTERM);
+        let r = match wait_timeout(&mut child, limit) {
+            Some(st) => exit_text(st),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                format!("TIMEOUT({}s)", limit.as_secs())
+            }
+        };
+        (r, t0.elapsed())
+    }
+
     /// Stop and start again with the same state directory.
     pub fn restart(&mut self) -> Result<(), String> {
         self.stop();
         self.start()
+    }
+
+    /// The daemon's process ID.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
     }
 
     /// Whether the daemon is still running.
@@ -565,9 +594,14 @@ impl Env {
     /// Start a holder: creates `names` (comma separated) destroy-on-close and
     /// waits. Err(observed) if it did not get READY.
     pub fn hold(&self, who: Who, names: &str, via: &str) -> Result<Holder, String> {
-        let ctl = self.ctl();
+        self.start_ready(who, &["hold-create", &self.ctl(), names, via]).map(|(h, _)| h)
+    }
+
+    /// Start a probe that prints `READY PID [REST]` and then holds what it
+    /// made until its stdin closes. Err(observed) if it did not get ready.
+    pub fn start_ready(&self, who: Who, args: &[&str]) -> Result<(Holder, String), String> {
         let mut child = self
-            .command(who, &["hold-create", &ctl, names, via])
+            .command(who, args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -584,11 +618,13 @@ impl Env {
         let line = rx.recv_timeout(READY_TIMEOUT).unwrap_or_else(|_| "TIMEOUT".into());
         let mut holder = Holder { pid: child.id(), child, stdin };
         match line.trim().strip_prefix("READY ") {
-            Some(pid) if who.place == Place::Host => {
-                holder.pid = pid.parse().unwrap_or(holder.pid);
-                Ok(holder)
+            Some(rest) => {
+                let (pid, more) = rest.split_once(' ').unwrap_or((rest, ""));
+                if who.place == Place::Host {
+                    holder.pid = pid.parse().unwrap_or(holder.pid);
+                }
+                Ok((holder, more.to_string()))
             }
-            Some(_) => Ok(holder),
             None => {
                 let obs = if line.trim().is_empty() { "NO-OUTPUT".into() } else { observed(line.trim()) };
                 holder.release();
@@ -680,7 +716,11 @@ impl Env {
     /// "OK" or a description of the failure.
     pub fn jail_cmd(&self, verb: &str, pid: u32, as_user: Option<&TestUser>) -> String {
         let mut cmd = Command::new(&self.vmmfs);
-        cmd.args(["jail", verb, "--pid", &pid.to_string(), "--state-dir"]).arg(&self.state_dir);
+        match verb {
+            "allow-ppt" => cmd.args(["jail", "allow", "--ppt"]),
+            v => cmd.args(["jail", v]),
+        };
+        cmd.args(["--pid", &pid.to_string(), "--state-dir"]).arg(&self.state_dir);
         if let Some(u) = as_user {
             use std::os::unix::process::CommandExt;
             cmd.uid(u.uid).gid(u.gid);
@@ -690,6 +730,14 @@ impl Env {
             Ok(o) => {
                 format!("FAILED({}) {}", o.status, String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or(""))
             }
+            Err(e) => format!("SPAWN-FAILED {e}"),
+        }
+    }
+
+    /// What `vmmfs jail list` prints (or why it failed).
+    pub fn jail_list(&self) -> String {
+        match Command::new(&self.vmmfs).args(["jail", "list", "--state-dir"]).arg(&self.state_dir).output() {
+            Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
             Err(e) => format!("SPAWN-FAILED {e}"),
         }
     }

@@ -6,6 +6,7 @@
 //! runs the suite (as root); `conformance probe ...` is the probe run in
 //! child processes (see probe.rs).
 
+mod attack;
 mod bhyve;
 mod cases;
 mod errno;
@@ -172,6 +173,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("probe") {
         std::process::exit(probe::main(&args[1..]));
+    }
+    if args.first().map(String::as_str) == Some("setid-helper") {
+        std::process::exit(attack::setid_helper(&args[1..]));
     }
     let code = match parse(&args) {
         Ok(Some(o)) => run(o),

@@ -32,30 +32,31 @@ conformance probe [--user NAME] [--ruid UID] OP ARGS...
   reuse CTL NAME destroy|close        create the name again right after its VM went
   jail-inherit CTL NAME write|ioctl|destroy-write|destroy-ioctl
                                       open on the host; create (or destroy) from a new PID namespace
-  exec PROG ARGS...                   become the user, then exec PROG (bhyve, bhyvectl...)";
+  exec PROG ARGS...                   become the user, then exec PROG (bhyve, bhyvectl...)
+  (attack probes: see attack.rs)";
 
 fn cpath(p: &str) -> CString {
     CString::new(p).unwrap_or_else(|_| usage("path contains NUL"))
 }
 
-fn usage(why: &str) -> ! {
+pub(crate) fn usage(why: &str) -> ! {
     eprintln!("conformance probe: {why}\n{USAGE}");
     std::process::exit(2)
 }
 
-fn res(r: Result<(), i32>) -> String {
+pub(crate) fn res(r: Result<(), i32>) -> String {
     match r {
         Ok(()) => "OK".into(),
         Err(e) => format!("ERR {}", errno::name(e)),
     }
 }
 
-fn errno_now() -> i32 {
+pub(crate) fn errno_now() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
 /// A descriptor closed on drop.
-struct Fd(i32);
+pub(crate) struct Fd(pub(crate) i32);
 
 impl Drop for Fd {
     fn drop(&mut self) {
@@ -66,7 +67,7 @@ impl Drop for Fd {
     }
 }
 
-fn open(path: &str, flags: i32) -> Result<Fd, i32> {
+pub(crate) fn open(path: &str, flags: i32) -> Result<Fd, i32> {
     let c = cpath(path);
     // SAFETY: valid C string.
     let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
@@ -77,7 +78,7 @@ fn open(path: &str, flags: i32) -> Result<Fd, i32> {
     }
 }
 
-fn write_fd(fd: &Fd, data: &[u8]) -> Result<(), i32> {
+pub(crate) fn write_fd(fd: &Fd, data: &[u8]) -> Result<(), i32> {
     // SAFETY: valid buffer.
     let n = unsafe { libc::write(fd.0, data.as_ptr().cast(), data.len()) };
     if n < 0 {
@@ -87,7 +88,7 @@ fn write_fd(fd: &Fd, data: &[u8]) -> Result<(), i32> {
     }
 }
 
-fn pread_fd(fd: &Fd, len: usize) -> Result<Vec<u8>, i32> {
+pub(crate) fn pread_fd(fd: &Fd, len: usize) -> Result<Vec<u8>, i32> {
     let mut buf = vec![0u8; len];
     // SAFETY: valid buffer.
     let n = unsafe { libc::pread(fd.0, buf.as_mut_ptr().cast(), len, 0) };
@@ -151,7 +152,7 @@ pub fn readdir_line(path: &Path) -> String {
     }
 }
 
-fn mount_of(ctl: &str) -> PathBuf {
+pub(crate) fn mount_of(ctl: &str) -> PathBuf {
     Path::new(ctl).parent().unwrap_or(Path::new("/")).to_path_buf()
 }
 
@@ -193,7 +194,7 @@ fn ioctl_destroy(fd: &Fd, name: &str, reserved: Option<usize>) -> Result<(), i32
     unsafe { ioctl::ioctl(fd.0, ioctl::VMMCTL_VM_DESTROY, &mut arg) }
 }
 
-fn transient_create(fd: &Fd, name: &str, via: &str) -> Result<(), i32> {
+pub(crate) fn transient_create(fd: &Fd, name: &str, via: &str) -> Result<(), i32> {
     match via {
         "write" => write_fd(fd, &create_line(name, true)),
         "ioctl" => ioctl_create(fd, name, CREATE_DESTROY_ON_CLOSE, None),
@@ -317,6 +318,7 @@ fn run(args: &[&str]) -> String {
         ["stale-fd", ctl, name, which, how] => stale_fd(ctl, name, which, how),
         ["reuse", ctl, name, how] => reuse(ctl, name, how),
         ["jail-inherit", ctl, name, via] => jail_inherit(ctl, name, via),
+        [op, rest @ ..] if crate::attack::is_probe(op) => crate::attack::probe(op, rest),
         ["exec", prog, rest @ ..] => {
             use std::os::unix::process::CommandExt;
             let e = std::process::Command::new(prog).args(rest).exec();
@@ -388,12 +390,17 @@ fn hold_create(ctl: &str, names: &str, via: &str) -> String {
     let _ = out.flush();
     drop(out);
     // Hold the descriptor until the runner closes our stdin (or kills us).
+    wait_stdin_eof();
+    drop(fd);
+    "RELEASED".into()
+}
+
+/// Block until the runner closes our stdin (or kills us).
+pub(crate) fn wait_stdin_eof() {
     let mut sink = String::new();
     while std::io::stdin().lock().read_line(&mut sink).is_ok_and(|n| n > 0) {
         sink.clear();
     }
-    drop(fd);
-    "RELEASED".into()
 }
 
 fn create_many(ctl: &str, prefix: &str, n: u64) -> String {

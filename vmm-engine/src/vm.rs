@@ -28,6 +28,10 @@ use std::thread::JoinHandle;
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 /// Largest kernel image accepted by `kernel`.
 pub const MAX_KERNEL: u64 = 512 << 20;
+/// Most PCI devices a VM takes (besides the host bridge): one bus's worth of
+/// slots, as bhyve's pci_emul places them. Each holds descriptors and a
+/// thread in the daemon, so the number is bounded.
+pub const MAX_DEVICES: usize = 32;
 
 const SLOT_LOW: u32 = 0;
 const SLOT_HIGH: u32 = 1;
@@ -467,6 +471,11 @@ impl Vm {
                 options,
             } => {
                 configuring()?;
+                if ctl.pci.len() >= MAX_DEVICES && !ctl.pci.iter().any(|(s, _)| *s == slot) {
+                    return Err(Error::InvalidCommand(format!(
+                        "at most {MAX_DEVICES} PCI devices per VM"
+                    )));
+                }
                 let slot_name = format!("{}:{}:{}", slot.bus, slot.slot, slot.func);
                 let e = PciEmulation::configure(
                     &self.name,

@@ -2,7 +2,8 @@
 //!
 //! Descriptors are named by the client's own descriptor numbers; the caller
 //! supplies an [`FdSource`] that turns such a number into a descriptor the
-//! engine owns (vmmfs copies it from the client with pidfd_getfd(2)).
+//! engine owns (vmmfs: the descriptors the client sent over the hand-over
+//! socket, see [`crate::handover`]).
 
 use crate::{ParseError, Result};
 use std::fmt;
@@ -198,23 +199,68 @@ fn parse_topology(args: &[&str]) -> Result<Topology> {
     if explicit_cpus && t.cpus == 0 {
         return Err(ParseError("vCPU count out of range".into()));
     }
+    // Products of three u16s are computed in u64: cores=2 threads=32768
+    // must be "out of range", not an overflow (a panic in debug builds).
+    let per_socket = u64::from(t.cores) * u64::from(t.threads);
     if t.sockets == 0 {
         t.sockets = if t.cpus == 0 {
             1
         } else {
-            (t.cpus / (t.cores * t.threads).max(1)).max(1)
+            // At most cpus, so it fits in a u16.
+            (u64::from(t.cpus) / per_socket.max(1)).max(1) as u16
         };
     }
+    let slots = u64::from(t.sockets) * per_socket;
     if t.cpus == 0 {
-        t.cpus = t.sockets * t.cores * t.threads;
+        t.cpus = u16::try_from(slots).unwrap_or(u16::MAX);
     }
     if t.cpus == 0 || t.cores == 0 || t.threads == 0 || t.cpus > 255 {
         return Err(ParseError("vCPU count out of range".into()));
     }
-    if u32::from(t.sockets) * u32::from(t.cores) * u32::from(t.threads) < u32::from(t.cpus) {
+    if slots < u64::from(t.cpus) {
         return Err(ParseError("topology smaller than vCPU count".into()));
     }
     Ok(t)
+}
+
+impl Command {
+    /// The client descriptor labels this command names, in order: what the
+    /// client must hand over before sending it (see [`crate::handover`]).
+    /// Device options name them as `fd=N` or `fd=IN:OUT`; malformed numbers
+    /// are left for the device to refuse.
+    pub fn descriptors(&self) -> Vec<i32> {
+        match self {
+            Command::Bootrom(n) | Command::Kernel(n) | Command::Initrd(n) => vec![*n],
+            Command::Serial { input, output, .. } => {
+                if input == output {
+                    vec![*input]
+                } else {
+                    vec![*input, *output]
+                }
+            }
+            Command::Device { options, .. } => {
+                let mut out = Vec::new();
+                for v in options.iter().filter_map(|o| o.strip_prefix("fd=")) {
+                    for n in v.split(':').filter_map(|n| n.parse::<i32>().ok()) {
+                        if n >= 0 && !out.contains(&n) {
+                            out.push(n);
+                        }
+                    }
+                }
+                out
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the descriptor this command names is a boot image (read whole
+    /// into the VM at configuration time, so it must be a regular file).
+    pub fn is_image(&self) -> bool {
+        matches!(
+            self,
+            Command::Bootrom(_) | Command::Kernel(_) | Command::Initrd(_)
+        )
+    }
 }
 
 impl Command {
@@ -380,6 +426,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn descriptors_named_by_commands() {
+        let d = |l: &str| Command::parse(l).unwrap().descriptors();
+        assert_eq!(d("bootrom 5"), vec![5]);
+        assert_eq!(d("com1 0 1"), vec![0, 1]);
+        assert_eq!(d("com2 4 4"), vec![4]);
+        assert_eq!(d("device 3 virtio-blk fd=7,ro"), vec![7]);
+        assert_eq!(d("device 4 virtio-console fd=8:9"), vec![8, 9]);
+        assert_eq!(d("device 4 virtio-net slirp,fd=x"), Vec::<i32>::new());
+        assert_eq!(d("memory 64M"), Vec::<i32>::new());
+        assert!(Command::parse("kernel 3").unwrap().is_image());
+        assert!(!Command::parse("com1 0 1").unwrap().is_image());
+    }
+
+    #[test]
     fn sizes_follow_bhyve() {
         assert_eq!(parse_size("256").unwrap(), 256 << 20);
         assert_eq!(parse_size("256M").unwrap(), 256 << 20);
@@ -451,6 +511,8 @@ mod tests {
             "device 40 hostbridge",
             "cpus 0",
             "cpus 300",
+            "cpus sockets=0 cores=2 threads=32768",
+            "cpus sockets=256 cores=256 threads=256",
             "com1 0",
             "run\nrun",
             "set novalue",

@@ -3,12 +3,15 @@
 //!
 //! - [`vmmctl`]: `create NAME [destroy-on-close]` / `destroy NAME` lines and
 //!   FreeBSD's `VMMCTL_VM_CREATE` / `VMMCTL_VM_DESTROY` ioctl structures;
+//! - [`handover`]: how clients send descriptors to a VM (SCM_RIGHTS on a
+//!   socket bound to their `vmm/NAME` handle);
 //! - [`command`]: the `vmm/NAME` command lines that configure and run a VM.
 //!
 //! Parsing never trusts its input: every malformed request is a [`ParseError`]
 //! (EINVAL for the client).
 
 pub mod command;
+pub mod handover;
 pub mod vmmctl;
 
 /// A malformed request.

@@ -4,7 +4,8 @@
 //! Requests: `allow PID vmm|ppt`, `revoke PID vmm|ppt`, `list`.
 //! Replies: lines, the last one `ok` or `error MESSAGE`.
 
-use crate::creds::{pid_namespace, JailId};
+use crate::engine::Engine;
+use crate::jails::Jails;
 use crate::service::Service;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -17,16 +18,37 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
-/// Bind the socket (mode 0600) and serve requests on a thread.
-pub fn serve(service: Arc<Service>, state_dir: &Path) -> std::io::Result<PathBuf> {
+/// How often jails are checked for their end when no request comes.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Bind the socket (mode 0600) and serve requests on a thread; between
+/// requests, drop the grants of jails that ended.
+pub fn serve<E: Engine>(service: Arc<Service<E>>, state_dir: &Path) -> std::io::Result<PathBuf> {
     let path = socket_path(state_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || {
-            for conn in listener.incoming().flatten() {
+        .spawn(move || loop {
+            use std::os::fd::AsFd;
+            let mut fds = [nix::poll::PollFd::new(
+                listener.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let timeout = nix::poll::PollTimeout::try_from(SWEEP_EVERY)
+                .unwrap_or(nix::poll::PollTimeout::MAX);
+            if let Ok(0) = nix::poll::poll(&mut fds, timeout) {
+                service.sweep_grants();
+                continue;
+            }
+            while let Ok((conn, _)) = listener.accept() {
+                // One short request; a client that does not send it in time
+                // is dropped rather than blocking the next administrator.
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+                let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(2)));
                 if let Err(e) = handle(&service, conn) {
                     log::warn!("control connection: {e}");
                 }
@@ -35,7 +57,7 @@ pub fn serve(service: Arc<Service>, state_dir: &Path) -> std::io::Result<PathBuf
     Ok(path)
 }
 
-fn peer_is_host_root(conn: &UnixStream, host: JailId) -> bool {
+fn peer_is_host_root(conn: &UnixStream, jails: &Jails) -> bool {
     let mut cred = libc::ucred {
         pid: 0,
         uid: u32::MAX,
@@ -52,12 +74,12 @@ fn peer_is_host_root(conn: &UnixStream, host: JailId) -> bool {
             &mut len,
         )
     };
-    rc == 0 && cred.uid == 0 && pid_namespace(cred.pid as u32).is_ok_and(|j| j == host)
+    rc == 0 && cred.uid == 0 && jails.of_pid(cred.pid as u32).is_ok_and(|j| j.is_host())
 }
 
-fn handle(service: &Service, conn: UnixStream) -> std::io::Result<()> {
+fn handle<E: Engine>(service: &Service<E>, conn: UnixStream) -> std::io::Result<()> {
     let mut out = conn.try_clone()?;
-    if !peer_is_host_root(&conn, service.registry().host()) {
+    if !peer_is_host_root(&conn, service.jails()) {
         return writeln!(
             out,
             "error only root on the host may change jail permissions"
@@ -83,50 +105,35 @@ impl TakeLimited for UnixStream {
     }
 }
 
-fn execute(service: &Service, line: &str) -> Result<String, String> {
+fn grant_line(ns: u64, g: crate::state::Grants) -> String {
+    format!(
+        "jail ns={ns} allow.vmm={} allow.vmm_ppt={}\n",
+        g.vmm as u8, g.ppt as u8
+    )
+}
+
+fn execute<E: Engine>(service: &Service<E>, line: &str) -> Result<String, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["list"] => Ok(service
-            .jails()
-            .iter()
-            .map(|(j, g)| {
-                format!(
-                    "jail ns={} allow.vmm={} allow.vmm_ppt={}\n",
-                    j.0, g.vmm as u8, g.ppt as u8
-                )
-            })
+            .jail_grants()
+            .into_iter()
+            .map(|(ns, g)| grant_line(ns, g))
             .collect()),
         [verb @ ("allow" | "revoke"), pid, what @ ("vmm" | "ppt")] => {
             let pid: u32 = pid.parse().map_err(|_| format!("bad pid '{pid}'"))?;
-            let jail = pid_namespace(pid).map_err(|e| format!("pid {pid}: {e}"))?;
-            if jail == service.registry().host() {
-                return Err(
-                    "that process is not in a jail (it shares the host's PID namespace)".into(),
-                );
-            }
             let allow = *verb == "allow";
-            let g = service
-                .set_grants(jail, |g| match (*what, allow) {
-                    ("vmm", true) => g.vmm = true,
-                    // Revoking allow.vmm takes allow.vmm_ppt with it: passthrough needs both.
-                    ("vmm", false) => *g = Default::default(),
-                    (_, true) => {
-                        g.vmm = true;
-                        g.ppt = true;
-                    }
-                    (_, false) => g.ppt = false,
-                })
-                .map_err(|e| format!("saving state: {e}"))?;
-            log::info!(
-                "jail {}: allow.vmm={} allow.vmm_ppt={}",
-                jail.0,
-                g.vmm,
-                g.ppt
-            );
-            Ok(format!(
-                "jail ns={} allow.vmm={} allow.vmm_ppt={}\n",
-                jail.0, g.vmm as u8, g.ppt as u8
-            ))
+            let (ns, g) = service.set_grants(pid, |g| match (*what, allow) {
+                ("vmm", true) => g.vmm = true,
+                // Revoking allow.vmm takes allow.vmm_ppt with it: passthrough needs both.
+                ("vmm", false) => *g = Default::default(),
+                (_, true) => {
+                    g.vmm = true;
+                    g.ppt = true;
+                }
+                (_, false) => g.ppt = false,
+            })?;
+            Ok(grant_line(ns, g))
         }
         _ => Err("usage: allow PID vmm|ppt | revoke PID vmm|ppt | list".into()),
     }

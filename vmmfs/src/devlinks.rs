@@ -1,10 +1,10 @@
-//! `--dev-links`: /dev/vmmctl, /dev/vmm and /dev/vmm.io as symbolic links
+//! `--dev-links`: /dev/vmmctl, /dev/vmm, /dev/vmm.io and /dev/vmm.sock as symbolic links
 //! into the mount. Only our own links are ever replaced or removed.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
-const NAMES: [&str; 3] = ["vmmctl", "vmm", "vmm.io"];
+const NAMES: [&str; 4] = ["vmmctl", "vmm", "vmm.io", "vmm.sock"];
 
 /// Links made at start, removed at exit.
 pub struct DevLinks {

@@ -4,18 +4,28 @@
 /// A refused or failed vmmfs operation.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
-    /// Malformed command, bad name, flags or reserved fields; unknown VM on destroy.
+    /// Malformed command, bad name, flags or reserved fields; unknown VM on
+    /// destroy; a descriptor of a kind the VM cannot use.
     #[error("invalid argument: {0}")]
     Invalid(String),
     /// A VM of that name is visible to the caller.
     #[error("a VM named '{0}' already exists")]
     Exists(String),
-    /// Not allowed by vmm policy (privilege, jail, read-only open).
+    /// Not allowed by vmm policy (privilege, jail, read-only open, authority).
     #[error("{0}")]
     NotPermitted(String),
-    /// The caller's per-user VM limit is reached.
-    #[error("VM limit of {0} per user reached")]
-    Limit(usize),
+    /// A resource limit (hw.vmm.maxvmms, guest memory per user, daemon capacity).
+    #[error("{0}")]
+    Limit(String),
+    /// Too many open handles or descriptors for one user.
+    #[error("{0}")]
+    TooMany(String),
+    /// The VM's or the user's queue is full: try again.
+    #[error("{0}")]
+    Busy(String),
+    /// A command names a descriptor that was not handed over.
+    #[error("descriptor {0} was not handed over (see vmm(4), DESCRIPTORS)")]
+    BadFd(i32),
     /// The VM behind a handle has been destroyed.
     #[error("the VM has been destroyed")]
     Gone,
@@ -38,6 +48,9 @@ impl FsError {
             FsError::Exists(_) => libc::EEXIST,
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::Limit(_) => libc::ENOMEM,
+            FsError::TooMany(_) => libc::EMFILE,
+            FsError::Busy(_) => libc::EAGAIN,
+            FsError::BadFd(_) => libc::EBADF,
             FsError::Gone => libc::ENXIO,
             FsError::NotFound => libc::ENOENT,
             FsError::Engine(e) => e.errno(),

@@ -1,10 +1,11 @@
 //! The fuser adapter: converts FUSE requests into [`Service`] calls and
 //! results into replies. No policy lives here.
 
-use crate::creds::{pid_namespace, Creds};
+use crate::creds::Caller;
+use crate::engine::Engine;
 use crate::error::FsError;
 use crate::nodes::Node;
-use crate::service::{Attr, OpenMode, Requester, Service};
+use crate::service::{Attr, Service};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier,
@@ -15,6 +16,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -82,8 +84,10 @@ impl Backings {
 }
 
 /// The mounted filesystem.
-pub struct VmmFs {
-    service: Arc<Service>,
+pub struct VmmFs<E: Engine> {
+    service: Arc<Service<E>>,
+    /// `vmm.sock` is bound (by the daemon itself, through the mount).
+    socket: Arc<AtomicBool>,
     started: SystemTime,
     passthrough: bool,
     backings: Backings,
@@ -95,10 +99,11 @@ fn errno(e: FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-impl VmmFs {
-    pub fn new(service: Arc<Service>) -> VmmFs {
+impl<E: Engine> VmmFs<E> {
+    pub fn new(service: Arc<Service<E>>, socket: Arc<AtomicBool>) -> VmmFs<E> {
         VmmFs {
             service,
+            socket,
             started: SystemTime::now(),
             passthrough: false,
             backings: Backings::default(),
@@ -116,11 +121,7 @@ impl VmmFs {
             mtime: self.started,
             ctime: self.started,
             crtime: self.started,
-            kind: if dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            },
+            kind: Self::kind(a.node),
             perm: a.attrs.mode,
             nlink: if dir { 2 } else { 1 },
             uid: a.attrs.uid,
@@ -129,6 +130,25 @@ impl VmmFs {
             blksize: 4096,
             flags: 0,
         }
+    }
+
+    fn kind(node: Node) -> FileType {
+        match node {
+            n if n.is_dir() => FileType::Directory,
+            Node::Socket => FileType::Socket,
+            _ => FileType::RegularFile,
+        }
+    }
+
+    fn caller(&self, req: &Request) -> Result<Caller, Errno> {
+        Caller::of_thread(req.pid(), self.service.jails()).map_err(|_| Errno::ESRCH)
+    }
+
+    fn jail(&self, req: &Request) -> Result<crate::jails::Jail, Errno> {
+        self.service
+            .jails()
+            .of_pid(req.pid())
+            .map_err(|_| Errno::ESRCH)
     }
 
     fn ttl(node: Node) -> Duration {
@@ -143,10 +163,12 @@ impl VmmFs {
     }
 }
 
-impl Filesystem for VmmFs {
+impl<E: Engine> Filesystem for VmmFs<E> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // open(O_TRUNC) arrives with the open: `echo create x > vmmctl` is one round trip less.
-        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // No FUSE_ATOMIC_O_TRUNC: with it the kernel sets a truncating
+        // opener's file size to 0 itself, and vmmctl must keep its size (see
+        // service::VMMCTL_SIZE); without it `echo ... > vmmctl` sends a
+        // SETATTR, answered with the size unchanged.
         self.passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok();
         if !self.passthrough {
@@ -159,10 +181,12 @@ impl Filesystem for VmmFs {
         let (Ok(parent), Some(name)) = (Self::node(parent), name.to_str()) else {
             return reply.error(Errno::ENOENT);
         };
-        let Ok(jail) = pid_namespace(req.pid()) else {
-            return reply.error(Errno::ESRCH);
+        let jail = match self.jail(req) {
+            Ok(j) => j,
+            Err(e) => return reply.error(e),
         };
-        match self.service.lookup(jail, parent, name) {
+        let socket = self.socket.load(Ordering::Acquire);
+        match self.service.lookup(&jail, parent, name, socket) {
             Ok(a) => reply.entry(&Self::ttl(a.node), &self.file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
@@ -205,22 +229,28 @@ impl Filesystem for VmmFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let creds = match Creds::of_request(req.pid(), req.uid()) {
+        let caller = match self.caller(req) {
             Ok(c) => c,
-            Err(_) => return reply.error(Errno::ESRCH),
+            Err(e) => return reply.error(e),
         };
         if matches!(node, Node::Segment(..)) && !self.passthrough {
             return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
         }
-        let opened = match self
-            .service
-            .open(creds, node, OpenMode::from_flags(flags.0))
-        {
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let opened = match self.service.open(&caller, node, write) {
             Ok(o) => o,
             Err(e) => return reply.error(errno(e)),
         };
         let Some(memfd) = opened.backing else {
-            return reply.opened(FileHandle(opened.fh), FopenFlags::FOPEN_DIRECT_IO);
+            // Writes to one inode run in parallel (else the kernel holds
+            // the inode lock across each round trip, and every vmmctl user
+            // waits behind every other user's requests). vmmctl is a
+            // stream: its writes all start at offset 0, within its size.
+            let mut flags = FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+            if node == Node::Vmmctl {
+                flags |= FopenFlags::FOPEN_STREAM;
+            }
+            return reply.opened(FileHandle(opened.fh), flags);
         };
         match self.backings.acquire(ino.0, memfd.as_raw_fd(), || {
             reply.open_backing(memfd.as_ref())
@@ -265,17 +295,19 @@ impl Filesystem for VmmFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.service.write(
+        let caller = match self.caller(req) {
+            Ok(c) => c,
+            Err(e) => return reply.error(e),
+        };
+        self.service.write(
             fh.0,
-            Requester {
-                tid: req.pid(),
-                fsuid: req.uid(),
-            },
+            caller,
             data,
-        ) {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno(e)),
-        }
+            Box::new(move |r| match r {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(errno(e)),
+            }),
+        );
     }
 
     fn flush(
@@ -319,10 +351,12 @@ impl Filesystem for VmmFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let Ok(jail) = pid_namespace(req.pid()) else {
-            return reply.error(Errno::ESRCH);
+        let jail = match self.jail(req) {
+            Ok(j) => j,
+            Err(e) => return reply.error(e),
         };
-        let entries = match self.service.readdir(jail, node) {
+        let socket = self.socket.load(Ordering::Acquire);
+        let entries = match self.service.readdir(&jail, node, socket) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
@@ -336,13 +370,8 @@ impl Filesystem for VmmFs {
                 .into_iter()
                 .map(|e| (e.node, e.name, e.node.is_dir())),
         );
-        for (i, (n, name, dir)) in all.enumerate().skip(offset as usize) {
-            let kind = if dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            };
-            if reply.add(INodeNo(n.ino()), (i + 1) as u64, kind, name) {
+        for (i, (n, name, _)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(n.ino()), (i + 1) as u64, Self::kind(n), name) {
                 break;
             }
         }
@@ -360,18 +389,20 @@ impl Filesystem for VmmFs {
         out_size: u32,
         reply: ReplyIoctl,
     ) {
-        match self.service.ioctl(
+        let caller = match self.caller(req) {
+            Ok(c) => c,
+            Err(e) => return reply.error(e),
+        };
+        self.service.ioctl(
             fh.0,
-            Requester {
-                tid: req.pid(),
-                fsuid: req.uid(),
-            },
+            caller,
             cmd,
             in_data,
-        ) {
-            Ok(out) => reply.ioctl(0, &out[..out.len().min(out_size as usize)]),
-            Err(e) => reply.error(errno(e)),
-        }
+            Box::new(move |r| match r {
+                Ok(out) => reply.ioctl(0, &out[..out.len().min(out_size as usize)]),
+                Err(e) => reply.error(errno(e)),
+            }),
+        );
     }
 
     fn poll(
@@ -411,18 +442,34 @@ impl Filesystem for VmmFs {
     }
 
     // The tree is made by the daemon alone, as devfs: users create and remove
-    // VMs through vmmctl, never with file operations.
+    // VMs through vmmctl, never with file operations. The one exception is
+    // the daemon binding `vmm.sock` (bind(2) makes the socket node through
+    // mknod).
     fn mknod(
         &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _r: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        let ours = Caller::of_thread(req.pid(), self.service.jails())
+            .is_ok_and(|c| c.tgid == std::process::id());
+        let socket = parent.0 == crate::nodes::ROOT
+            && name.to_str() == Some(vmm_protocol::handover::SOCKET_NAME)
+            && mode & libc::S_IFMT == libc::S_IFSOCK;
+        if !(ours && socket) {
+            return reply.error(Errno::EPERM);
+        }
+        if self.socket.swap(true, Ordering::AcqRel) {
+            return reply.error(Errno::EEXIST);
+        }
+        match self.service.getattr(Node::Socket) {
+            Ok(a) => reply.entry(&STATIC_TTL, &self.file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {

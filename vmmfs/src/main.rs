@@ -3,18 +3,28 @@
 mod control;
 mod creds;
 mod devlinks;
+mod engine;
 mod error;
-mod fdpass;
 mod fs;
+mod handover;
+mod jails;
 mod nodes;
+mod policy;
+mod received;
 mod registry;
+mod sched;
 mod service;
+#[cfg(test)]
+mod service_tests;
 mod state;
 
 use clap::{Args, Parser, Subcommand};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +51,12 @@ struct DaemonArgs {
     /// VMs per real user id (hw.vmm.maxvmms); default 4 x CPUs.
     #[arg(long)]
     max_vms_per_user: Option<usize>,
+    /// vCPUs per VM (hw.vmm.maxcpu); default: the host's CPUs.
+    #[arg(long)]
+    max_cpus: Option<u16>,
+    /// Guest memory (plus boot images) per real user id, e.g. 8G; default: the host's RAM.
+    #[arg(long, value_parser = parse_size)]
+    max_memory_per_user: Option<u64>,
     /// Make /dev/vmmctl, /dev/vmm and /dev/vmm.io links into the mount.
     #[arg(long)]
     dev_links: bool,
@@ -80,6 +96,10 @@ struct JailArgs {
     ppt: bool,
     #[arg(long, default_value = "/var/lib/vmmfs")]
     state_dir: PathBuf,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    vmm_protocol::command::parse_size(s).map_err(|e| e.0)
 }
 
 fn main() -> ExitCode {
@@ -124,21 +144,126 @@ fn group_id(name: &str) -> Result<u32, String> {
     }
 }
 
-/// Check the mount point; a stale mount of a dead daemon is cleared.
+/// Check the mount point: a live vmmfs there is refused (a second daemon
+/// would hide the first one's VMs); a stale mount of a dead daemon is cleared.
 fn check_mountpoint(path: &Path) -> Result<(), String> {
     match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(format!("mount point {} is not a directory", path.display())),
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("mount point {} is not a directory", path.display())),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             log::warn!(
                 "{}: stale FUSE mount of a dead daemon; detaching it",
                 path.display()
             );
-            nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
-                .map_err(|e| format!("cannot detach stale mount {}: {e}", path.display()))
+            return nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| format!("cannot detach stale mount {}: {e}", path.display()));
         }
-        Err(e) => Err(format!("mount point {}: {e}", path.display())),
+        Err(e) => return Err(format!("mount point {}: {e}", path.display())),
     }
+    let canonical = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // "... MOUNTPOINT OPTIONS - FSTYPE SOURCE ...": vmmfs mounts as type
+    // fuse (or fuse.vmmfs through fusermount) with source "vmmfs".
+    let ours = info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-");
+        let fstype = sep.and_then(|i| f.get(i + 1)).copied().unwrap_or("");
+        let source = sep.and_then(|i| f.get(i + 2)).copied().unwrap_or("");
+        f.get(4).copied() == canonical.to_str()
+            && fstype.starts_with("fuse")
+            && (source == "vmmfs" || fstype == "fuse.vmmfs")
+    });
+    if ours {
+        return Err(format!(
+            "{} is already a vmmfs mount of a running daemon (stop it first)",
+            canonical.display()
+        ));
+    }
+    Ok(())
+}
+
+/// One daemon per state directory: an exclusive lock held for the daemon's life.
+fn lock_state_dir(dir: &Path) -> Result<OwnedFd, String> {
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let fd = OwnedFd::from(file);
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(format!(
+            "another vmmfs daemon (pid {}) uses the state directory {}",
+            holder.trim(),
+            dir.display()
+        ));
+    }
+    let _ = nix::unistd::ftruncate(&fd, 0);
+    let _ = nix::unistd::write(&fd, format!("{}\n", std::process::id()).as_bytes());
+    Ok(fd)
+}
+
+/// Raise RLIMIT_NOFILE as far as the kernel allows: every VM costs the
+/// daemon descriptors. Returns the limit now in force.
+fn raise_nofile() -> u64 {
+    let want = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20)
+        .min(1 << 20);
+    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap_or((1024, 1024));
+    let new = want.max(soft);
+    if nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_NOFILE,
+        new,
+        new.max(hard),
+    )
+    .is_ok()
+    {
+        return new;
+    }
+    // Without CAP_SYS_RESOURCE: up to the hard limit.
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(s, _)| s)
+        .unwrap_or(soft)
+}
+
+fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kb| kb << 10)
+}
+
+/// Bind `vmm.sock` inside the mount (the kernel asks our mknod for the node)
+/// and listen.
+fn bind_socket(mountpoint: &Path) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    let path = mountpoint.join(vmm_protocol::handover::SOCKET_NAME);
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    let addr = UnixAddr::new(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    bind(sock.as_raw_fd(), &addr).map_err(|e| format!("binding {}: {e}", path.display()))?;
+    listen(&sock, Backlog::new(128).unwrap_or(Backlog::MAXCONN))
+        .map_err(|e| format!("listen: {e}"))?;
+    Ok(sock)
 }
 
 fn daemon(args: DaemonArgs) -> Result<(), String> {
@@ -149,24 +274,39 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
     if !Path::new("/dev/fuse").exists() {
         return Err("/dev/fuse is missing: load the fuse module (modprobe fuse)".into());
     }
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(|e| format!("{}: {e}", args.state_dir.display()))?;
+    let _lock = lock_state_dir(&args.state_dir)?;
     check_mountpoint(&mountpoint)?;
     let mountpoint =
         std::fs::canonicalize(&mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let nofile = raise_nofile();
+    let max_cpus = args
+        .max_cpus
+        .unwrap_or(u16::try_from(cpus).unwrap_or(u16::MAX))
+        .max(1);
+    let limits = policy::Limits {
+        max_vms_per_user: args.max_vms_per_user.unwrap_or(4 * cpus),
+        max_fds: nofile,
+        max_memory_per_user: args.max_memory_per_user.unwrap_or_else(host_memory),
+        max_cpus,
+    };
     let config = service::Config {
         group: gid,
-        max_vms_per_user: args.max_vms_per_user.unwrap_or(4 * cpus),
+        limits: limits.clone(),
+        workers: cpus.clamp(2, 4),
     };
-    let host = creds::host_namespace().map_err(|e| format!("reading own PID namespace: {e}"))?;
-    std::fs::create_dir_all(&args.state_dir)
-        .map_err(|e| format!("{}: {e}", args.state_dir.display()))?;
+    let jails =
+        Arc::new(jails::Jails::new().map_err(|e| format!("reading own PID namespace: {e}"))?);
     let store = state::StateStore::new(&args.state_dir);
     let service =
-        Arc::new(service::Service::new(config.clone(), store, host).map_err(|e| e.to_string())?);
+        service::Service::new(engine::Kvm, config, store, jails).map_err(|e| e.to_string())?;
 
-    // Signals go to one thread, which unmounts; block them everywhere else first.
+    // Signals go to the main thread; block them everywhere first (threads
+    // inherit the mask).
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.add(nix::sys::signal::Signal::SIGINT);
@@ -174,7 +314,8 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
 
-    let fs = fs::VmmFs::new(service.clone());
+    let socket_bound = Arc::new(AtomicBool::new(false));
+    let fs = fs::VmmFs::new(service.clone(), socket_bound);
     let mut options = fuser::Config::default();
     options.mount_options = vec![
         fuser::MountOption::FSName("vmmfs".into()),
@@ -185,45 +326,80 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
         fuser::MountOption::NoAtime,
     ];
     options.acl = fuser::SessionACL::All;
+    // FUSE threads only validate and enqueue; work runs elsewhere.
     options.n_threads = Some(4);
     options.clone_fd = true;
-    let mut session = fuser::Session::new(fs, &mountpoint, &options)
+    let session = fuser::Session::new(fs, &mountpoint, &options)
         .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
+    let session = session.spawn().map_err(|e| format!("FUSE session: {e}"))?;
+    let detach = || {
+        let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    };
+    let listener = bind_socket(&mountpoint).inspect_err(|_| detach())?;
+    service
+        .handover()
+        .set_own_dev(received::mount_dev(&mountpoint));
+    {
+        let (h, svc) = (service.handover().clone(), service.clone());
+        std::thread::Builder::new()
+            .name("handover".into())
+            .spawn(move || h.serve(listener, svc))
+            .map_err(|e| e.to_string())?;
+    }
     let control = control::serve(service.clone(), &args.state_dir)
-        .map_err(|e| format!("control socket: {e}"))?;
+        .map_err(|e| format!("control socket: {e}"))
+        .inspect_err(|_| detach())?;
     let links = if args.dev_links {
         Some(
             devlinks::DevLinks::create(Path::new("/dev"), &mountpoint).map_err(|e| {
-                let _ = session.unmount();
+                detach();
                 e.to_string()
             })?,
         )
     } else {
         None
     };
-    let mut unmounter = session.unmount_callable();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Ok(sig) = signals.wait() {
-                log::info!("{sig:?}: unmounting");
-            }
-            if let Err(e) = unmounter.unmount() {
-                log::error!("unmount: {e}");
-            }
-        })
-        .map_err(|e| e.to_string())?;
     log::info!(
-        "vmmfs mounted on {} (group {} = {gid}, {} VMs per user, state in {})",
+        "vmmfs mounted on {} (group {} = {gid}, {} VMs per user, {} vCPUs per VM, {} MiB \
+         per user, {nofile} descriptors of which {} are root's reserve, state in {})",
         mountpoint.display(),
         args.group,
-        config.max_vms_per_user,
+        limits.max_vms_per_user,
+        limits.max_cpus,
+        limits.max_memory_per_user >> 20,
+        policy::ROOT_RESERVE_FDS,
         args.state_dir.display()
     );
-    let run = session.run();
+    let sig = signals
+        .wait()
+        .map_err(|e| format!("waiting for signals: {e}"))?;
+    log::info!("{sig:?}: destroying every VM and unmounting");
+    // Everything goes within 5 s: VMs get 3 s to be torn down; a second
+    // signal cuts that short.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        if signals.wait().is_ok() {
+            log::info!("second signal: exiting now");
+            let _ = tx.send(());
+        }
+    });
+    let svc = service.clone();
+    std::thread::spawn(move || {
+        if !svc.shutdown(Duration::from_secs(3)) {
+            log::warn!(
+                "some VMs are still being torn down (a client's hung file?); exiting anyway"
+            );
+        }
+        let _ = tx2.send(());
+    });
+    let _ = rx.recv_timeout(Duration::from_secs(4));
+    let _session = session;
+    detach();
     drop(links);
     let _ = std::fs::remove_file(control);
-    service.shutdown();
     log::info!("vmmfs stopped");
-    run.map_err(|e| format!("FUSE session: {e}"))
+    // Exit without unwinding: threads may be inside clients' hung files, and
+    // the FUSE connection must close with the process.
+    std::process::exit(0)
 }

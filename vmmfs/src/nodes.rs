@@ -2,12 +2,14 @@
 //! their segments. VM ids are never reused, so a stale inode never names a
 //! newer VM.
 
-use crate::registry::VmId;
+use crate::policy::VmId;
 
 pub const ROOT: u64 = 1;
 pub const VMMCTL: u64 = 2;
 pub const VMM_DIR: u64 = 3;
 pub const VMMIO_DIR: u64 = 4;
+/// The descriptor hand-over socket (`vmm.sock`).
+pub const SOCKET: u64 = 5;
 
 const VM_BASE: u64 = 1 << 32;
 /// Inode numbers reserved per VM: the node itself and its segments.
@@ -22,6 +24,8 @@ pub enum Node {
     Vmmctl,
     VmmDir,
     VmmIoDir,
+    /// `vmm.sock`, bound by the daemon itself.
+    Socket,
     /// `vmm/NAME`
     Vm(VmId),
     /// `vmm.io/NAME.SEG`: VM and segment index.
@@ -35,6 +39,7 @@ impl Node {
             VMMCTL => Node::Vmmctl,
             VMM_DIR => Node::VmmDir,
             VMMIO_DIR => Node::VmmIoDir,
+            SOCKET => Node::Socket,
             i if i >= VM_BASE => {
                 let rel = i - VM_BASE;
                 match rel % PER_VM {
@@ -52,6 +57,7 @@ impl Node {
             Node::Vmmctl => VMMCTL,
             Node::VmmDir => VMM_DIR,
             Node::VmmIoDir => VMMIO_DIR,
+            Node::Socket => SOCKET,
             Node::Vm(id) => VM_BASE + id * PER_VM,
             Node::Segment(id, s) => VM_BASE + id * PER_VM + 1 + s as u64,
         }
@@ -73,6 +79,7 @@ mod tests {
             Node::Vmmctl,
             Node::VmmDir,
             Node::VmmIoDir,
+            Node::Socket,
             Node::Vm(1),
             Node::Vm(12345),
             Node::Segment(1, 0),

@@ -1,20 +1,90 @@
 //! The filesystem's behaviour, independent of FUSE: nodes, handles and the
-//! vmmctl and vmm/NAME protocols. The fuser adapter (fs.rs) only converts
-//! types and replies.
+//! vmmctl and vmm/NAME protocols, generic over the engine. The fuser adapter
+//! (fs.rs) reads the caller's credentials and converts replies.
+//!
+//! Handlers never wait on a user or a guest: operations that may take time
+//! are queued (vmmctl work on the fair pool, VM work on the VM's executor)
+//! and answered through a [`Done`] callback from wherever they finish.
 
-use crate::creds::{Creds, JailId};
+use crate::creds::{Caller, Creds};
+use crate::engine::{Engine, EngineVm, DEFAULT_MEMORY};
 use crate::error::{FsError, FsResult};
-use crate::fdpass::ClientFds;
+use crate::handover::{Deliver, Handover};
+use crate::jails::{self, Jail, Jails, ProcessId};
 use crate::nodes::{Node, MAX_SEGMENTS};
-use crate::registry::{Registry, Scope, VmId};
-use crate::state::{Grants, NodeAttrs, State, StateStore};
+use crate::policy::{self, Limits, Principal, Transient, VmId};
+use crate::received::{Kind, Labelled, Received};
+use crate::registry::{ChargeKind, Created, Registry, Runtime};
+use crate::sched::{Closer, Executor, FairPool, Refused, Timer};
+use crate::state::{Grants, JailGrant, NodeAttrs, State, StateStore};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use vmm_engine::{Command, Vm};
+use std::time::{Duration, Instant};
+use vmm_engine::command::Command;
+use vmm_protocol::handover;
 use vmm_protocol::vmmctl::{self, CtlRequest};
+
+/// How long a create waits for a same-named VM (or, at the per-user limit,
+/// the user's own VM) that is being destroyed (SPEC: free within 1 s).
+pub const DESTROY_WAIT: Duration = Duration::from_secs(1);
+/// A destroy answers when the VM is torn down or after this long, whichever
+/// is first: the VM is already gone for every client (invisible, handles get
+/// ENXIO); a teardown stuck on the owner's own hung file does not make the
+/// destroyer wait.
+pub const DESTROY_REPLY_WITHIN: Duration = Duration::from_millis(50);
+/// Open handles of one unprivileged user (each costs the daemon memory).
+pub const MAX_HANDLES_PER_USER: usize = 4096;
+/// Descriptors handed over to one handle and not yet used by a command.
+pub const MAX_FDS_PER_HANDLE: usize = 16;
+/// Descriptors handed over and not yet used, per unprivileged user.
+pub const MAX_FDS_PER_USER: usize = 64;
+/// Commands waiting on one VM's executor.
+pub const MAX_QUEUED_PER_VM: usize = 32;
+/// vmmctl requests of one user waiting on the fair pool.
+pub const MAX_QUEUED_PER_USER: usize = 256;
+/// Largest boot images (also the engine's limits): bootrom, kernel.
+const MAX_BOOTROM: u64 = 16 << 20;
+const MAX_KERNEL: u64 = 512 << 20;
+
+/// Descriptors the daemon has open now (the length of /proc/self/fd):
+/// counted only for unprivileged requests that would take more.
+pub fn fds_in_use() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(u64::MAX, |d| d.count() as u64)
+}
+
+/// The size vmmctl reports. The kernel runs writes to a FUSE file in
+/// parallel only while they end within its size; vmmctl is opened as a
+/// stream (every write at offset 0) and a valid command is at most 254
+/// bytes, so every write fits and no user's request waits for another's.
+pub const VMMCTL_SIZE: u64 = 4096;
+
+/// Where a result goes.
+pub type Done<T> = Box<dyn FnOnce(FsResult<T>) + Send>;
+
+/// A [`Done`] that several paths may race to call; the first wins.
+struct Once<T>(Arc<Mutex<Option<Done<T>>>>);
+
+impl<T> Clone for Once<T> {
+    fn clone(&self) -> Self {
+        Once(self.0.clone())
+    }
+}
+
+impl<T> Once<T> {
+    fn new(done: Done<T>) -> Once<T> {
+        Once(Arc::new(Mutex::new(Some(done))))
+    }
+
+    fn call(&self, r: FsResult<T>) {
+        let f = self.0.lock().take();
+        if let Some(f) = f {
+            f(r);
+        }
+    }
+}
 
 /// Attributes of a node as the adapter reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,48 +108,26 @@ pub struct Opened {
     pub backing: Option<Arc<OwnedFd>>,
 }
 
-/// Open flags the policy looks at.
-#[derive(Debug, Clone, Copy)]
-pub struct OpenMode {
-    pub write: bool,
+/// Daemon configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Group of vmmctl on first start and of every VM node.
+    pub group: u32,
+    pub limits: Limits,
+    /// Threads of the fair pool.
+    pub workers: usize,
 }
 
-impl OpenMode {
-    pub fn from_flags(flags: i32) -> OpenMode {
-        OpenMode {
-            write: flags & libc::O_ACCMODE != libc::O_RDONLY,
-        }
-    }
+struct CtlHandle {
+    opener: Creds,
+    /// The opening process: a transient VM's creator, for [`policy::create`].
+    process: ProcessId,
 }
 
-/// Who sent a request, as FUSE reports it.
-#[derive(Debug, Clone, Copy)]
-pub struct Requester {
-    /// Thread id, in the daemon's PID namespace.
-    pub tid: u32,
-    pub fsuid: u32,
-}
-
-impl Requester {
-    /// Credentials of the requesting process now: like FreeBSD, vmmctl
-    /// commands are judged by the caller's credentials at the time of the
-    /// command (a descriptor inherited into a jail is used with the jail's).
-    fn creds(&self) -> FsResult<Creds> {
-        Creds::of_request(self.tid, self.fsuid)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH).into())
-    }
-}
-
-enum Handle {
-    /// vmmctl. Only its release uses what the open recorded: the handle itself.
-    Ctl,
-    Vm(VmHandle),
-    Segment,
-}
-
-struct VmHandle {
+struct VmHandle<V> {
     id: VmId,
-    vm: Arc<Vm>,
+    rt: Arc<Runtime<V>>,
+    opener: Creds,
     /// Engine generation this handle last read: poll is ready when it moved.
     seen: u64,
     /// Status text being read, and how much of it was served. Reads at offset 0
@@ -89,85 +137,191 @@ struct VmHandle {
     snapshot: Option<(Vec<u8>, usize)>,
     /// Message of the last failed command, reported by the next read.
     error: Option<String>,
+    /// Descriptors handed over and not yet used, by label.
+    fds: HashMap<i32, Received>,
 }
 
-type Waker = Box<dyn FnOnce() + Send>;
+enum Kinded<V> {
+    Ctl(CtlHandle),
+    Vm(Box<VmHandle<V>>),
+    Segment,
+}
 
-/// Pending poll wake-ups, per VM.
-#[derive(Default)]
-struct Pollers(Mutex<HashMap<VmId, Vec<Waker>>>);
+struct Handle<V> {
+    /// Real uid of the opener: whose budget the handle uses.
+    user: u32,
+    kind: Kinded<V>,
+}
 
-impl Pollers {
-    fn wake(&self, id: VmId) {
-        let wakers = self.0.lock().remove(&id).unwrap_or_default();
-        for w in wakers {
-            w();
+struct Handles<V> {
+    map: HashMap<u64, Handle<V>>,
+    per_user: HashMap<u32, usize>,
+    fds_per_user: HashMap<u32, usize>,
+}
+
+fn dec(m: &mut HashMap<u32, usize>, user: u32, by: usize) {
+    if let Some(n) = m.get_mut(&user) {
+        *n = n.saturating_sub(by);
+        if *n == 0 {
+            m.remove(&user);
         }
     }
 }
 
-/// Daemon configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Group of vmmctl on first start and of every VM node.
-    pub group: u32,
-    pub max_vms_per_user: usize,
+type Waker = Box<dyn FnOnce() + Send>;
+
+/// Pending poll wake-ups: at most one per handle (the kernel's latest).
+#[derive(Default)]
+struct Pollers(Mutex<HashMap<VmId, HashMap<u64, Waker>>>);
+
+impl Pollers {
+    fn wake(&self, id: VmId) {
+        let wakers = self.0.lock().remove(&id).unwrap_or_default();
+        for w in wakers.into_values() {
+            w();
+        }
+    }
+
+    fn forget(&self, id: VmId, fh: u64) {
+        let mut p = self.0.lock();
+        if let Some(m) = p.get_mut(&id) {
+            m.remove(&fh);
+            if m.is_empty() {
+                p.remove(&id);
+            }
+        }
+    }
+}
+
+/// A live jail grant: the held jail keeps its namespace number unique.
+struct LiveGrant {
+    jail: Jail,
+    init: ProcessId,
+    grants: Grants,
 }
 
 /// The filesystem.
-pub struct Service {
+pub struct Service<E: Engine> {
+    engine: E,
     config: Config,
-    registry: Registry,
+    registry: Registry<E::Vm>,
+    jails: Arc<Jails>,
     state: Mutex<State>,
+    grants: Mutex<HashMap<u64, LiveGrant>>,
     store: StateStore,
-    handles: Mutex<HashMap<u64, Handle>>,
+    handles: Mutex<Handles<E::Vm>>,
     /// The handle that issued each VM's latest `run`.
     runners: Mutex<HashMap<VmId, u64>>,
     next_fh: AtomicU64,
     pollers: Arc<Pollers>,
+    pool: Arc<FairPool>,
+    timer: Arc<Timer>,
+    closer: Arc<Closer>,
+    handover: Arc<Handover>,
 }
 
-impl Service {
-    /// Load state and start with no VMs.
+impl<E: Engine> Service<E> {
+    /// Load state (dropping grants whose jail is gone) and start with no VMs.
     pub fn new(
+        engine: E,
         config: Config,
         store: StateStore,
-        host: JailId,
-    ) -> Result<Service, crate::state::StateError> {
-        let state = store.load(config.group)?;
-        Ok(Service {
-            registry: Registry::new(host, config.max_vms_per_user),
+        jails: Arc<Jails>,
+    ) -> Result<Arc<Service<E>>, crate::state::StateError> {
+        let mut state = store.load(config.group)?;
+        let grants = revive_grants(&mut state, &jails);
+        let closer = Closer::new();
+        let handover = Arc::new(
+            Handover::new(jails.clone(), closer.clone(), config.limits.clone()).map_err(
+                |source| crate::state::StateError::Io {
+                    path: "eventfd".into(),
+                    source,
+                },
+            )?,
+        );
+        let svc = Service {
+            engine,
+            registry: Registry::new(config.limits.clone()),
+            pool: FairPool::start(config.workers, MAX_QUEUED_PER_USER),
             config,
-            state: Mutex::new(state),
+            jails,
+            state: Mutex::new(state.clone()),
+            grants: Mutex::new(grants),
             store,
-            handles: Mutex::new(HashMap::new()),
+            handles: Mutex::new(Handles {
+                map: HashMap::new(),
+                per_user: HashMap::new(),
+                fds_per_user: HashMap::new(),
+            }),
             runners: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             pollers: Arc::default(),
-        })
+            timer: Timer::start(),
+            closer,
+            handover,
+        };
+        if let Err(e) = svc.store.save(&state) {
+            log::warn!("saving state after dropping stale grants: {e}");
+        }
+        Ok(Arc::new(svc))
     }
 
-    pub fn registry(&self) -> &Registry {
+    #[cfg(test)]
+    pub fn registry(&self) -> &Registry<E::Vm> {
         &self.registry
     }
 
-    fn scope(&self, jail: JailId) -> Scope {
-        self.registry.scope(jail)
+    #[cfg(test)]
+    pub fn engine(&self) -> &E {
+        &self.engine
     }
 
-    fn grants(&self, jail: JailId) -> Grants {
-        if jail == self.registry.host() {
+    /// Poll wakers waiting, in all.
+    #[cfg(test)]
+    pub fn wakers(&self) -> usize {
+        self.pollers.0.lock().values().map(|m| m.len()).sum()
+    }
+
+    /// Set a jail's grants without a process in it (unit tests' fake jails).
+    #[cfg(test)]
+    pub fn grant_for_test(&self, jail: &Jail, grants: Grants) {
+        self.grants.lock().insert(
+            jail.ns(),
+            LiveGrant {
+                jail: jail.clone(),
+                init: ProcessId { pid: 1, start: 0 },
+                grants,
+            },
+        );
+    }
+
+    pub fn jails(&self) -> &Arc<Jails> {
+        &self.jails
+    }
+
+    pub fn handover(&self) -> &Arc<Handover> {
+        &self.handover
+    }
+
+    fn grants_of(&self, jail: &Jail) -> Grants {
+        if jail.is_host() {
             return Grants {
                 vmm: true,
                 ppt: true,
             };
         }
-        self.state
+        self.grants
             .lock()
-            .jails
-            .get(&jail)
-            .copied()
+            .get(&jail.ns())
+            .map(|g| g.grants)
             .unwrap_or_default()
+    }
+
+    fn principal(&self, creds: &Creds) -> Principal {
+        Principal {
+            grants: self.grants_of(&creds.jail),
+            creds: creds.clone(),
+        }
     }
 
     fn static_attrs(&self, node: Node) -> NodeAttrs {
@@ -176,6 +330,12 @@ impl Service {
             Node::Vmmctl => s.vmmctl,
             Node::VmmDir => s.vmm_dir,
             Node::VmmIoDir => s.vmmio_dir,
+            // Anyone may connect; what a connection may do is decided at attach.
+            Node::Socket => NodeAttrs {
+                uid: 0,
+                gid: 0,
+                mode: 0o666,
+            },
             _ => NodeAttrs {
                 uid: 0,
                 gid: 0,
@@ -193,6 +353,7 @@ impl Service {
                 let size = self.segment(id, &name)?.size;
                 (self.registry.segment_node(id, &name, |_| ())?.1, size)
             }
+            Node::Vmmctl => (self.static_attrs(node), VMMCTL_SIZE),
             n => (self.static_attrs(n), 0),
         };
         Ok(Attr { node, attrs, size })
@@ -200,7 +361,8 @@ impl Service {
 
     fn segment(&self, id: VmId, name: &str) -> FsResult<vmm_engine::Segment> {
         self.registry
-            .engine(id)?
+            .runtime(id)?
+            .vm
             .segments()
             .into_iter()
             .find(|s| s.name == name)
@@ -208,18 +370,17 @@ impl Service {
     }
 
     /// Look `name` up in directory `parent` for a caller in `jail`.
-    pub fn lookup(&self, jail: JailId, parent: Node, name: &str) -> FsResult<Attr> {
-        let scope = self.scope(jail);
+    /// `socket`: whether `vmm.sock` exists yet.
+    pub fn lookup(&self, jail: &Jail, parent: Node, name: &str, socket: bool) -> FsResult<Attr> {
         let node = match (parent, name) {
             (Node::Root, "vmmctl") => Node::Vmmctl,
             (Node::Root, "vmm") => Node::VmmDir,
             (Node::Root, "vmm.io") => Node::VmmIoDir,
-            (Node::VmmDir, n) => {
-                Node::Vm(self.registry.lookup(scope, n).ok_or(FsError::NotFound)?.id)
-            }
+            (Node::Root, handover::SOCKET_NAME) if socket => Node::Socket,
+            (Node::VmmDir, n) => Node::Vm(self.registry.lookup(jail, n).ok_or(FsError::NotFound)?),
             (Node::VmmIoDir, n) => {
                 let (vm, seg) = n.rsplit_once('.').ok_or(FsError::NotFound)?;
-                let id = self.registry.lookup(scope, vm).ok_or(FsError::NotFound)?.id;
+                let id = self.registry.lookup(jail, vm).ok_or(FsError::NotFound)?;
                 self.segment(id, seg)?;
                 let (idx, _) = self.registry.segment_node(id, seg, |_| ())?;
                 if idx >= MAX_SEGMENTS {
@@ -233,36 +394,41 @@ impl Service {
     }
 
     /// Entries of a directory (without `.` and `..`) as the caller sees them.
-    pub fn readdir(&self, jail: JailId, dir: Node) -> FsResult<Vec<DirEntry>> {
-        let scope = self.scope(jail);
+    pub fn readdir(&self, jail: &Jail, dir: Node, socket: bool) -> FsResult<Vec<DirEntry>> {
         let entry = |node, name: &str| DirEntry {
             node,
             name: name.to_string(),
         };
         Ok(match dir {
-            Node::Root => vec![
-                entry(Node::Vmmctl, "vmmctl"),
-                entry(Node::VmmDir, "vmm"),
-                entry(Node::VmmIoDir, "vmm.io"),
-            ],
+            Node::Root => {
+                let mut v = vec![
+                    entry(Node::Vmmctl, "vmmctl"),
+                    entry(Node::VmmDir, "vmm"),
+                    entry(Node::VmmIoDir, "vmm.io"),
+                ];
+                if socket {
+                    v.push(entry(Node::Socket, handover::SOCKET_NAME));
+                }
+                v
+            }
             Node::VmmDir => self
                 .registry
-                .list(scope)
+                .list(jail)
                 .iter()
-                .map(|v| entry(Node::Vm(v.id), &v.display))
+                .map(|v| entry(Node::Vm(v.id), &v.name))
                 .collect(),
             Node::VmmIoDir => {
                 let mut out = Vec::new();
-                for v in self.registry.list(scope) {
-                    let Ok(vm) = self.registry.engine(v.id) else {
+                for v in self.registry.list(jail) {
+                    let Ok(rt) = self.registry.runtime(v.id) else {
                         continue;
                     };
-                    for seg in vm.segments() {
+                    for seg in rt.vm.segments() {
                         if let Ok((idx, _)) = self.registry.segment_node(v.id, &seg.name, |_| ()) {
                             if idx < MAX_SEGMENTS {
                                 out.push(entry(
                                     Node::Segment(v.id, idx),
-                                    &format!("{}.{}", v.display, seg.name),
+                                    &format!("{}.{}", v.name, seg.name),
                                 ));
                             }
                         }
@@ -293,6 +459,7 @@ impl Service {
                 a.gid = g;
             }
         };
+        let changes = mode.is_some() || uid.is_some() || gid.is_some();
         match node {
             Node::Vm(id) => {
                 self.registry.set_node(id, apply)?;
@@ -301,9 +468,9 @@ impl Service {
                 let name = self.registry.segment_name(id, idx)?;
                 self.registry.segment_node(id, &name, apply)?;
             }
-            Node::Root => {
-                if mode.is_some() || uid.is_some() || gid.is_some() {
-                    return Err(FsError::NotPermitted("the root of vmmfs is fixed".into()));
+            Node::Root | Node::Socket => {
+                if changes {
+                    return Err(FsError::NotPermitted("this node is fixed".into()));
                 }
             }
             n => {
@@ -323,77 +490,83 @@ impl Service {
         self.getattr(node)
     }
 
-    fn add_handle(&self, h: Handle) -> u64 {
+    fn add_handle(&self, user: u32, privileged: bool, kind: Kinded<E::Vm>) -> FsResult<u64> {
+        let mut h = self.handles.lock();
+        let n = h.per_user.get(&user).copied().unwrap_or(0);
+        if !privileged && n >= MAX_HANDLES_PER_USER {
+            drop(h);
+            log::warn!(
+                "uid {user}: open refused: {n} open vmmfs handles (limit {MAX_HANDLES_PER_USER})"
+            );
+            return Err(FsError::TooMany(format!(
+                "too many open vmmfs files for uid {user} (limit {MAX_HANDLES_PER_USER})"
+            )));
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, h);
-        fh
+        *h.per_user.entry(user).or_default() += 1;
+        h.map.insert(fh, Handle { user, kind });
+        Ok(fh)
     }
 
-    fn jail_check(&self, creds: &Creds, what: &str) -> FsResult<()> {
-        if self.grants(creds.jail).vmm {
-            return Ok(());
+    fn refused(caller: &Caller, what: &str, e: &FsError) {
+        if matches!(e, FsError::NotPermitted(_) | FsError::Limit(_)) {
+            log::info!(
+                "{what} refused for pid {} ({:?}): {e}",
+                caller.pid,
+                caller.creds
+            );
         }
-        log::info!(
-            "{what} refused for pid {}: jail {} lacks allow.vmm",
-            creds.pid,
-            creds.jail.0
-        );
-        Err(FsError::NotPermitted(
-            "VMs cannot be used in the current jail".into(),
-        ))
     }
 
     /// Open a file. The kernel already checked the mode bits.
-    pub fn open(&self, creds: Creds, node: Node, mode: OpenMode) -> FsResult<Opened> {
-        match node {
-            Node::Vmmctl => {
-                self.jail_check(&creds, "open vmmctl")?;
-                if !mode.write {
-                    return Err(FsError::NotPermitted(
-                        "vmmctl must be opened for writing".into(),
-                    ));
-                }
+    pub fn open(&self, caller: &Caller, node: Node, write: bool) -> FsResult<Opened> {
+        let who = self.principal(&caller.creds);
+        let user = caller.creds.ruid();
+        let privileged = who.privileged();
+        let result = match node {
+            Node::Vmmctl => policy::open_ctl(&who, write).and_then(|()| {
+                let process = ProcessId::of(caller.tgid)?;
+                let kind = Kinded::Ctl(CtlHandle {
+                    opener: caller.creds.clone(),
+                    process,
+                });
                 Ok(Opened {
-                    fh: self.add_handle(Handle::Ctl),
+                    fh: self.add_handle(user, privileged, kind)?,
                     backing: None,
                 })
-            }
-            Node::Vm(id) => {
-                self.jail_check(&creds, "open vmm/NAME")?;
-                if !self.registry.is_visible(self.scope(creds.jail), id) {
-                    return Err(FsError::NotFound);
-                }
-                // Its notifier was set when it was created (see vmmctl()).
-                let vm = self.registry.engine(id)?;
-                let h = VmHandle {
+            }),
+            Node::Vm(id) => self.registry.check_open(&who, id).and_then(|rt| {
+                let kind = Kinded::Vm(Box::new(VmHandle {
                     id,
-                    seen: vm.generation(),
-                    vm,
+                    seen: rt.vm.generation(),
+                    rt,
+                    opener: caller.creds.clone(),
                     snapshot: None,
                     error: None,
-                };
+                    fds: HashMap::new(),
+                }));
                 Ok(Opened {
-                    fh: self.add_handle(Handle::Vm(h)),
+                    fh: self.add_handle(user, privileged, kind)?,
                     backing: None,
                 })
-            }
-            Node::Segment(id, idx) => {
-                self.jail_check(&creds, "open vmm.io/NAME.SEG")?;
-                if !self.registry.is_visible(self.scope(creds.jail), id) {
-                    return Err(FsError::NotFound);
-                }
+            }),
+            Node::Segment(id, idx) => self.registry.check_open(&who, id).and_then(|_| {
                 let seg = self.segment(id, &self.registry.segment_name(id, idx)?)?;
                 Ok(Opened {
-                    fh: self.add_handle(Handle::Segment),
+                    fh: self.add_handle(user, privileged, Kinded::Segment)?,
                     backing: Some(seg.fd),
                 })
-            }
+            }),
             _ => Err(FsError::Invalid("not a file".into())),
+        };
+        if let Err(e) = &result {
+            Self::refused(caller, &format!("open {node:?}"), e);
         }
+        result
     }
 
     /// Route the engine's state-change notifications to pollers of `id`.
-    fn watch(&self, id: VmId, vm: &Vm) {
+    fn watch(&self, id: VmId, vm: &E::Vm) {
         let pollers = Arc::downgrade(&self.pollers);
         vm.set_notifier(Box::new(move || {
             if let Some(p) = pollers.upgrade() {
@@ -402,168 +575,674 @@ impl Service {
         }));
     }
 
-    /// A write: a vmmctl command or a vmm/NAME command.
-    pub fn write(&self, fh: u64, who: Requester, data: &[u8]) -> FsResult<usize> {
-        let mut handles = self.handles.lock();
-        match handles.get_mut(&fh) {
-            Some(Handle::Ctl) => {
-                drop(handles);
-                self.vmmctl(fh, &who.creds()?, vmmctl::parse_line(data)?)?;
-                Ok(data.len())
+    /// A write: a vmmctl command or a vmm/NAME command. Answered through `done`.
+    pub fn write(self: &Arc<Self>, fh: u64, caller: Caller, data: &[u8], done: Done<usize>) {
+        let len = data.len();
+        let mut h = self.handles.lock();
+        let Some(handle) = h.map.get_mut(&fh) else {
+            drop(h);
+            return done(Err(FsError::Invalid("unknown handle".into())));
+        };
+        match &mut handle.kind {
+            Kinded::Ctl(_) => {
+                drop(h);
+                let req = vmmctl::parse_line(data);
+                self.ctl_request(
+                    fh,
+                    &caller,
+                    "vmmctl write",
+                    req,
+                    Box::new(move |r| done(r.map(|()| len))),
+                );
             }
-            Some(Handle::Vm(h)) => {
-                let (vm, id) = (h.vm.clone(), h.id);
-                drop(handles);
-                let result = std::str::from_utf8(data)
-                    .map_err(|_| FsError::Invalid("command is not UTF-8".into()))
-                    .and_then(|line| Ok(Command::parse(line)?))
-                    .and_then(|cmd| {
-                        let run = cmd == Command::Run;
-                        vm.execute(cmd, &mut ClientFds::new(who.tid))?;
-                        if run {
-                            self.runners.lock().insert(id, fh);
-                        }
-                        Ok(())
+            Kinded::Vm(vh) => {
+                vh.snapshot = None;
+                let (id, rt, opener) = (vh.id, vh.rt.clone(), vh.opener.clone());
+                drop(h);
+                let r = policy::authority(&opener, &caller.creds, caller.pid, "vmm/NAME write")
+                    .and_then(|()| {
+                        std::str::from_utf8(data)
+                            .map_err(|_| FsError::Invalid("command is not UTF-8".into()))
                     });
-                if let Some(Handle::Vm(h)) = self.handles.lock().get_mut(&fh) {
-                    h.error = result.as_ref().err().map(|e| e.to_string());
-                    h.snapshot = None;
+                let line = match r {
+                    Ok(l) => l,
+                    Err(e) => return self.vm_done(fh, Err(e), done),
+                };
+                if let Some(nonce) = handover::parse_attach(line) {
+                    let r = nonce
+                        .map_err(FsError::from)
+                        .and_then(|n| self.handover.attach(&n, fh, &opener, caller.pid))
+                        .map(|()| len);
+                    return self.vm_done(fh, r, done);
                 }
-                result.map(|()| data.len())
+                match Command::parse(line) {
+                    Ok(cmd) => self.vm_command(fh, id, rt, &opener, cmd, len, done),
+                    Err(e) => self.vm_done(fh, Err(e.into()), done),
+                }
             }
-            Some(Handle::Segment) => {
-                Err(FsError::Invalid("segments are written through mmap".into()))
+            Kinded::Segment => {
+                drop(h);
+                done(Err(FsError::Invalid(
+                    "segments are written through mmap".into(),
+                )))
             }
-            None => Err(FsError::Invalid("unknown handle".into())),
+        }
+    }
+
+    /// Answer a vmm/NAME write and keep its error for the next read.
+    fn vm_done(&self, fh: u64, r: FsResult<usize>, done: Done<usize>) {
+        if let Some(Kinded::Vm(vh)) = self.handles.lock().map.get_mut(&fh).map(|h| &mut h.kind) {
+            vh.error = r.as_ref().err().map(|e| e.to_string());
+            vh.snapshot = None;
+        }
+        done(r)
+    }
+
+    /// Take the descriptors `cmd` names from handle `fh`, checking what an
+    /// image must be. All or none.
+    fn take_fds(&self, fh: u64, cmd: &Command) -> FsResult<(Labelled, Option<(ChargeKind, u64)>)> {
+        let labels = cmd.descriptors();
+        let mut h = self.handles.lock();
+        let Handles {
+            map, fds_per_user, ..
+        } = &mut *h;
+        let Some(Handle {
+            user,
+            kind: Kinded::Vm(vh),
+        }) = map.get_mut(&fh)
+        else {
+            return Err(FsError::Gone);
+        };
+        if let Some(missing) = labels.iter().find(|n| !vh.fds.contains_key(n)) {
+            return Err(FsError::BadFd(*missing));
+        }
+        let mut charge = None;
+        if cmd.is_image() {
+            let kind = vh.fds[&labels[0]].kind;
+            let Kind::Regular { size } = kind else {
+                return Err(FsError::Invalid(format!(
+                    "a boot image must be a regular file, not {kind:?}"
+                )));
+            };
+            let (what, max) = match cmd {
+                Command::Bootrom(_) => (ChargeKind::Bootrom, MAX_BOOTROM),
+                Command::Kernel(_) => (ChargeKind::Kernel, MAX_KERNEL),
+                _ => (ChargeKind::Initrd, u64::MAX),
+            };
+            if size > max {
+                return Err(FsError::Invalid(format!(
+                    "image of {size} bytes is larger than {max}"
+                )));
+            }
+            charge = Some((what, size));
+        }
+        let mut fds = Labelled::default();
+        for n in &labels {
+            let r = vh.fds.remove(n).expect("checked above");
+            fds.add(*n, r.fd);
+        }
+        dec(fds_per_user, *user, labels.len());
+        Ok((fds, charge))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn vm_command(
+        self: &Arc<Self>,
+        fh: u64,
+        id: VmId,
+        rt: Arc<Runtime<E::Vm>>,
+        opener: &Creds,
+        cmd: Command,
+        len: usize,
+        done: Done<usize>,
+    ) {
+        let who = self.principal(opener);
+        let in_use = match (&cmd, who.privileged()) {
+            (Command::Device { .. }, false) => fds_in_use(),
+            _ => 0,
+        };
+        if let Err(e) = policy::command(&who, &cmd, &self.registry.limits, in_use) {
+            log::info!("vmm/NAME command refused for {opener:?}: {e}");
+            return self.vm_done(fh, Err(e), done);
+        }
+        let (fds, image) = match self.take_fds(fh, &cmd) {
+            Ok(x) => x,
+            Err(e) => return self.vm_done(fh, Err(e), done),
+        };
+        let charge = match (&cmd, image) {
+            (Command::Memory(bytes), _) => Some((ChargeKind::Ram, *bytes)),
+            (_, c) => c,
+        };
+        let old = match charge.map(|(k, b)| (k, self.registry.charge(id, k, b))) {
+            Some((k, Ok(old))) => Some((k, old)),
+            Some((_, Err(e))) => {
+                log::info!("vmm/NAME command refused for {opener:?}: {e}");
+                self.closer.close(opener.ruid(), fds.into_inner());
+                return self.vm_done(fh, Err(e), done);
+            }
+            None => None,
+        };
+        // The job owns the descriptors and the answer; if the executor
+        // refuses it, both are taken back here through these shared slots.
+        let fds = Arc::new(Mutex::new(Some(fds)));
+        let done = Once::new(done);
+        let (svc, rt2, fds2, d2) = (self.clone(), rt.clone(), fds.clone(), done.clone());
+        let run = cmd == Command::Run;
+        let job = Box::new(move || {
+            let Some(mut fds) = fds2.lock().take() else {
+                return;
+            };
+            let r = rt2.vm.execute(cmd, &mut fds).map_err(FsError::from);
+            match &r {
+                Ok(()) if run => {
+                    svc.runners.lock().insert(id, fh);
+                }
+                Err(_) => {
+                    if let Some((k, old)) = old {
+                        svc.registry.uncharge(id, k, old);
+                    }
+                }
+                _ => {}
+            }
+            // What the engine did not keep is closed here, on this VM's thread.
+            drop(fds);
+            svc.vm_done(fh, r.map(|()| len), Box::new(move |r| d2.call(r)));
+        });
+        if let Err(why) = rt.exec.submit(job) {
+            if let Some((k, old)) = old {
+                self.registry.uncharge(id, k, old);
+            }
+            if let Some(fds) = fds.lock().take() {
+                self.closer.close(opener.ruid(), fds.into_inner());
+            }
+            let e = match why {
+                Refused::Busy => FsError::Busy("too many commands waiting for this VM".into()),
+                Refused::Closed => FsError::Gone,
+            };
+            self.vm_done(fh, Err(e), Box::new(move |r| done.call(r)));
         }
     }
 
     /// An ioctl on vmmctl: FreeBSD's VMMCTL_VM_CREATE / VMMCTL_VM_DESTROY.
-    pub fn ioctl(&self, fh: u64, who: Requester, cmd: u32, data: &[u8]) -> FsResult<Vec<u8>> {
-        if !matches!(self.handles.lock().get(&fh), Some(Handle::Ctl)) {
-            return Err(FsError::Invalid("ioctl on a node that takes none".into()));
-        }
-        let req = vmmctl::parse_ioctl(cmd, data)?;
-        self.vmmctl(fh, &who.creds()?, req)?;
-        Ok(data.to_vec())
+    pub fn ioctl(
+        self: &Arc<Self>,
+        fh: u64,
+        caller: Caller,
+        cmd: u32,
+        data: &[u8],
+        done: Done<Vec<u8>>,
+    ) {
+        let req = vmmctl::parse_ioctl(cmd, data);
+        let out = data.to_vec();
+        self.ctl_request(
+            fh,
+            &caller,
+            "vmmctl ioctl",
+            req,
+            Box::new(move |r| done(r.map(|()| out))),
+        );
     }
 
-    fn vmmctl(&self, fh: u64, creds: &Creds, req: CtlRequest) -> FsResult<()> {
-        match req {
+    /// A vmmctl request, written or by ioctl, from `caller` on handle `fh`:
+    /// with the opener's authority, or none.
+    fn ctl_request(
+        self: &Arc<Self>,
+        fh: u64,
+        caller: &Caller,
+        what: &str,
+        req: vmm_protocol::Result<CtlRequest>,
+        done: Done<()>,
+    ) {
+        let ctl = match self.handles.lock().map.get(&fh).map(|h| &h.kind) {
+            Some(Kinded::Ctl(c)) => Some((c.opener.clone(), c.process)),
+            _ => None,
+        };
+        let Some((opener, process)) = ctl else {
+            return done(Err(FsError::Invalid("not a vmmctl handle".into())));
+        };
+        match policy::authority(&opener, &caller.creds, caller.pid, what).and_then(|()| Ok(req?)) {
+            Ok(req) => self.vmmctl(fh, &opener, process, req, done),
+            Err(e) => done(Err(e)),
+        }
+    }
+
+    fn vmmctl(
+        self: &Arc<Self>,
+        fh: u64,
+        opener: &Creds,
+        process: ProcessId,
+        req: CtlRequest,
+        done: Done<()>,
+    ) {
+        let who = self.principal(opener);
+        let user = opener.ruid();
+        let svc = self.clone();
+        let done = Once::new(done);
+        let d2 = done.clone();
+        let job: Box<dyn FnOnce() + Send> = match req {
             CtlRequest::Create { name, transient } => {
-                self.jail_check(creds, "create")?;
-                let (id, vm) = self.registry.create(
-                    creds,
-                    &name,
-                    self.config.group,
-                    transient.then_some(fh),
-                )?;
-                self.watch(id, &vm);
-                Ok(())
+                let transient = transient.then_some(Transient {
+                    fh,
+                    opener: process,
+                });
+                let deadline = Instant::now() + DESTROY_WAIT;
+                Box::new(move || svc.create(who, name, transient, deadline, d2))
             }
-            // As FreeBSD: no allow.vmm check here; a jail finds only its own VMs.
-            CtlRequest::Destroy { name } => self.registry.destroy(creds, &name),
+            CtlRequest::Destroy { name } => Box::new(move || svc.destroy(who, name, d2)),
+        };
+        if self.pool.run_or_submit(user, job).is_err() {
+            log::warn!(
+                "uid {user}: vmmctl request refused: {MAX_QUEUED_PER_USER} requests waiting"
+            );
+            done.call(Err(FsError::Busy(format!(
+                "{MAX_QUEUED_PER_USER} requests of uid {user} are waiting"
+            ))));
+        }
+    }
+
+    /// Create on a pool thread; may park until a dying VM is gone.
+    fn create(
+        self: Arc<Self>,
+        who: Principal,
+        name: String,
+        transient: Option<Transient>,
+        deadline: Instant,
+        done: Once<()>,
+    ) {
+        let svc = self.clone();
+        let (who2, name2, d2) = (who.clone(), name.clone(), done.clone());
+        let retry = Box::new(move |expired: bool| {
+            if expired || Instant::now() >= deadline {
+                log::info!("create {name2}: still being destroyed after {DESTROY_WAIT:?}");
+                return d2.call(Err(FsError::Exists(name2)));
+            }
+            let user = who2.creds.ruid();
+            let s2 = svc.clone();
+            let d3 = d2.clone();
+            let job = Box::new(move || s2.create(who2, name2, transient, deadline, d3));
+            if svc.pool.submit(user, job).is_err() {
+                d2.call(Err(FsError::Busy("too many requests waiting".into())));
+            }
+        });
+        let request = policy::NewVm {
+            name: &name,
+            transient,
+            memory: DEFAULT_MEMORY,
+            fds_in_use: if who.privileged() { 0 } else { fds_in_use() },
+        };
+        let created =
+            self.registry
+                .create(&who, &request, self.config.group, &|p| p.alive(), retry);
+        match created {
+            Err(e) => {
+                if matches!(e, FsError::NotPermitted(_) | FsError::Limit(_)) {
+                    log::info!("create {name} refused for {:?}: {e}", who.creds);
+                }
+                done.call(Err(e))
+            }
+            Ok(Created::Parked(park)) => {
+                let svc = self.clone();
+                self.timer.after(
+                    deadline.saturating_duration_since(Instant::now()),
+                    Box::new(move || {
+                        if let Some(retry) = svc.registry.expire(park) {
+                            retry(true);
+                        }
+                    }),
+                );
+            }
+            Ok(Created::Reserved(id)) => match self.engine.create(&name) {
+                Ok(vm) => {
+                    self.watch(id, &vm);
+                    let rt = Arc::new(Runtime {
+                        vm,
+                        exec: Executor::new(&name, MAX_QUEUED_PER_VM),
+                    });
+                    self.registry.commit(id, rt);
+                    done.call(Ok(()))
+                }
+                Err(err) => {
+                    log::error!("create {name}: engine: {err}");
+                    self.registry.abort(id);
+                    done.call(Err(err.into()))
+                }
+            },
+        }
+    }
+
+    /// Destroy on a pool thread.
+    fn destroy(self: Arc<Self>, who: Principal, name: String, done: Once<()>) {
+        match self.registry.destroy(&who, &name) {
+            Ok((id, rt)) => self.teardown(id, rt, Some(done), None),
+            Err(e) => {
+                if matches!(e, FsError::NotPermitted(_)) {
+                    log::info!("destroy {name} refused for {:?}: {e}", who.creds);
+                }
+                done.call(Err(e))
+            }
+        }
+    }
+
+    /// Tear the marked VM `id` down on its executor (a VM that never ran a
+    /// command holds no client descriptor: then right here, or, when called
+    /// from a FUSE thread, on the pool in `queue_for`'s turn).
+    fn teardown(
+        self: &Arc<Self>,
+        id: VmId,
+        rt: Arc<Runtime<E::Vm>>,
+        done: Option<Once<()>>,
+        queue_for: Option<u32>,
+    ) {
+        let svc = self.clone();
+        let rt2 = rt.clone();
+        let d2 = done.clone();
+        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let segments = rt2.vm.segments();
+            rt2.vm.destroy();
+            // Open vmm.io handles pass through to the memfds and keep them
+            // alive: empty them so the memory is freed now and stale mappings
+            // fault instead of reading a dead guest's memory.
+            for seg in segments {
+                // SAFETY: plain syscall on a descriptor we own.
+                unsafe { libc::ftruncate(seg.fd.as_raw_fd(), 0) };
+            }
+            svc.runners.lock().remove(&id);
+            svc.registry.finish(id);
+            svc.pollers.wake(id);
+            if let Some(d) = d2 {
+                d.call(Ok(()));
+            }
+        });
+        match (rt.exec.submit_last(job), queue_for) {
+            (Some(job), Some(user)) => self.pool.submit_always(user, job),
+            (Some(job), None) => job(),
+            (None, _) => {
+                if let Some(d) = done {
+                    self.timer
+                        .after(DESTROY_REPLY_WITHIN, Box::new(move || d.call(Ok(()))));
+                }
+            }
         }
     }
 
     /// A read of vmm/NAME: the status text (see [`VmHandle::snapshot`]).
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let mut handles = self.handles.lock();
-        let h = match handles.get_mut(&fh) {
-            Some(Handle::Vm(h)) => h,
+        let vh = match handles.map.get_mut(&fh).map(|h| &mut h.kind) {
+            Some(Kinded::Vm(vh)) => vh,
             Some(_) => return Err(FsError::Invalid("nothing to read".into())),
             None => return Err(FsError::Invalid("unknown handle".into())),
         };
-        if offset == 0 || h.snapshot.is_none() {
-            if self.registry.engine(h.id).is_err() {
+        if offset == 0 || vh.snapshot.is_none() {
+            if self.registry.runtime(vh.id).is_err() {
                 return Err(FsError::Gone);
             }
-            h.seen = h.vm.generation();
-            let mut text = h
+            vh.seen = vh.rt.vm.generation();
+            let mut text = vh
                 .error
                 .take()
                 .map(|e| format!("error={e}\n"))
                 .unwrap_or_default();
-            text += &h.vm.status();
-            h.snapshot = Some((text.into_bytes(), 0));
+            text += &vh.rt.vm.status();
+            vh.snapshot = Some((text.into_bytes(), 0));
         }
-        let (text, served) = h.snapshot.as_mut().expect("set above");
+        let (text, served) = vh.snapshot.as_mut().expect("set above");
         let end = served.saturating_add(size as usize).min(text.len());
         let chunk = text[*served..end].to_vec();
         *served = end;
         if chunk.is_empty() {
-            h.snapshot = None;
+            vh.snapshot = None;
         }
         Ok(chunk)
     }
 
     /// poll(2) on vmm/NAME: readable when the VM changed since this handle last
-    /// read. Otherwise `wake` is called on the next change.
+    /// read. Otherwise `wake` is called on the next change (one waker per
+    /// handle: a new poll replaces the last).
     pub fn poll(&self, fh: u64, wake: Waker) -> FsResult<bool> {
         let handles = self.handles.lock();
-        let h = match handles.get(&fh) {
-            Some(Handle::Vm(h)) => h,
+        let vh = match handles.map.get(&fh).map(|h| &h.kind) {
+            Some(Kinded::Vm(vh)) => vh,
             _ => return Ok(true),
         };
-        if self.registry.engine(h.id).is_err() || h.vm.generation() != h.seen {
+        if self.registry.runtime(vh.id).is_err() || vh.rt.vm.generation() != vh.seen {
             return Ok(true);
         }
-        self.pollers.0.lock().entry(h.id).or_default().push(wake);
+        self.pollers
+            .0
+            .lock()
+            .entry(vh.id)
+            .or_default()
+            .insert(fh, wake);
         // A change between the check and the registration must not be lost.
-        if h.vm.generation() != h.seen {
-            drop(handles);
-            return Ok(true);
-        }
-        Ok(false)
+        Ok(vh.rt.vm.generation() != vh.seen)
     }
 
     /// The last reference to an open file is gone.
-    pub fn release(&self, fh: u64) {
-        let h = self.handles.lock().remove(&fh);
-        match h {
-            Some(Handle::Ctl) => self.registry.release_handle(fh),
-            Some(Handle::Vm(h)) => {
+    pub fn release(self: &Arc<Self>, fh: u64) {
+        let h = {
+            let mut h = self.handles.lock();
+            let handle = h.map.remove(&fh);
+            if let Some(handle) = &handle {
+                dec(&mut h.per_user, handle.user, 1);
+                if let Kinded::Vm(vh) = &handle.kind {
+                    dec(&mut h.fds_per_user, handle.user, vh.fds.len());
+                }
+            }
+            handle
+        };
+        let Some(Handle { user, kind }) = h else {
+            return;
+        };
+        match kind {
+            Kinded::Ctl(_) => {
+                for (id, rt) in self.registry.release_handle(fh) {
+                    self.teardown(id, rt, None, Some(user));
+                }
+            }
+            Kinded::Vm(vh) => {
+                self.handover.release(fh);
+                self.pollers.forget(vh.id, fh);
+                self.closer
+                    .close(user, vh.fds.into_values().map(|r| r.fd).collect());
                 // The handle that started the guest stands for the bhyve
                 // process that ran it: when it is gone, so is the guest, and
                 // the descriptors that process handed over are let go.
                 let mut runners = self.runners.lock();
-                if runners.get(&h.id) == Some(&fh) {
-                    runners.remove(&h.id);
+                if runners.get(&vh.id) == Some(&fh) {
+                    runners.remove(&vh.id);
                     drop(runners);
-                    h.vm.detach();
+                    let rt = vh.rt.clone();
+                    let _ = vh.rt.exec.submit(Box::new(move || rt.vm.detach()));
                 }
             }
-            _ => {}
+            Kinded::Segment => {}
         }
     }
 
-    /// Grant or revoke allow.vmm / allow.vmm_ppt for a PID namespace; persisted.
-    pub fn set_grants(&self, jail: JailId, f: impl FnOnce(&mut Grants)) -> std::io::Result<Grants> {
+    /// Grant or revoke allow.vmm / allow.vmm_ppt for the jail of process `pid`.
+    pub fn set_grants(
+        &self,
+        pid: u32,
+        f: impl FnOnce(&mut Grants),
+    ) -> Result<(u64, Grants), String> {
+        let jail = self
+            .jails
+            .of_pid(pid)
+            .map_err(|e| format!("pid {pid}: {e}"))?;
+        if jail.is_host() {
+            return Err(
+                "that process is not in a jail (it shares the host's PID namespace)".into(),
+            );
+        }
+        let mut live = self.grants.lock();
+        let entry = match live.remove(&jail.ns()) {
+            Some(g) => g,
+            None => LiveGrant {
+                init: jails::init_of(&jail).map_err(|e| format!("pid {pid}'s jail: {e}"))?,
+                jail: jail.clone(),
+                grants: Grants::default(),
+            },
+        };
+        let mut entry = entry;
+        f(&mut entry.grants);
+        let g = entry.grants;
+        if g != Grants::default() {
+            live.insert(jail.ns(), entry);
+        }
+        self.save_grants(&live)
+            .map_err(|e| format!("saving state: {e}"))?;
+        log::info!("{jail:?}: allow.vmm={} allow.vmm_ppt={}", g.vmm, g.ppt);
+        Ok((jail.ns(), g))
+    }
+
+    fn save_grants(&self, live: &HashMap<u64, LiveGrant>) -> std::io::Result<()> {
         let mut s = self.state.lock();
         let mut next = s.clone();
-        let g = next.jails.entry(jail).or_default();
-        f(g);
-        let g = *g;
-        if g == Grants::default() {
-            next.jails.remove(&jail);
+        next.jails = live
+            .values()
+            .map(|g| {
+                (
+                    g.jail.ns(),
+                    JailGrant {
+                        ns: g.jail.ns(),
+                        init: g.init,
+                        grants: g.grants,
+                    },
+                )
+            })
+            .collect();
+        if next != *s {
+            self.store.save(&next)?;
+            *s = next;
         }
-        self.store.save(&next)?;
-        *s = next;
-        Ok(g)
+        Ok(())
     }
 
-    /// Every jail with a grant.
-    pub fn jails(&self) -> Vec<(JailId, Grants)> {
-        self.state
+    /// Drop the grants of jails whose init has exited: the namespace is dead.
+    pub fn sweep_grants(&self) {
+        let mut live = self.grants.lock();
+        let before = live.len();
+        live.retain(|ns, g| {
+            let alive = g.init.alive();
+            if !alive {
+                log::info!("jail {ns} has ended: its grants are dropped");
+            }
+            alive
+        });
+        if live.len() != before {
+            if let Err(e) = self.save_grants(&live) {
+                log::error!("saving state: {e}");
+            }
+        }
+    }
+
+    /// Every live jail with a grant: (namespace number, grants).
+    pub fn jail_grants(&self) -> Vec<(u64, Grants)> {
+        self.sweep_grants();
+        let mut v: Vec<(u64, Grants)> = self
+            .grants
             .lock()
-            .jails
             .iter()
-            .map(|(j, g)| (*j, *g))
-            .collect()
+            .map(|(ns, g)| (*ns, g.grants))
+            .collect();
+        v.sort_by_key(|(ns, _)| *ns);
+        v
     }
 
-    /// Destroy every VM (shutdown).
-    pub fn shutdown(&self) {
-        self.registry.destroy_all();
+    /// Destroy every VM (shutdown): returns once all are gone or `within` passed.
+    pub fn shutdown(self: &Arc<Self>, within: Duration) -> bool {
+        for (id, rt) in self.registry.destroy_all() {
+            self.teardown(id, rt, None, None);
+        }
+        let t0 = Instant::now();
+        while self.registry.len() > 0 {
+            if t0.elapsed() >= within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
+}
+
+impl<E: Engine> Deliver for Service<E> {
+    fn deliver(&self, fh: u64, fds: Vec<(i32, Received)>) -> Result<(), (FsError, Vec<OwnedFd>)> {
+        let mut h = self.handles.lock();
+        let Handles {
+            map, fds_per_user, ..
+        } = &mut *h;
+        let back = |fds: Vec<(i32, Received)>| fds.into_iter().map(|(_, r)| r.fd).collect();
+        let Some(Handle {
+            user,
+            kind: Kinded::Vm(vh),
+        }) = map.get_mut(&fh)
+        else {
+            return Err((FsError::Gone, back(fds)));
+        };
+        let added = fds.iter().filter(|(n, _)| !vh.fds.contains_key(n)).count();
+        let mine = fds_per_user.get(user).copied().unwrap_or(0);
+        let unprivileged = *user != 0;
+        if vh.fds.len() + added > MAX_FDS_PER_HANDLE
+            || (unprivileged && mine + added > MAX_FDS_PER_USER)
+            || (unprivileged && !policy::fds_available(fds_in_use(), 0, &self.registry.limits))
+        {
+            log::warn!(
+                "uid {user}: descriptors refused: {} held by the handle, {mine} by the user \
+                 (limits {MAX_FDS_PER_HANDLE}, {MAX_FDS_PER_USER})",
+                vh.fds.len()
+            );
+            return Err((
+                FsError::TooMany(format!(
+                    "at most {MAX_FDS_PER_HANDLE} descriptors per handle and \
+                     {MAX_FDS_PER_USER} per user wait for a command"
+                )),
+                back(fds),
+            ));
+        }
+        let mut replaced = Vec::new();
+        for (n, r) in fds {
+            if let Some(old) = vh.fds.insert(n, r) {
+                replaced.push(old.fd);
+            }
+        }
+        *fds_per_user.entry(*user).or_default() += added;
+        let user = *user;
+        drop(h);
+        self.closer.close(user, replaced);
+        Ok(())
+    }
+}
+
+/// Grants from the state file whose jail still lives; the rest are dropped
+/// (and the state updated by the caller).
+fn revive_grants(state: &mut State, jails: &Jails) -> HashMap<u64, LiveGrant> {
+    let mut live = HashMap::new();
+    state.jails.retain(|ns, g| {
+        let revived = (g.init.pid != 0 && g.init.alive())
+            .then(|| jails.of_pid(g.init.pid).ok())
+            .flatten()
+            .filter(|j| j.ns() == *ns && g.init.alive());
+        match revived {
+            Some(jail) => {
+                live.insert(
+                    *ns,
+                    LiveGrant {
+                        jail,
+                        init: g.init,
+                        grants: g.grants,
+                    },
+                );
+                true
+            }
+            None => {
+                log::warn!(
+                    "jail ns={ns}: its init process is gone (or the grant predates this \
+                     vmmfs); allow.vmm dropped, grant it again if the jail still exists"
+                );
+                false
+            }
+        }
+    });
+    live
 }

@@ -1,7 +1,11 @@
 //! Persistent state: ownership and modes of vmmctl and the directories, and
 //! the jails' grants. One small text file, replaced atomically.
+//!
+//! A grant names its jail by the namespace number *and* the jail's init
+//! process (PID and start time): after a restart the number alone could name
+//! a new namespace that reused it; a grant whose init is gone is dropped.
 
-use crate::creds::JailId;
+use crate::jails::ProcessId;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -28,13 +32,25 @@ pub struct Grants {
     pub ppt: bool,
 }
 
+/// A jail's grants and how to recognise the jail again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailGrant {
+    /// The PID namespace's inode number.
+    pub ns: u64,
+    /// Its init process, as seen from the host. PID 0: a grant written by an
+    /// older vmmfs, which cannot be verified.
+    pub init: ProcessId,
+    pub grants: Grants,
+}
+
 /// Everything that survives a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {
     pub vmmctl: NodeAttrs,
     pub vmm_dir: NodeAttrs,
     pub vmmio_dir: NodeAttrs,
-    pub jails: BTreeMap<JailId, Grants>,
+    /// By namespace number.
+    pub jails: BTreeMap<u64, JailGrant>,
 }
 
 /// A state file that cannot be used.
@@ -86,8 +102,11 @@ impl State {
         ] {
             s += &format!("{key} uid={} gid={} mode={:04o}\n", a.uid, a.gid, a.mode);
         }
-        for (j, g) in &self.jails {
-            s += &format!("jail ns={} vmm={} ppt={}\n", j.0, g.vmm as u8, g.ppt as u8);
+        for j in self.jails.values() {
+            s += &format!(
+                "jail ns={} init={} start={} vmm={} ppt={}\n",
+                j.ns, j.init.pid, j.init.start, j.grants.vmm as u8, j.grants.ppt as u8
+            );
         }
         s
     }
@@ -144,7 +163,13 @@ impl State {
                     }
                 }
                 "jail" => {
-                    expect(&["ns", "vmm", "ppt"])?;
+                    // Without init/start: written by an older vmmfs.
+                    let legacy = fields.len() == 3;
+                    if legacy {
+                        expect(&["ns", "vmm", "ppt"])?;
+                    } else {
+                        expect(&["ns", "init", "start", "vmm", "ppt"])?;
+                    }
                     let flag = |k| match num(k, 10)? {
                         0 => Ok(false),
                         1 => Ok(true),
@@ -154,7 +179,32 @@ impl State {
                         vmm: flag("vmm")?,
                         ppt: flag("ppt")?,
                     };
-                    jails.insert(JailId(num("ns", 10)?), g);
+                    let ns = num("ns", 10)?;
+                    let init = if legacy {
+                        ProcessId { pid: 0, start: 0 }
+                    } else {
+                        let pid = num("init", 10)?;
+                        if pid == 0 || pid > u64::from(u32::MAX) {
+                            return Err((n, "bad value for 'init'".into()));
+                        }
+                        ProcessId {
+                            pid: pid as u32,
+                            start: num("start", 10)?,
+                        }
+                    };
+                    if jails
+                        .insert(
+                            ns,
+                            JailGrant {
+                                ns,
+                                init,
+                                grants: g,
+                            },
+                        )
+                        .is_some()
+                    {
+                        return Err((n, format!("jail ns={ns} given twice")));
+                    }
                 }
                 _ => return Err((n, format!("unknown entry '{kind}'"))),
             }
@@ -236,13 +286,23 @@ mod tests {
         let mut s = State::defaults(123);
         s.vmmctl.mode = 0o666;
         s.jails.insert(
-            JailId(4026532000),
-            Grants {
-                vmm: true,
-                ppt: false,
+            4026532000,
+            JailGrant {
+                ns: 4026532000,
+                init: ProcessId {
+                    pid: 77,
+                    start: 123456,
+                },
+                grants: Grants {
+                    vmm: true,
+                    ppt: false,
+                },
             },
         );
         assert_eq!(State::parse(&s.render()).unwrap(), s);
+        // An older vmmfs's grant parses, marked unverifiable (init 0).
+        let old = State::defaults(5).render() + "jail ns=9 vmm=1 ppt=0\n";
+        assert_eq!(State::parse(&old).unwrap().jails[&9].init.pid, 0);
     }
 
     #[test]
@@ -255,6 +315,9 @@ mod tests {
             good.replace("uid=0 gid=5", "uid=0"),
             good.lines().take(2).collect::<Vec<_>>().join("\n"),
             good.clone() + "jail ns=1 vmm=2 ppt=0\n",
+            good.clone() + "jail ns=1 init=0 start=5 vmm=1 ppt=0\n",
+            good.clone() + "jail ns=1 init=3 vmm=1 ppt=0\n",
+            good.clone() + "jail ns=1 vmm=1 ppt=0\njail ns=1 vmm=1 ppt=0\n",
             good.clone() + "vmm uid=0 gid=0 mode=0755\n",
         ] {
             assert!(State::parse(&bad).is_err(), "{bad}");

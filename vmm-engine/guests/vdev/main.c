@@ -11,6 +11,10 @@
  *   nettap     the TCP echo server only (tap: the host's stack talks to it)
  *   netbench   DHCP, then 64 MiB of UDP to 10.0.2.2:5555
  *   hostile    break the queue protocol in every way listed in the tests
+ *   hostcon    virtio-console: the aliasing transmit chain (20 x 200 MiB of
+ *              the same RAM) that once made the host copy 4 GiB
+ *   hostblk    virtio-blk: an aliasing 200 MiB read, GET_ID without a
+ *              buffer, an indirect descriptor (never offered)
  * Results go to COM1 as text lines the host-side tests match exactly. */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -1047,6 +1051,8 @@ static void test_hostile(void)
     hostile_chain("chain loop", (struct desc){(u64)buf, 8, 3, 1}, (struct desc){(u64)buf, 8, 3, 0}, 0, 0);
     hostile_chain("next index past table", (struct desc){(u64)buf, 8, 3, 999}, (struct desc){0}, 0, 0);
     hostile_chain("head index past table", (struct desc){0}, (struct desc){0}, 4000, 0);
+    /* INDIRECT (4) was never offered; buf holds a table of empty descriptors. */
+    hostile_chain("indirect descriptor", (struct desc){(u64)buf, 64, 4, 0}, (struct desc){0}, 0, 0);
     hostile_chain("avail index jump", (struct desc){0}, (struct desc){0}, 0, 1000);
     /* Bad queue size: not a power of two. */
     vdev_reset(&h);
@@ -1109,6 +1115,92 @@ static void test_hostile(void)
     poweroff();
 }
 
+/* Console transmit chain of 20 descriptors of 200 MiB, all at the same
+   guest address (RAM must be 256 MiB or more). The host must refuse it
+   before copying anything; after a reset the port works again. */
+static void test_hostcon(void)
+{
+    int s = find_dev(0x1043);
+    if (s < 0 || vdev_probe(&h, s))
+        fail("no virtio-console");
+    if (vdev_init(&h, 0, 2, 32))
+        fail("console init");
+    struct vq *tx = &h.q[1];
+    for (int i = 0; i < 20; i++)
+        tx->desc[i] = (struct desc){0x2000000ul, 200u << 20, (u16)(i < 19), (u16)(i + 1)};
+    vq_push(tx, 0);
+    vq_kick(tx, 1);
+    expect_broken("console aliasing chain");
+    if (vdev_init(&h, 0, 2, 32))
+        fail("console re-init");
+    tx = &h.q[1];
+    u8 *out = alloc(64, 64);
+    memcpy(out, "after reset\n", 12);
+    tx->desc[0] = (struct desc){(u64)out, 12, 0, 0};
+    vq_push(tx, 0);
+    vq_kick(tx, 1);
+    u32 id, len;
+    puts(vq_wait(tx, &id, &len) ? "console works after reset\n" : "console dead after reset\n");
+    puts("hostcon done\n");
+    poweroff();
+}
+
+static void test_hostblk(void)
+{
+    int s = find_dev(0x1042);
+    if (s < 0 || vdev_probe(&h, s))
+        fail("no virtio-blk");
+    if (vdev_init(&h, 0, 1, 256))
+        fail("blk init");
+    struct vq *q = &h.q[0];
+    struct blkreq *hdr = alloc(16, 16);
+    u8 *st = alloc(16, 16);
+    u8 *buf = alloc(1 << 20, 4096);
+    u32 id, len;
+    /* 200 descriptors aliasing one MiB: a 200 MiB read into 1 MiB. */
+    *hdr = (struct blkreq){0, 0, 0};
+    *st = 0xff;
+    q->desc[0] = (struct desc){(u64)hdr, 16, 1, 1};
+    for (int i = 1; i <= 200; i++)
+        q->desc[i] = (struct desc){(u64)buf, 1 << 20, 3, (u16)(i + 1)};
+    q->desc[201] = (struct desc){(u64)st, 1, 2, 0};
+    vq_push(q, 0);
+    vq_kick(q, 0);
+    if (!vq_wait(q, &id, &len))
+        fail("blk aliasing read");
+    puts("blk aliasing read status ");
+    putdec(*st);
+    puts(" len ");
+    putdec(len);
+    /* GET_ID with nowhere to put the id but the status byte. */
+    *hdr = (struct blkreq){8, 0, 0};
+    *st = 0xff;
+    q->desc[0] = (struct desc){(u64)hdr, 16, 1, 1};
+    q->desc[1] = (struct desc){(u64)st, 1, 2, 0};
+    vq_push(q, 0);
+    vq_kick(q, 0);
+    if (!vq_wait(q, &id, &len))
+        fail("blk get-id");
+    puts("\nblk id without buffer status ");
+    putdec(*st);
+    puts(" len ");
+    putdec(len);
+    puts("\n");
+    /* The same request through an indirect table. */
+    struct desc *table = alloc(32, 16);
+    table[0] = (struct desc){(u64)hdr, 16, 1, 1};
+    table[1] = (struct desc){(u64)st, 1, 2, 0};
+    q->desc[0] = (struct desc){(u64)table, 32, 4, 0};
+    vq_push(q, 0);
+    vq_kick(q, 0);
+    expect_broken("blk indirect descriptor");
+    if (vdev_init(&h, 0, 1, 16))
+        fail("blk re-init");
+    puts(blk_rw(&h, 0, 0, buf, 512) == 0 ? "blk works after reset\n" : "blk dead after reset\n");
+    puts("hostblk done\n");
+    poweroff();
+}
+
 void umain(void)
 {
     puts("vdev ");
@@ -1136,6 +1228,10 @@ void umain(void)
         test_netbench();
     else if (streq(cmdline, "hostile"))
         test_hostile();
+    else if (streq(cmdline, "hostcon"))
+        test_hostcon();
+    else if (streq(cmdline, "hostblk"))
+        test_hostblk();
     fail("unknown test");
 }
 

@@ -179,3 +179,42 @@ impl TestVm {
         String::from_utf8_lossy(&out).into_owned()
     }
 }
+
+/// A VM booting vdev.elf with `test` on its command line and `devices`
+/// (each a `device` line with `{}` replaced by the descriptor handed over).
+pub fn vdev_vm(name: &str, test: &str, devices: Vec<(String, Vec<OwnedFd>)>) -> TestVm {
+    vdev_vm_with(name, "128M", test, devices)
+}
+
+/// [`vdev_vm`] with `memory` of guest RAM.
+pub fn vdev_vm_with(
+    name: &str,
+    memory: &str,
+    test: &str,
+    devices: Vec<(String, Vec<OwnedFd>)>,
+) -> TestVm {
+    let t = TestVm::new(name, &[&format!("memory {memory}")]);
+    let mut fds = Fds::default();
+    let k = fds.add(memfd_with(&guest("vdev.elf")));
+    t.vm.execute(Command::Kernel(k), &mut fds).expect("kernel");
+    t.exec(&format!("cmdline {test}")).unwrap();
+    for (line, owned) in devices {
+        let mut fds = Fds::default();
+        let mut l = line.clone();
+        for fd in owned {
+            let n = fds.add(fd);
+            l = l.replacen("{}", &n.to_string(), 1);
+        }
+        t.vm.execute(Command::parse(&l).unwrap(), &mut fds)
+            .unwrap_or_else(|e| panic!("{l}: {e}"));
+    }
+    t
+}
+
+/// Wait for power-off; anything else fails with the guest's output.
+pub fn powered_off(t: &mut TestVm, secs: u64) -> String {
+    let r = t.wait_exit(secs);
+    let out = t.drain();
+    assert_eq!(r, ExitReason::PowerOff, "guest output: {out:?}");
+    out
+}

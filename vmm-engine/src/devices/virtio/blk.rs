@@ -6,11 +6,12 @@
 //! read-only disk, missing header) end that request with IOERR; host I/O
 //! errors too. Only queue-protocol violations mark the device broken.
 
-use super::queue::{Chain, Desc, VirtQueue};
+use super::queue::{Chain, Desc, QueueError};
 use super::{poll_fds, Activation, Ram, VirtioDevice, TYPE_BLOCK};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
+const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
@@ -22,8 +23,12 @@ const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const T_DISCARD: u32 = 11;
-/// Discard segments per request and sectors per segment we advertise.
+/// Discard segments per request we advertise and accept: the segment list
+/// (16 bytes each) is checked against it before one is read, and Linux
+/// sends one segment per request unless told more.
 const DISCARD_SEG_MAX: u32 = 32;
+/// Sectors per discard segment (2 GiB): each segment is one fallocate(2),
+/// which punches a hole of that size in milliseconds.
 const DISCARD_SECTORS_MAX: u32 = 1 << 22;
 
 const S_OK: u8 = 0;
@@ -31,9 +36,23 @@ const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
 const QUEUE_SIZE: u16 = 256;
-/// Data segments per request we advertise (seg_max).
-const SEG_MAX: u32 = 254;
+/// Data segments per request we advertise (seg_max): a full queue less the
+/// header and the status descriptor.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest data segment we advertise (size_max, when the driver takes
+/// VIRTIO_BLK_F_SIZE_MAX): with SEG_MAX it keeps a conforming driver's
+/// requests within MAX_REQUEST_BYTES.
+const SIZE_MAX: u32 = 256 << 10;
+/// Data bytes of one read or write at most (63.5 MiB). Requests go
+/// straight into guest pages, so this bounds time, not memory: a chain of
+/// buffers aliasing one page could otherwise keep the device thread (and a
+/// reset or VM destruction waiting for it) busy reading gigabytes. Larger
+/// requests are IOERR before any I/O.
+pub(super) const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+/// Bytes of the request header (type, reserved, sector).
 const HDR: u64 = 16;
+/// Bytes of the GET_ID answer.
+const ID_BYTES: usize = 20;
 
 /// Options of `device S virtio-blk fd=N[,ro][,sectorsize=L[/P]]`.
 #[derive(Debug, Clone)]
@@ -50,7 +69,7 @@ pub struct Blk {
     cfg: BlkConfig,
     /// Size in bytes, rounded down to 512.
     size: u64,
-    id: [u8; 20],
+    id: [u8; ID_BYTES],
 }
 
 impl Blk {
@@ -65,9 +84,9 @@ impl Blk {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: fstat into a zeroed stat we own.
         unsafe { libc::fstat(fd, &mut st) };
-        let mut id = [0u8; 20];
+        let mut id = [0u8; ID_BYTES];
         let s = format!("vmmfs-{:x}-{:x}", st.st_dev, st.st_ino);
-        let n = s.len().min(20);
+        let n = s.len().min(ID_BYTES);
         id[..n].copy_from_slice(&s.as_bytes()[..n]);
         Ok(Blk {
             size: (end as u64) & !511,
@@ -186,6 +205,10 @@ impl Blk {
                 if ty == T_IN && last.len > 1 {
                     len -= 1;
                 }
+                if len > MAX_REQUEST_BYTES {
+                    log::debug!("virtio-blk: {len}-byte request over {MAX_REQUEST_BYTES}");
+                    return (S_IOERR, 0);
+                }
                 let ssz = u64::from(self.cfg.sector_size.unwrap_or(512));
                 let Some(off) = sector.checked_mul(512) else {
                     return (S_IOERR, 0);
@@ -225,7 +248,10 @@ impl Blk {
                 }
             }
             T_GET_ID => {
-                let w = c.write_at(ram, 0, &self.id[..]);
+                // Into the data buffers only: the writable bytes before the
+                // status byte (the last one), never the status itself.
+                let room = (c.writable_len() - 1).min(ID_BYTES as u64) as usize;
+                let w = c.write_at(ram, 0, &self.id[..room]);
                 (S_OK, w as u32)
             }
             T_DISCARD if self.discard_on() => (self.discard(ram, c), 0),
@@ -279,25 +305,9 @@ impl Blk {
         S_OK
     }
 
-    fn drain_queue(&self, act: &mut Activation) -> Result<(), String> {
-        let ram = act.ram.clone();
-        let q: &mut VirtQueue = &mut act.queues[0];
-        let mut any = false;
-        loop {
-            q.disable_notify(&ram);
-            while let Some(c) = q.pop(&ram).map_err(|e| e.0)? {
-                let n = self.request(&ram, &c);
-                q.push(&ram, c.head, n).map_err(|e| e.0)?;
-                any = true;
-            }
-            if !q.enable_notify(&ram).map_err(|e| e.0)? {
-                break;
-            }
-        }
-        if any && q.needs_notification(&ram) {
-            act.irq.queue(0);
-        }
-        Ok(())
+    /// One service round: the requests waiting, a ring's worth at most.
+    pub(super) fn drain_queue(&self, act: &mut Activation) -> Result<(), QueueError> {
+        act.serve_queue(0, |ram, c| self.request(ram, c))
     }
 }
 
@@ -307,7 +317,7 @@ impl VirtioDevice for Blk {
     }
 
     fn features(&self) -> u64 {
-        let mut f = F_SEG_MAX | F_FLUSH;
+        let mut f = F_SIZE_MAX | F_SEG_MAX | F_FLUSH;
         if self.cfg.ro {
             f |= F_RO;
         }
@@ -327,6 +337,7 @@ impl VirtioDevice for Blk {
     fn config(&self) -> Vec<u8> {
         let mut c = vec![0u8; 60];
         c[0..8].copy_from_slice(&(self.size / 512).to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&self.cfg.sector_size.unwrap_or(512).to_le_bytes());
         c[34..36].copy_from_slice(&1u16.to_le_bytes());
@@ -357,5 +368,188 @@ impl VirtioDevice for Blk {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::*;
+    use std::time::Duration;
+
+    fn disk(len: u64) -> Blk {
+        Blk::new(BlkConfig {
+            file: Arc::new(memfd_disk(len)),
+            ro: false,
+            sector_size: None,
+            discard: true,
+        })
+        .unwrap()
+    }
+
+    /// A driver with a header page and a status page.
+    struct Driver {
+        g: TestGuest,
+        q: DriverQueue,
+        hdr: u64,
+        status: u64,
+    }
+
+    impl Driver {
+        fn new(ram: usize, size: u16) -> Driver {
+            let mut g = TestGuest::new(ram);
+            let q = g.queue(size);
+            let (hdr, status) = (g.alloc(4096), g.alloc(4096));
+            Driver { g, q, hdr, status }
+        }
+
+        /// Queue a request: header, then `data`, then a 1-byte status.
+        fn request(&mut self, ty: u32, sector: u64, data: &[(u64, u32, bool)]) {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&ty.to_le_bytes());
+            h[8..].copy_from_slice(&sector.to_le_bytes());
+            self.g.write(self.hdr, &h);
+            self.g.write(self.status, &[0xee]);
+            let mut bufs = vec![(self.hdr, 16, false)];
+            bufs.extend_from_slice(data);
+            bufs.push((self.status, 1, true));
+            self.q.chain(&self.g, &bufs);
+        }
+
+        /// Run the device over the queue; (status byte, used length) of
+        /// the one request.
+        fn serve(&mut self, blk: &Blk) -> (u8, u32) {
+            let (mut act, irq) = self.g.activate(&[&self.q]);
+            let (r, peak) = heap_peak(|| blk.drain_queue(&mut act));
+            r.unwrap();
+            assert!(peak <= 64 << 10, "{peak} bytes of heap for one request");
+            assert!(!irq.needs_reset());
+            let used = self.q.all_used(&self.g);
+            assert_eq!(used.len(), 1);
+            (self.g.read(self.status, 1)[0], used[0].1)
+        }
+    }
+
+    #[test]
+    fn reads_what_the_disk_holds() {
+        let blk = disk(1 << 20);
+        let mut d = Driver::new(1 << 20, 16);
+        let buf = d.g.alloc(4096);
+        d.request(T_IN, 1, &[(buf, 512, true)]);
+        assert_eq!(d.serve(&blk), (S_OK, 513));
+        let want: Vec<u8> = (512..1024u32).map(|i| (i * 7) as u8).collect();
+        assert_eq!(d.g.read(buf, 512), want);
+    }
+
+    /// 200 writable descriptors aliasing one MiB: a 200 MiB read for a
+    /// 1 MiB buffer. Refused (IOERR) before any I/O.
+    #[test]
+    fn aliasing_request_over_the_limit_is_ioerr() {
+        let blk = disk(1 << 30);
+        let mut d = Driver::new(4 << 20, 256);
+        let buf = d.g.alloc(1 << 20);
+        d.g.write(buf, &[0x55; 512]);
+        d.request(T_IN, 0, &[(buf, 1 << 20, true); 200]);
+        assert_eq!(d.serve(&blk), (S_IOERR, 1));
+        assert_eq!(d.g.read(buf, 512), [0x55; 512], "data was read anyway");
+    }
+
+    /// The same for DISCARD: the segment list is bounded before it is read.
+    #[test]
+    fn aliasing_discard_list_is_ioerr() {
+        let blk = disk(1 << 30);
+        let mut d = Driver::new(4 << 20, 256);
+        let buf = d.g.alloc(1 << 20);
+        d.request(T_DISCARD, 0, &[(buf, 1 << 20, false); 64]);
+        assert_eq!(d.serve(&blk), (S_IOERR, 1));
+    }
+
+    /// GET_ID writes at most 20 bytes into the data buffers, never into
+    /// the status byte, and the used length counts what was written.
+    #[test]
+    fn get_id_stays_in_its_buffer() {
+        let blk = disk(1 << 20);
+        // No data buffer: nothing but the status.
+        let mut d = Driver::new(1 << 20, 16);
+        d.request(T_GET_ID, 0, &[]);
+        assert_eq!(d.serve(&blk), (S_OK, 1));
+        // A larger buffer: exactly 20 bytes.
+        let mut d = Driver::new(1 << 20, 16);
+        let buf = d.g.alloc(4096);
+        d.g.write(buf, &[0xee; 64]);
+        d.request(T_GET_ID, 0, &[(buf, 64, true)]);
+        assert_eq!(d.serve(&blk), (S_OK, 21));
+        assert_eq!(&d.g.read(buf, 6), b"vmmfs-");
+        assert_eq!(d.g.read(buf + 20, 44), [0xee; 44]);
+        // Status in the same buffer as the data (10 bytes: 9 of id).
+        let mut d = Driver::new(1 << 20, 16);
+        let buf = d.g.alloc(4096);
+        d.g.write(buf, &[0xee; 16]);
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&T_GET_ID.to_le_bytes());
+        d.g.write(d.hdr, &h);
+        d.q.chain(&d.g, &[(d.hdr, 16, false), (buf, 10, true)]);
+        let (mut act, _irq) = d.g.activate(&[&d.q]);
+        blk.drain_queue(&mut act).unwrap();
+        assert_eq!(d.q.all_used(&d.g), [(0, 10)]);
+        assert_eq!(&d.g.read(buf, 6), b"vmmfs-");
+        assert_eq!(d.g.read(buf + 9, 1), [S_OK]);
+    }
+
+    /// Zero-length buffers anywhere (even outside RAM) are skipped.
+    #[test]
+    fn zero_length_buffers_are_ignored() {
+        let blk = disk(1 << 20);
+        let mut d = Driver::new(1 << 20, 16);
+        let buf = d.g.alloc(4096);
+        d.request(
+            T_IN,
+            0,
+            &[
+                (0x7fff_0000_0000, 0, true),
+                (buf, 512, true),
+                (u64::MAX, 0, true),
+            ],
+        );
+        assert_eq!(d.serve(&blk), (S_OK, 513));
+        assert_eq!(d.g.read(buf, 3), [0, 7, 14]);
+    }
+
+    #[test]
+    fn sector_arithmetic_cannot_overflow() {
+        let blk = disk(1 << 20);
+        for sector in [u64::MAX, u64::MAX / 512 + 1, (1 << 20) / 512] {
+            let mut d = Driver::new(1 << 20, 16);
+            let buf = d.g.alloc(4096);
+            d.request(T_IN, sector, &[(buf, 512, true)]);
+            assert_eq!(d.serve(&blk), (S_IOERR, 1), "sector {sector:#x}");
+        }
+        let mut d = Driver::new(1 << 20, 16);
+        let seg = d.g.alloc(4096);
+        let mut s = [0u8; 16];
+        s[..8].copy_from_slice(&(u64::MAX / 256).to_le_bytes());
+        s[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        d.g.write(seg, &s);
+        d.request(T_DISCARD, 0, &[(seg, 16, false)]);
+        assert_eq!(d.serve(&blk), (S_IOERR, 1));
+    }
+
+    #[test]
+    fn stops_while_the_driver_keeps_feeding() {
+        let mut blk = disk(1 << 20);
+        // A full ring (64 requests of 3 descriptors) that the driver
+        // refills faster than the device serves it.
+        let mut d = Driver::new(8 << 20, 256);
+        let buf = d.g.alloc(1 << 20);
+        for _ in 0..64 {
+            d.request(T_IN, 0, &[(buf, 1 << 20, true)]);
+        }
+        let (mut act, _irq) = d.g.activate(&[&d.q]);
+        let kick = act.notify[0].clone();
+        let (g, q) = (&d.g, &mut d.q);
+        let (took, _) = run_then_stop(&mut blk, &mut act, Duration::from_millis(100), |stop| {
+            refeed(g, q, &kick, stop)
+        });
+        assert!(took < Duration::from_millis(500), "stop took {took:?}");
     }
 }

@@ -7,13 +7,22 @@
 //! to non-blocking: output waits for POLLOUT and writes at most a page at a
 //! time (what POLLOUT guarantees for pipes), input reads only after POLLIN.
 
-use super::{poll_fds, Activation, VirtioDevice, TYPE_CONSOLE};
+use super::{poll_fds, Activation, QueueError, VirtioDevice, TYPE_CONSOLE};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 const QUEUE_SIZE: u16 = 64;
+/// Bytes of one transmit chain at most. Linux's hvc driver hands the port
+/// at most a page per buffer, FreeBSD's vtcon 128 bytes; a longer chain
+/// (aliasing buffers make one of gigabytes cost the guest nothing) is
+/// refused before anything is copied, and the device needs a reset.
+pub const TX_CHAIN_MAX: u64 = 64 << 10;
+/// Output waiting for the back end before transmit stops taking chains;
+/// with TX_CHAIN_MAX, at most twice this is ever held.
 const OUT_LIMIT: usize = 64 << 10;
+/// Bytes per read from the input and per write to the output: what POLLIN
+/// and POLLOUT promise a pipe takes or gives without blocking.
 const CHUNK: usize = 4096;
 
 #[derive(Debug, Clone)]
@@ -43,17 +52,26 @@ impl Console {
 }
 
 impl super::RxTx for Console {
-    fn transmit(&mut self, act: &mut Activation) -> Result<bool, String> {
+    fn transmit(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let mut any = false;
         let mut buf = vec![0u8; CHUNK * 4];
-        while self.out.len() < OUT_LIMIT {
-            let q = &mut act.queues[1];
-            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+        let q = &mut act.queues[1];
+        let mut budget = q.size();
+        while self.out.len() < OUT_LIMIT && budget > 0 {
+            budget -= 1;
+            let Some(c) = q.pop(&ram)? else {
                 break;
             };
-            let mut skip = 0u64;
             let total = c.readable_len();
+            if total > TX_CHAIN_MAX {
+                return Err(QueueError::OverLimit {
+                    queue: 1,
+                    len: total,
+                    max: TX_CHAIN_MAX,
+                });
+            }
+            let mut skip = 0u64;
             while skip < total {
                 let n = c.read_at(&ram, skip, &mut buf);
                 if n == 0 {
@@ -64,8 +82,11 @@ impl super::RxTx for Console {
                 }
                 skip += n as u64;
             }
-            q.push(&ram, c.head, 0).map_err(|e| e.0)?;
+            q.push(&ram, c.head, 0)?;
             any = true;
+        }
+        if budget == 0 {
+            act.again(1);
         }
         Ok(any)
     }
@@ -94,7 +115,7 @@ impl super::RxTx for Console {
         }
     }
 
-    fn receive(&mut self, act: &mut Activation) -> Result<bool, String> {
+    fn receive(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let fd = self.cfg.input.as_raw_fd();
         if self.pending.is_empty()
@@ -117,15 +138,20 @@ impl super::RxTx for Console {
             }
         }
         let mut any = false;
-        while !self.pending.is_empty() {
-            let q = &mut act.queues[0];
-            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+        let q = &mut act.queues[0];
+        let mut budget = q.size();
+        while !self.pending.is_empty() && budget > 0 {
+            budget -= 1;
+            let Some(c) = q.pop(&ram)? else {
                 break;
             };
             let n = c.write_at(&ram, 0, &self.pending);
             self.pending.drain(..n);
-            q.push(&ram, c.head, n as u32).map_err(|e| e.0)?;
+            q.push(&ram, c.head, n as u32)?;
             any = true;
+        }
+        if budget == 0 {
+            act.again(0);
         }
         Ok(any)
     }
@@ -176,5 +202,91 @@ impl VirtioDevice for Console {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::service_rx_tx;
+    use crate::devices::virtio::test_utils::*;
+
+    /// Heap one round of the console may hold, whatever the guest queued:
+    /// the output buffer and one chain's worth of copy buffer, with room.
+    const HEAP_BOUND: usize = 256 << 10;
+
+    /// A console on pipes; returns it with the input's write end and the
+    /// output's read end.
+    fn console() -> (Console, OwnedFd, OwnedFd) {
+        let (in_r, in_w) = pipe();
+        let (out_r, out_w) = pipe();
+        let con = Console::new(ConsoleConfig {
+            input: Arc::new(in_r),
+            output: Arc::new(out_w),
+        });
+        (con, in_w, out_r)
+    }
+
+    /// The chain that got the daemon OOM-killed (20 descriptors of 200 MiB
+    /// aliasing the same RAM), scaled to 16 x 4 MiB: the host must refuse it
+    /// before copying, not after 64 MiB landed in its heap.
+    #[test]
+    fn aliasing_tx_chain_is_refused_before_any_copy() {
+        let mut g = TestGuest::new(8 << 20);
+        let (rx, mut tx) = (g.queue(64), g.queue(64));
+        let buf = g.alloc(4 << 20);
+        tx.chain(&g, &[(buf, 4 << 20, false); 16]);
+        let (mut act, irq) = g.activate(&[&rx, &tx]);
+        let (mut con, _in_w, out_r) = console();
+        let mut broken = false;
+        let ((), peak) = heap_peak(|| service_rx_tx(&mut con, &mut act, &mut broken));
+        assert!(peak <= HEAP_BOUND, "one chain cost {peak} bytes of heap");
+        assert!(irq.needs_reset() && broken, "oversized chain accepted");
+        assert!(read_available(&out_r).is_empty());
+        assert!(tx.all_used(&g).is_empty());
+    }
+
+    #[test]
+    fn tx_chain_over_several_buffers_arrives_whole() {
+        let mut g = TestGuest::new(1 << 20);
+        let (rx, mut tx) = (g.queue(64), g.queue(64));
+        let (a, b) = (g.alloc(4096), g.alloc(4096));
+        g.write(a, b"hello, ");
+        g.write(b, b"console\n");
+        tx.chain(&g, &[(a, 7, false), (b + 4096, 0, false), (b, 8, false)]);
+        let (mut act, irq) = g.activate(&[&rx, &tx]);
+        let (mut con, _in_w, out_r) = console();
+        let mut broken = false;
+        service_rx_tx(&mut con, &mut act, &mut broken);
+        assert!(!broken && !irq.needs_reset());
+        assert_eq!(read_available(&out_r), b"hello, console\n");
+        assert_eq!(tx.all_used(&g).len(), 1);
+        assert_eq!(irq.queue_count(1), 1);
+    }
+
+    /// Input goes into whatever receive buffers there are, zero-length
+    /// ones included, without losing or repeating bytes.
+    #[test]
+    fn rx_fills_small_and_empty_buffers_in_order() {
+        let mut g = TestGuest::new(1 << 20);
+        let (mut rx, tx) = (g.queue(64), g.queue(64));
+        let buf = g.alloc(4096);
+        rx.chain(&g, &[(buf, 0, true)]);
+        rx.chain(&g, &[(buf, 3, true)]);
+        rx.chain(&g, &[(buf + 8, 64, true)]);
+        let (mut act, irq) = g.activate(&[&rx, &tx]);
+        let (mut con, in_w, _out_r) = console();
+        // SAFETY: writing a literal to our pipe.
+        assert_eq!(
+            unsafe { libc::write(in_w.as_raw_fd(), b"abcdefg".as_ptr().cast(), 7) },
+            7
+        );
+        let mut broken = false;
+        service_rx_tx(&mut con, &mut act, &mut broken);
+        assert!(!irq.needs_reset());
+        let used = rx.all_used(&g);
+        assert_eq!(used.iter().map(|u| u.1).collect::<Vec<_>>(), [0, 3, 4]);
+        assert_eq!(g.read(buf, 3), b"abc");
+        assert_eq!(g.read(buf + 8, 4), b"defg");
     }
 }

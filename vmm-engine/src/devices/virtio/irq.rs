@@ -145,6 +145,18 @@ impl GsiRouter {
     }
 }
 
+/// Interrupt delivery as a device back end sees it: the only two things a
+/// device thread signals. The PCI transport's [`Interrupt`] implements it
+/// with MSI-X or INTx; unit tests substitute a recorder, so the request
+/// paths run without KVM.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Queue `q` has used buffers.
+    fn queue(&self, q: usize);
+    /// The driver broke the protocol: DEVICE_NEEDS_RESET plus a
+    /// configuration-change interrupt.
+    fn needs_reset(&self);
+}
+
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 struct MsixEntry {
     addr: u64,
@@ -450,6 +462,16 @@ impl Interrupt {
             }
             *b = x;
         }
+    }
+}
+
+impl VirtioInterrupt for Interrupt {
+    fn queue(&self, q: usize) {
+        Interrupt::queue(self, q)
+    }
+
+    fn needs_reset(&self) {
+        Interrupt::needs_reset(self)
     }
 }
 

@@ -14,14 +14,25 @@
 //!
 //! Everything a guest writes (addresses, lengths, indexes, sizes) is checked;
 //! a guest that breaks the rules gets DEVICE_NEEDS_RESET, never a host failure.
+//! What the host spends on a guest is bounded per request, checked before
+//! anything is copied or allocated (a chain's buffers may all alias one
+//! page, so its length says nothing about what the guest paid for it):
+//! each device names its limits, and one service round takes at most a
+//! ring's worth of chains from a queue before the device thread looks at
+//! its stop flag again (a driver refilling the ring as fast as the device
+//! empties it must not keep reset or VM destruction waiting).
 
 pub mod blk;
 pub mod console;
 pub mod irq;
 pub mod net;
 pub mod pci;
+#[cfg(test)]
+mod properties;
 pub mod queue;
 pub mod rng;
+#[cfg(test)]
+pub mod test_utils;
 
 use crate::error::{Error, Result};
 use crate::memory::Region;
@@ -31,7 +42,7 @@ use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use irq::{GsiRouter, Interrupt};
+pub use irq::{GsiRouter, Interrupt, VirtioInterrupt};
 pub use queue::{Chain, QueueError, VirtQueue};
 
 /// PCI vendor id of virtio devices.
@@ -139,7 +150,7 @@ pub struct Activation {
     pub queues: Vec<VirtQueue>,
     /// One per queue: signalled by the guest's notify writes.
     pub notify: Vec<Arc<EventFd>>,
-    pub irq: Arc<Interrupt>,
+    pub irq: Arc<dyn VirtioInterrupt>,
     /// Readable when the device must stop (reset or end of run).
     pub stop: Arc<EventFd>,
     /// Set when the thread should stop; checked around blocking calls.
@@ -155,9 +166,49 @@ impl Activation {
 
     /// The guest broke the queue protocol: mark the device broken and stop
     /// using it until the driver resets it.
-    pub fn broken(&self, why: &str) {
+    pub fn broken(&self, why: &QueueError) {
         log::warn!("virtio device needs reset: {why}");
         self.irq.needs_reset();
+    }
+
+    /// Queue `q` may hold more than this round took: wake the device
+    /// thread again once it has looked at its stop flag.
+    pub fn again(&self, q: usize) {
+        let _ = self.notify[q].write(1);
+    }
+
+    /// Serve queue `q` with `request` (which returns the bytes it wrote into
+    /// the chain), for at most one ring's worth of chains; interrupt the
+    /// driver if anything was used.
+    pub fn serve_queue(
+        &mut self,
+        q: usize,
+        mut request: impl FnMut(&Ram, &Chain) -> u32,
+    ) -> std::result::Result<(), QueueError> {
+        let ram = self.ram.clone();
+        let vq = &mut self.queues[q];
+        let mut budget = vq.size();
+        let mut any = false;
+        'ring: loop {
+            vq.disable_notify(&ram);
+            while let Some(c) = vq.pop(&ram)? {
+                let n = request(&ram, &c);
+                vq.push(&ram, c.head, n)?;
+                any = true;
+                budget -= 1;
+                if budget == 0 {
+                    let _ = self.notify[q].write(1);
+                    break 'ring;
+                }
+            }
+            if !vq.enable_notify(&ram)? {
+                break;
+            }
+        }
+        if any && vq.needs_notification(&ram) {
+            self.irq.queue(q);
+        }
+        Ok(())
     }
 }
 
@@ -177,12 +228,14 @@ pub trait VirtioDevice: Send {
 
 /// A device with a receive queue 0 and a transmit queue 1 (net, console).
 pub trait RxTx {
-    /// Take what the guest queued for sending; true if buffers were used.
-    fn transmit(&mut self, act: &mut Activation) -> std::result::Result<bool, String>;
+    /// Take what the guest queued for sending (at most a ring's worth of
+    /// chains); true if buffers were used.
+    fn transmit(&mut self, act: &mut Activation) -> std::result::Result<bool, QueueError>;
     /// Push what is waiting to the back end, as far as it takes it now.
     fn flush(&mut self);
-    /// Fill the guest's receive buffers; true if buffers were used.
-    fn receive(&mut self, act: &mut Activation) -> std::result::Result<bool, String>;
+    /// Fill the guest's receive buffers (at most a ring's worth); true if
+    /// buffers were used.
+    fn receive(&mut self, act: &mut Activation) -> std::result::Result<bool, QueueError>;
 }
 
 /// One round of an [`RxTx`] device: clear the notifications, move what the

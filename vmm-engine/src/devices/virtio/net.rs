@@ -11,7 +11,7 @@
 //! stops further reads) until the driver posts one.
 
 use super::queue::Chain;
-use super::{poll_fds, Activation, Ram, VirtioDevice, TYPE_NET};
+use super::{poll_fds, Activation, QueueError, Ram, VirtioDevice, TYPE_NET};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -20,13 +20,24 @@ const F_MTU: u64 = 1 << 3;
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
 
+/// Bytes of the virtio-net header in front of every frame.
 const HDR: usize = 12;
 /// MTU advertised for slirp (passt's largest).
 pub const SLIRP_MTU: u16 = 65520;
-/// Largest frame accepted in either direction (MTU plus Ethernet header).
+/// Largest frame accepted in either direction (the largest IP packet plus
+/// the Ethernet header). A transmit chain longer than header plus this is
+/// dropped before anything is copied (as a NIC drops a giant frame); a
+/// slirp length word over it ends the stream.
 const MAX_FRAME: usize = 65535 + 14;
 /// Bytes waiting for the back end before transmit stops taking chains.
 const OUT_LIMIT: usize = 1 << 20;
+/// Frames waiting for the back end at most: each costs an allocation, and
+/// a flood of 1-byte frames would otherwise queue 200k of them under
+/// OUT_LIMIT. Two rings' worth keeps a full ring of small frames moving.
+const OUT_MAX_FRAMES: usize = 2 * QUEUE_SIZE as usize;
+/// Bytes asked of the slirp socket per read: the stream buffer never holds
+/// more than one incomplete frame plus this.
+const STREAM_READ: usize = 64 << 10;
 const QUEUE_SIZE: u16 = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +83,12 @@ pub struct Net {
     cfg: NetConfig,
     /// Frames for the back end (slirp: with their length word).
     out_frames: VecDeque<Vec<u8>>,
-    /// slirp: stream bytes read but not yet split into frames.
+    /// Bytes in `out_frames`.
+    out_bytes: usize,
+    /// slirp: stream bytes read; those before `stream_at` are split off
+    /// already (dropped in one move before the next read, not per frame).
     stream: Vec<u8>,
+    stream_at: usize,
     /// A frame waiting for a receive buffer.
     pending: Option<Vec<u8>>,
     /// The back end hung up or failed: no more reads.
@@ -86,7 +101,9 @@ impl Net {
         Net {
             cfg,
             out_frames: VecDeque::new(),
+            out_bytes: 0,
             stream: Vec::new(),
+            stream_at: 0,
             pending: None,
             dead: false,
             dropped: 0,
@@ -94,7 +111,7 @@ impl Net {
     }
 
     fn out_len(&self) -> usize {
-        self.out_frames.iter().map(|f| f.len()).sum::<usize>()
+        self.out_bytes
     }
 
     /// Read from the back end into `pending` (one frame at most).
@@ -105,32 +122,30 @@ impl Net {
         let fd = self.cfg.fd.as_raw_fd();
         match self.cfg.backend {
             NetBackend::Slirp => loop {
-                if self.stream.len() >= 4 {
-                    let len = u32::from_be_bytes([
-                        self.stream[0],
-                        self.stream[1],
-                        self.stream[2],
-                        self.stream[3],
-                    ]) as usize;
+                let s = &self.stream[self.stream_at..];
+                if let Some(word) = s.first_chunk::<4>() {
+                    let len = u32::from_be_bytes(*word) as usize;
                     if len > MAX_FRAME {
                         log::warn!("virtio-net: slirp sent a {len}-byte frame; stream dropped");
                         self.dead = true;
                         return;
                     }
-                    if self.stream.len() >= 4 + len {
-                        self.pending = Some(self.stream[4..4 + len].to_vec());
-                        self.stream.drain(..4 + len);
+                    if s.len() >= 4 + len {
+                        self.pending = Some(s[4..4 + len].to_vec());
+                        self.stream_at += 4 + len;
                         return;
                     }
                 }
+                self.stream.drain(..self.stream_at);
+                self.stream_at = 0;
                 let have = self.stream.len();
-                self.stream.resize(have + 65536, 0);
+                self.stream.resize(have + STREAM_READ, 0);
                 // SAFETY: receiving into the spare tail of the buffer.
                 let r = unsafe {
                     libc::recv(
                         fd,
                         self.stream[have..].as_mut_ptr().cast(),
-                        65536,
+                        STREAM_READ,
                         libc::MSG_DONTWAIT,
                     )
                 };
@@ -190,7 +205,7 @@ impl Net {
 
 impl super::RxTx for Net {
     /// Take transmit chains while the back end keeps up.
-    fn transmit(&mut self, act: &mut Activation) -> Result<bool, String> {
+    fn transmit(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let mut any = false;
         let pre = if self.cfg.backend == NetBackend::Slirp {
@@ -198,9 +213,11 @@ impl super::RxTx for Net {
         } else {
             0
         };
-        while self.out_len() < OUT_LIMIT {
-            let q = &mut act.queues[1];
-            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+        let q = &mut act.queues[1];
+        let mut budget = q.size();
+        while self.out_bytes < OUT_LIMIT && self.out_frames.len() < OUT_MAX_FRAMES && budget > 0 {
+            budget -= 1;
+            let Some(c) = q.pop(&ram)? else {
                 break;
             };
             let total = c.readable_len() as usize;
@@ -213,12 +230,16 @@ impl super::RxTx for Net {
                 if pre > 0 {
                     v[..4].copy_from_slice(&(n as u32).to_be_bytes());
                 }
+                self.out_bytes += v.len();
                 self.out_frames.push_back(v);
             } else {
                 self.dropped += 1;
             }
-            q.push(&ram, c.head, 0).map_err(|e| e.0)?;
+            q.push(&ram, c.head, 0)?;
             any = true;
+        }
+        if budget == 0 {
+            act.again(1);
         }
         Ok(any)
     }
@@ -253,6 +274,7 @@ impl super::RxTx for Net {
                         log::debug!("virtio-net: back end write: {e}");
                         // Drop what cannot be sent rather than spin.
                         self.out_frames.clear();
+                        self.out_bytes = 0;
                         self.dead = true;
                         return;
                     }
@@ -262,23 +284,27 @@ impl super::RxTx for Net {
             if self.cfg.backend == NetBackend::Slirp && n < f.len() {
                 // Timed out part-way: the rest must still follow.
                 f.drain(..n);
+                self.out_bytes -= n;
                 return;
             }
+            self.out_bytes -= f.len();
             self.out_frames.pop_front();
         }
     }
 
     /// Move frames from the back end into receive buffers.
-    fn receive(&mut self, act: &mut Activation) -> Result<bool, String> {
+    fn receive(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let mut any = false;
-        loop {
+        let mut budget = act.queues[0].size();
+        while budget > 0 {
+            budget -= 1;
             self.fill_pending();
             let Some(frame) = self.pending.take() else {
                 break;
             };
             let q = &mut act.queues[0];
-            let Some(c) = q.pop(&ram).map_err(|e| e.0)? else {
+            let Some(c) = q.pop(&ram)? else {
                 self.pending = Some(frame);
                 break;
             };
@@ -289,8 +315,11 @@ impl super::RxTx for Net {
                     0
                 }
             };
-            q.push(&ram, c.head, n).map_err(|e| e.0)?;
+            q.push(&ram, c.head, n)?;
             any = true;
+        }
+        if budget == 0 {
+            act.again(0);
         }
         Ok(any)
     }
@@ -333,6 +362,7 @@ impl VirtioDevice for Net {
         // Frames left from an earlier activation belong to a reset device.
         self.pending = None;
         self.stream.clear();
+        self.stream_at = 0;
         if self.cfg.backend == NetBackend::Slirp {
             let tv = libc::timeval {
                 tv_sec: 0,
@@ -393,6 +423,175 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::service_rx_tx;
+    use crate::devices::virtio::test_utils::*;
+    use std::time::Duration;
+
+    /// A net device on one end of a socketpair of `kind` (stream: slirp,
+    /// datagram: stands in for a tap, one frame per read and write);
+    /// returns it with the other end.
+    fn net(backend: NetBackend) -> (Net, OwnedFd) {
+        let kind = match backend {
+            NetBackend::Slirp => libc::SOCK_STREAM,
+            NetBackend::Tap => libc::SOCK_DGRAM,
+        };
+        let (ours, theirs) = socketpair(kind);
+        let n = Net::new(NetConfig {
+            backend,
+            fd: Arc::new(ours),
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+        });
+        (n, theirs)
+    }
+
+    fn send(fd: &OwnedFd, data: &[u8]) {
+        // SAFETY: sending our buffer on our socket.
+        let r = unsafe { libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
+        assert_eq!(r, data.len() as isize);
+    }
+
+    #[test]
+    fn tx_frames_reach_both_back_ends() {
+        for backend in [NetBackend::Slirp, NetBackend::Tap] {
+            let mut g = TestGuest::new(1 << 20);
+            let (rx, mut tx) = (g.queue(16), g.queue(16));
+            let buf = g.alloc(4096);
+            g.write(buf, &[0; HDR]);
+            g.write(buf + HDR as u64, b"frame one");
+            tx.chain(
+                &g,
+                &[
+                    (buf, HDR as u32 + 5, false),
+                    (buf + HDR as u64 + 5, 4, false),
+                ],
+            );
+            let (mut act, irq) = g.activate(&[&rx, &tx]);
+            let (mut n, peer) = net(backend);
+            let mut broken = false;
+            service_rx_tx(&mut n, &mut act, &mut broken);
+            assert!(!broken && !irq.needs_reset());
+            let want: &[u8] = match backend {
+                NetBackend::Slirp => b"\0\0\0\x09frame one",
+                NetBackend::Tap => b"frame one",
+            };
+            assert_eq!(read_available(&peer), want, "{backend:?}");
+            assert_eq!(tx.all_used(&g), [(0, 0)]);
+        }
+    }
+
+    /// 16 descriptors aliasing one MiB: far over the largest frame, so
+    /// dropped before anything is copied.
+    #[test]
+    fn aliasing_tx_chain_over_max_frame_is_dropped() {
+        let mut g = TestGuest::new(4 << 20);
+        let (rx, mut tx) = (g.queue(16), g.queue(16));
+        let buf = g.alloc(1 << 20);
+        tx.chain(&g, &[(buf, 1 << 20, false); 16]);
+        let (mut act, irq) = g.activate(&[&rx, &tx]);
+        let (mut n, peer) = net(NetBackend::Slirp);
+        let mut broken = false;
+        let ((), peak) = heap_peak(|| service_rx_tx(&mut n, &mut act, &mut broken));
+        assert!(peak <= 256 << 10, "{peak} bytes of heap");
+        assert!(!irq.needs_reset());
+        assert_eq!(tx.all_used(&g), [(0, 0)]);
+        assert_eq!(n.dropped, 1);
+        assert!(read_available(&peer).is_empty());
+    }
+
+    /// A driver sending 1-byte frames as fast as it can to a back end that
+    /// takes nothing: the frames waiting for it stay bounded in number and
+    /// bytes, and the device still stops at once.
+    #[test]
+    fn tx_flood_into_a_stalled_back_end_is_bounded() {
+        let mut g = TestGuest::new(1 << 20);
+        let (rx, mut tx) = (g.queue(256), g.queue(256));
+        let buf = g.alloc(4096);
+        for _ in 0..256 {
+            tx.chain(&g, &[(buf, HDR as u32 + 1, false)]);
+        }
+        let (mut act, _irq) = g.activate(&[&rx, &tx]);
+        let kick = act.notify[1].clone();
+        let (mut n, _peer) = net(NetBackend::Slirp);
+        let (took, peak) = run_then_stop(&mut n, &mut act, Duration::from_millis(300), |stop| {
+            refeed(&g, &mut tx, &kick, stop)
+        });
+        assert!(took < Duration::from_millis(500), "stop took {took:?}");
+        assert!(
+            n.out_frames.len() <= 1024,
+            "{} frames held",
+            n.out_frames.len()
+        );
+        assert!(peak <= 2 << 20, "{peak} bytes of heap");
+    }
+
+    /// Many small frames in one read from passt arrive in order, each in
+    /// its own receive buffer.
+    #[test]
+    fn slirp_small_frames_arrive_in_order() {
+        let mut g = TestGuest::new(1 << 20);
+        let (mut rx, tx) = (g.queue(256), g.queue(16));
+        let bufs = g.alloc(200 * 64);
+        for i in 0..200u64 {
+            rx.chain(&g, &[(bufs + 64 * i, 64, true)]);
+        }
+        let (mut act, _irq) = g.activate(&[&rx, &tx]);
+        let (mut n, peer) = net(NetBackend::Slirp);
+        let mut stream = Vec::new();
+        for i in 0..200u32 {
+            let len = 1 + i % 40;
+            stream.extend_from_slice(&len.to_be_bytes());
+            stream.extend((0..len).map(|k| (i + k) as u8));
+        }
+        send(&peer, &stream);
+        let mut broken = false;
+        service_rx_tx(&mut n, &mut act, &mut broken);
+        let used = rx.all_used(&g);
+        assert_eq!(used.len(), 200);
+        for (i, (id, len)) in used.into_iter().enumerate() {
+            let i = i as u32;
+            let want: Vec<u8> = (0..1 + i % 40).map(|k| (i + k) as u8).collect();
+            assert_eq!(len as usize, HDR + want.len(), "frame {i}");
+            let got = g.read(bufs + 64 * u64::from(id) + HDR as u64, want.len());
+            assert_eq!(got, want, "frame {i}");
+        }
+    }
+
+    /// A length word over the largest frame: the stream cannot be trusted
+    /// any more, so the device stops reading it (nothing is allocated for it).
+    #[test]
+    fn slirp_length_word_over_max_frame_stops_reading() {
+        let mut g = TestGuest::new(1 << 20);
+        let (mut rx, tx) = (g.queue(16), g.queue(16));
+        let buf = g.alloc(1 << 17);
+        rx.chain(&g, &[(buf, 1 << 17, true)]);
+        let (mut act, _irq) = g.activate(&[&rx, &tx]);
+        let (mut n, peer) = net(NetBackend::Slirp);
+        send(&peer, &u32::MAX.to_be_bytes());
+        let mut broken = false;
+        let ((), peak) = heap_peak(|| service_rx_tx(&mut n, &mut act, &mut broken));
+        assert!(n.dead);
+        assert!(peak <= 256 << 10, "{peak} bytes of heap");
+        assert!(rx.all_used(&g).is_empty());
+    }
+
+    /// A frame larger than the receive buffer is dropped, not cut.
+    #[test]
+    fn rx_frame_larger_than_the_buffer_is_dropped() {
+        let mut g = TestGuest::new(1 << 20);
+        let (mut rx, tx) = (g.queue(16), g.queue(16));
+        let buf = g.alloc(4096);
+        rx.chain(&g, &[(buf, HDR as u32 + 10, true)]);
+        rx.chain(&g, &[(buf, HDR as u32 + 100, true)]);
+        let (mut act, _irq) = g.activate(&[&rx, &tx]);
+        let (mut n, peer) = net(NetBackend::Tap);
+        send(&peer, &[7u8; 11]);
+        send(&peer, &[8u8; 10]);
+        let mut broken = false;
+        service_rx_tx(&mut n, &mut act, &mut broken);
+        assert_eq!(rx.all_used(&g), [(0, 0), (1, HDR as u32 + 10)]);
+        assert_eq!(n.dropped, 1);
+        assert_eq!(g.read(buf + HDR as u64, 10), [8u8; 10]);
+    }
 
     #[test]
     fn macs() {

@@ -1,15 +1,28 @@
 //! Split virtqueues: the transport's view while the driver sets a queue up,
-//! and the device thread's view (rust-vmm `virtio-queue` over guest RAM) with
-//! the checks device code relies on: every descriptor of a chain lies in
-//! RAM, chains end (no loops, no index past the table), the available index
-//! never runs more than a queue ahead.
+//! and the device thread's view with the checks device code relies on.
+//!
+//! The rust-vmm `virtio-queue` crate keeps the available and used rings
+//! (including "the available index never runs more than a queue ahead");
+//! chains are walked here, over the crate's descriptor type, because the
+//! crate follows indirect tables we never offer. What a popped [`Chain`]
+//! guarantees:
+//! - every descriptor with a length lies entirely in one RAM region
+//!   (zero-length ones are never dereferenced, whatever their address);
+//! - at most queue-size descriptors (more can only be a loop), all direct;
+//! - their lengths add up to at most `u32::MAX` (the used ring's length
+//!   field), so sums over a chain cannot overflow.
+//!
+//! Devices still see chains of up to 4 GiB whose buffers may all alias the
+//! same guest page: each device bounds what it copies or allocates per
+//! chain itself, before copying.
 
 use super::Ram;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
-/// Largest chain a device accepts; longer ones are treated as broken.
-pub const MAX_CHAIN: usize = 1024;
+/// Bytes a chain's buffers may add up to (the used ring's length is 32 bits).
+pub const MAX_CHAIN_BYTES: u64 = u32::MAX as u64;
 
 /// Driver-side settings of one queue, as written to the common configuration.
 #[derive(Debug, Clone, Copy)]
@@ -132,9 +145,38 @@ impl Chain {
     }
 }
 
-/// The driver broke the queue protocol.
-#[derive(Debug)]
-pub struct QueueError(pub String);
+/// How the driver broke the queue protocol (the device then needs a reset).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue {queue}: {source}")]
+    Ring {
+        queue: usize,
+        source: virtio_queue::Error,
+    },
+    #[error("queue {queue}: head index {head} >= size {size}")]
+    HeadIndex { queue: usize, head: u16, size: u16 },
+    #[error("queue {queue}: descriptor {at} links to {next}, past the table of {size}")]
+    NextIndex {
+        queue: usize,
+        at: u16,
+        next: u16,
+        size: u16,
+    },
+    #[error("queue {queue}: chain at {head} is longer than the queue: a loop")]
+    Loop { queue: usize, head: u16 },
+    #[error("queue {queue}: indirect descriptor at {at} (not offered)")]
+    Indirect { queue: usize, at: u16 },
+    #[error("queue {queue}: descriptor table entry {at} unreadable")]
+    Table { queue: usize, at: u16 },
+    #[error("queue {queue}: buffer {addr:#x}+{len:#x} outside guest RAM")]
+    OutsideRam { queue: usize, addr: u64, len: u32 },
+    #[error("queue {queue}: chain at {head} holds more than {MAX_CHAIN_BYTES} bytes")]
+    ChainBytes { queue: usize, head: u16 },
+    /// A chain within the protocol but over a limit of the device, which
+    /// refuses it before copying anything.
+    #[error("queue {queue}: chain of {len} bytes over the device's limit of {max}")]
+    OverLimit { queue: usize, len: u64, max: u64 },
+}
 
 /// A live queue on the device thread.
 pub struct VirtQueue {
@@ -149,56 +191,74 @@ impl VirtQueue {
 
     /// Next available chain, if any.
     pub fn pop(&mut self, ram: &Ram) -> Result<Option<Chain>, QueueError> {
-        let idx = self.index;
+        let queue = self.index;
         let size = self.q.size();
-        let mut it = self
-            .q
-            .iter(&ram.mem)
-            .map_err(|e| QueueError(format!("queue {idx}: {e}")))?;
-        let Some(chain) = it.next() else {
-            return Ok(None);
+        let table = self.q.desc_table();
+        let head = {
+            let mut it = self
+                .q
+                .iter(&ram.mem)
+                .map_err(|source| QueueError::Ring { queue, source })?;
+            match it.next() {
+                Some(chain) => chain.head_index(),
+                None => return Ok(None),
+            }
         };
-        let head = chain.head_index();
         if head >= size {
-            return Err(QueueError(format!(
-                "queue {idx}: head index {head} >= size {size}"
-            )));
+            return Err(QueueError::HeadIndex { queue, head, size });
         }
+        // Each table entry can be in a chain once: a chain longer than the
+        // queue revisits one, i.e. it loops.
         let mut descs = Vec::new();
-        let mut last_next = false;
-        for d in chain {
-            if descs.len() >= MAX_CHAIN {
-                return Err(QueueError(format!("queue {idx}: chain too long")));
+        let mut total = 0u64;
+        let mut at = head;
+        loop {
+            if descs.len() == usize::from(size) {
+                return Err(QueueError::Loop { queue, head });
+            }
+            let d: Descriptor = ram
+                .mem
+                .read_obj(GuestAddress(table + 16 * u64::from(at)))
+                .map_err(|_| QueueError::Table { queue, at })?;
+            if d.refers_to_indirect_table() {
+                return Err(QueueError::Indirect { queue, at });
             }
             let (addr, len) = (d.addr().0, d.len());
             if len > 0 && ram.host(addr, len as usize).is_none() {
-                return Err(QueueError(format!(
-                    "queue {idx}: buffer {addr:#x}+{len:#x} outside guest RAM"
-                )));
+                return Err(QueueError::OutsideRam { queue, addr, len });
             }
-            last_next = d.has_next();
+            total += u64::from(len);
+            if total > MAX_CHAIN_BYTES {
+                return Err(QueueError::ChainBytes { queue, head });
+            }
             descs.push(Desc {
                 addr,
                 len,
                 write: d.is_write_only(),
             });
-        }
-        // The crate stops at queue-size descriptors or an index past the
-        // table; a chain that still says "next" then was a loop or bad link.
-        if descs.is_empty() || last_next {
-            return Err(QueueError(format!(
-                "queue {idx}: descriptor chain at {head} is unterminated (loop or bad index)"
-            )));
+            if !d.has_next() {
+                break;
+            }
+            let next = d.next();
+            if next >= size {
+                return Err(QueueError::NextIndex {
+                    queue,
+                    at,
+                    next,
+                    size,
+                });
+            }
+            at = next;
         }
         Ok(Some(Chain { head, descs }))
     }
 
     /// Return a chain with `len` bytes written.
     pub fn push(&mut self, ram: &Ram, head: u16, len: u32) -> Result<(), QueueError> {
-        let idx = self.index;
+        let queue = self.index;
         self.q
             .add_used(&ram.mem, head, len)
-            .map_err(|e| QueueError(format!("queue {idx}: used ring: {e}")))
+            .map_err(|source| QueueError::Ring { queue, source })
     }
 
     /// Ask the driver not to notify (VRING_USED_F_NO_NOTIFY) while the
@@ -210,14 +270,147 @@ impl VirtQueue {
     /// Ask for notifications again; true when buffers arrived meanwhile
     /// (the caller must look again, or it would sleep on a non-empty ring).
     pub fn enable_notify(&mut self, ram: &Ram) -> Result<bool, QueueError> {
-        let idx = self.index;
+        let queue = self.index;
         self.q
             .enable_notification(&ram.mem)
-            .map_err(|e| QueueError(format!("queue {idx}: {e}")))
+            .map_err(|source| QueueError::Ring { queue, source })
     }
 
     /// Should the driver be interrupted (it may ask not to be)?
     pub fn needs_notification(&mut self, ram: &Ram) -> bool {
         self.q.needs_notification(&ram.mem).unwrap_or(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::*;
+
+    fn setup(size: u16) -> (TestGuest, DriverQueue, u64) {
+        let mut g = TestGuest::new(1 << 20);
+        let q = g.queue(size);
+        let buf = g.alloc(4096);
+        (g, q, buf)
+    }
+
+    fn pop_one(g: &TestGuest, q: &DriverQueue) -> Result<Option<Chain>, QueueError> {
+        let mut vq = q.config().build(&g.ram, 0).unwrap();
+        vq.pop(&g.ram)
+    }
+
+    /// Indirect descriptors were never offered: a chain using one breaks
+    /// the protocol (and would reach past the queue size: up to 65535
+    /// descriptors in one table).
+    #[test]
+    fn indirect_descriptor_is_a_protocol_error() {
+        let (g, mut q, buf) = setup(16);
+        let table = buf + 1024;
+        for i in 0..4u16 {
+            let d = RawDesc {
+                addr: buf,
+                len: 8,
+                flags: if i < 3 { NEXT } else { 0 },
+                next: i + 1,
+            };
+            d.write_to(&g, table + 16 * u64::from(i));
+        }
+        q.set_desc(
+            &g,
+            0,
+            RawDesc {
+                addr: table,
+                len: 64,
+                flags: INDIRECT,
+                next: 0,
+            },
+        );
+        q.publish(&g, 0);
+        assert!(pop_one(&g, &q).is_err(), "indirect table followed");
+    }
+
+    #[test]
+    fn loops_bad_links_and_bad_heads_are_protocol_errors() {
+        // A loop through every descriptor: longer than the queue.
+        let (g, mut q, buf) = setup(4);
+        for i in 0..4u16 {
+            let d = RawDesc {
+                addr: buf,
+                len: 8,
+                flags: NEXT,
+                next: (i + 1) % 4,
+            };
+            q.set_desc(&g, i, d);
+        }
+        q.publish(&g, 0);
+        assert!(pop_one(&g, &q).is_err(), "loop");
+        // Next index past the table.
+        let (g, mut q, buf) = setup(4);
+        let d = RawDesc {
+            addr: buf,
+            len: 8,
+            flags: NEXT,
+            next: 4,
+        };
+        q.set_desc(&g, 0, d);
+        q.publish(&g, 0);
+        assert!(pop_one(&g, &q).is_err(), "next past table");
+        // Head past the table.
+        let (g, mut q, _) = setup(4);
+        q.publish(&g, 9);
+        assert!(pop_one(&g, &q).is_err(), "head past table");
+        // Available index more than a queue ahead.
+        let (g, q, _) = setup(4);
+        q.set_avail_idx(&g, 5);
+        assert!(pop_one(&g, &q).is_err(), "avail index jump");
+    }
+
+    #[test]
+    fn buffers_must_lie_in_ram_whatever_the_arithmetic() {
+        let ram = 1u64 << 20;
+        for (addr, len) in [
+            (ram - 8, 9),
+            (ram, 1),
+            (u64::MAX - 3, 8),
+            (u64::MAX, u32::MAX),
+            (0x7fff_0000_0000, 64),
+        ] {
+            let (g, mut q, _) = setup(4);
+            q.chain(&g, &[(addr, len, true)]);
+            assert!(pop_one(&g, &q).is_err(), "{addr:#x}+{len:#x}");
+        }
+    }
+
+    /// Zero-length descriptors are never dereferenced, so their address
+    /// does not matter; a chain of exactly queue-size descriptors is legal.
+    #[test]
+    fn zero_length_and_full_size_chains_are_accepted() {
+        let (g, mut q, buf) = setup(4);
+        q.chain(
+            &g,
+            &[
+                (u64::MAX, 0, false),
+                (buf, 8, false),
+                (0x7fff_0000_0000, 0, true),
+                (buf, 8, true),
+            ],
+        );
+        let c = pop_one(&g, &q).unwrap().unwrap();
+        assert_eq!(c.descs.len(), 4);
+        assert_eq!((c.readable_len(), c.writable_len()), (8, 8));
+    }
+
+    /// The used ring's length field is 32 bits: a chain whose buffers add
+    /// up to more (aliasing makes that cheap) is refused.
+    #[test]
+    fn chain_total_over_u32_is_a_protocol_error() {
+        let mut g = TestGuest::new(1 << 30);
+        let mut q = g.queue(4);
+        let buf = g.alloc(1 << 29);
+        q.chain(&g, &[(buf, 1 << 29, false); 4]);
+        assert!(pop_one(&g, &q).is_ok(), "2 GiB in all is fine");
+        let mut q = g.queue(16);
+        q.chain(&g, &[(buf, 1 << 29, false); 9]);
+        assert!(pop_one(&g, &q).is_err(), "4.5 GiB in one chain");
     }
 }
