@@ -199,6 +199,7 @@ fn run_guest(
     if !vm.configured {
         configure(prog, vm, p, res)?;
     }
+    crate::resources::start_console_relays(res);
     vm.handle.command(&Command::Run)?;
     let mut extra: Vec<BorrowedFd<'_>> = Vec::new();
     if let Some(pp) = parent {
