@@ -13,6 +13,7 @@ mod policy;
 mod received;
 mod registry;
 mod sched;
+mod sd;
 mod service;
 #[cfg(test)]
 mod service_tests;
@@ -103,7 +104,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    sd::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Sub::Jail { action }) => jail_command(action),
@@ -370,10 +371,12 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
         policy::ROOT_RESERVE_FDS,
         args.state_dir.display()
     );
+    sd::ready(&format!("serving {}", mountpoint.display()));
     let sig = signals
         .wait()
         .map_err(|e| format!("waiting for signals: {e}"))?;
     log::info!("{sig:?}: destroying every VM and unmounting");
+    sd::stopping();
     // Everything goes within 5 s: VMs get 3 s to be torn down; a second
     // signal cuts that short.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
