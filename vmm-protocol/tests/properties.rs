@@ -170,3 +170,36 @@ fn long_lines_parse_quickly() {
         t.elapsed()
     );
 }
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// The hand-over messages come from any local user (and their answers
+    /// from the daemon): parsing never panics, and what parses prints back
+    /// as the same message.
+    #[test]
+    fn handover_messages_never_panic_and_round_trip(
+        l in "\\PC{0,80}",
+        labels in proptest::collection::vec(0i32..i32::MAX, 0..20),
+        hex in "[0-9a-fA-F]{30,34}",
+    ) {
+        use vmm_protocol::handover::{attach_line, parse_attach, Ack, Fds, Greeting, Nonce};
+        let fds = format!("fds {}", labels.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" "));
+        for text in [l.as_str(), fds.as_str(), &format!("attach {hex}"), &format!("vmmfs-handover 1 nonce={hex}")] {
+            if let Ok(f) = Fds::parse(text) {
+                prop_assert!(!f.0.is_empty() && f.0.len() <= vmm_protocol::handover::MAX_FDS_PER_MESSAGE);
+                prop_assert_eq!(Fds::parse(&f.to_string()), Ok(f));
+            }
+            if let Ok(a) = Ack::parse(text) {
+                prop_assert_eq!(Ack::parse(&a.to_string()), Ok(a));
+            }
+            if let Ok(g) = Greeting::parse(text) {
+                prop_assert_eq!(Greeting::parse(&g.to_string()), Ok(g));
+            }
+            if let Some(Ok(n)) = parse_attach(text) {
+                prop_assert_eq!(parse_attach(&attach_line(&n)), Some(Ok(n)));
+                prop_assert_eq!(Nonce::parse(&n.to_string()), Ok(n));
+            }
+        }
+    }
+}
