@@ -300,20 +300,20 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
         limits: limits.clone(),
         workers: cpus.clamp(2, 4),
     };
-    let jails =
-        Arc::new(jails::Jails::new().map_err(|e| format!("reading own PID namespace: {e}"))?);
-    let store = state::StateStore::new(&args.state_dir);
-    let service =
-        service::Service::new(engine::Kvm, config, store, jails).map_err(|e| e.to_string())?;
-
-    // Signals go to the main thread; block them everywhere first (threads
-    // inherit the mask).
+    // Signals go to the main thread; block them before any thread exists
+    // (threads inherit the mask): a SIGTERM while starting then waits for the
+    // clean shutdown instead of killing the process in another thread.
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.add(nix::sys::signal::Signal::SIGINT);
     signals
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
+    let jails =
+        Arc::new(jails::Jails::new().map_err(|e| format!("reading own PID namespace: {e}"))?);
+    let store = state::StateStore::new(&args.state_dir);
+    let service =
+        service::Service::new(engine::Kvm, config, store, jails).map_err(|e| e.to_string())?;
 
     let socket_bound = Arc::new(AtomicBool::new(false));
     let fs = fs::VmmFs::new(service.clone(), socket_bound);
