@@ -13,6 +13,7 @@ mod policy;
 mod received;
 mod registry;
 mod sched;
+mod sd;
 mod service;
 #[cfg(test)]
 mod service_tests;
@@ -103,7 +104,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    sd::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Sub::Jail { action }) => jail_command(action),
@@ -299,20 +300,20 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
         limits: limits.clone(),
         workers: cpus.clamp(2, 4),
     };
-    let jails =
-        Arc::new(jails::Jails::new().map_err(|e| format!("reading own PID namespace: {e}"))?);
-    let store = state::StateStore::new(&args.state_dir);
-    let service =
-        service::Service::new(engine::Kvm, config, store, jails).map_err(|e| e.to_string())?;
-
-    // Signals go to the main thread; block them everywhere first (threads
-    // inherit the mask).
+    // Signals go to the main thread; block them before any thread exists
+    // (threads inherit the mask): a SIGTERM while starting then waits for the
+    // clean shutdown instead of killing the process in another thread.
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.add(nix::sys::signal::Signal::SIGINT);
     signals
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
+    let jails =
+        Arc::new(jails::Jails::new().map_err(|e| format!("reading own PID namespace: {e}"))?);
+    let store = state::StateStore::new(&args.state_dir);
+    let service =
+        service::Service::new(engine::Kvm, config, store, jails).map_err(|e| e.to_string())?;
 
     let socket_bound = Arc::new(AtomicBool::new(false));
     let fs = fs::VmmFs::new(service.clone(), socket_bound);
@@ -370,10 +371,12 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
         policy::ROOT_RESERVE_FDS,
         args.state_dir.display()
     );
+    sd::ready(&format!("serving {}", mountpoint.display()));
     let sig = signals
         .wait()
         .map_err(|e| format!("waiting for signals: {e}"))?;
     log::info!("{sig:?}: destroying every VM and unmounting");
+    sd::stopping();
     // Everything goes within 5 s: VMs get 3 s to be torn down; a second
     // signal cuts that short.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
