@@ -26,7 +26,7 @@ fn open_ctl(prog: &str, dev: &VmmDev) -> Option<crate::vmmdev::Ctl> {
         .map_err(|e| {
             warnx(
                 prog,
-                &Error::sys(format!("open {}", dev.ctl_path().display()), e).to_string(),
+                &Error::open_ctl(&dev.ctl_path(), dev.dir(), e).to_string(),
             )
         })
         .ok()
@@ -158,18 +158,23 @@ pub fn bhyvectl_main(prog: &str, args: &[String]) -> i32 {
             return 1;
         };
         if let Err(e) = ctl.create(&name, false) {
-            let msg = if e == Errno::EPERM {
-                Error::Unprivileged.to_string()
-            } else {
-                crate::error::strerror(e)
+            let msg = match e {
+                Errno::EPERM => format!("vm_create: {}", Error::Unprivileged),
+                e => Error::create(e).to_string(),
             };
-            warnx(prog, &format!("vm_create: {msg}"));
+            warnx(prog, &msg);
             return 1;
         }
     }
     let vm = match dev.open_vm(&name) {
         Ok(vm) => vm,
-        Err(e) => return vm_open_failed(&name, e),
+        Err(e) => {
+            if let Some(missing) = Error::daemon_missing(&dev.ctl_path(), dev.dir()) {
+                warnx(prog, &missing.to_string());
+                return 1;
+            }
+            return vm_open_failed(&name, e);
+        }
     };
     let mut rc = 0;
     if a.get_stats || a.get_all {

@@ -41,3 +41,36 @@ pub fn args() -> Vec<String> {
         .map(|a| a.to_string_lossy().into_owned())
         .collect()
 }
+
+/// `--version` as the only argument (a long option added to FreeBSD's
+/// command lines, whose short options stay as they are): prints
+/// "PROG (vmmfs) VERSION" and returns true.
+pub fn print_version(prog: &str, args: &[String]) -> bool {
+    if args.len() != 1 || args[0] != "--version" {
+        return false;
+    }
+    println!("{}", version_text(prog));
+    true
+}
+
+/// The `--version` line.
+pub fn version_text(prog: &str) -> String {
+    format!("{prog} (vmmfs) {}", env!("CARGO_PKG_VERSION"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_only_alone() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(!print_version("bhyve", &a(&["--version", "vm1"])));
+        assert!(!print_version("bhyve", &a(&["-v"])));
+        assert!(!print_version("bhyve", &a(&[])));
+        assert_eq!(
+            version_text("bhyve"),
+            format!("bhyve (vmmfs) {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}

@@ -112,14 +112,14 @@ fn load(a: &LoadArgs) -> Result<(), Error> {
     let dev = VmmDev::from_env();
     let ctl = dev
         .open_ctl()
-        .map_err(|e| Error::sys(format!("open {}", dev.ctl_path().display()), e))?;
+        .map_err(|e| Error::open_ctl(&dev.ctl_path(), dev.dir(), e))?;
     let created = match ctl.create(&a.name, false) {
         Ok(()) => true,
         Err(Errno::EEXIST) => false,
         Err(Errno::EPERM) => {
             return Err(Error::Other(format!("vm_create: {}", Error::Unprivileged)))
         }
-        Err(e) => return Err(Error::sys("vm_create", e)),
+        Err(e) => return Err(Error::create(e)),
     };
     let result = (|| {
         let vm = dev.open_vm(&a.name).map_err(|e| {

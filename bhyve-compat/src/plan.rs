@@ -44,6 +44,8 @@ pub enum Backend {
     Net(NetBackend),
     /// PCI passthrough of host device bus/slot/function.
     Passthru { host: String },
+    /// A virtio-console port: a UNIX socket bhyve listens on (`port1=PATH`).
+    ConsolePort { path: String },
 }
 
 /// One `-s` device.
@@ -250,6 +252,23 @@ fn device_from(cfg: &Config, b: u8, s: u8, f: u8, emul: &str) -> Result<Device> 
                     "virtio-net: unsupported backend '{be}' (slirp and tap are supported)"
                 )));
             }
+        }
+        "virtio-console" => {
+            // bhyve's ports are port1..port16; this engine has one per device.
+            if let Some((k, _)) = children
+                .iter()
+                .find(|(k, _)| k.starts_with("port") && k != "port1")
+            {
+                return Err(Error::Config(format!(
+                    "virtio-console: only port1 is supported (pci slot {b}:{s}:{f}, {k})"
+                )));
+            }
+            if let Some(path) = get("port1") {
+                backend = Backend::ConsolePort {
+                    path: path.to_string(),
+                };
+            }
+            consumed.push("port1");
         }
         "passthru" => {
             let host =
@@ -529,6 +548,25 @@ mod tests {
         let p = plan(&cfg(&[])).unwrap();
         assert!(!p.self_booting());
         assert_eq!(p.memsize, 256 << 20);
+    }
+
+    #[test]
+    fn console_port() {
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("6,virtio-console,port1=/tmp/con.sock")
+            .unwrap();
+        let p = plan(&c).unwrap();
+        assert_eq!(
+            p.devices[0].backend,
+            Backend::ConsolePort {
+                path: "/tmp/con.sock".into()
+            }
+        );
+        assert!(p.devices[0].options.is_empty());
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("6,virtio-console,port1=/a,port2=/b")
+            .unwrap();
+        assert_eq!(plan(&c).unwrap_err().bhyve_status(), 4);
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct Resources {
     pub devices: Vec<Option<OwnedFd>>,
     /// Helper processes (passt), ended when bhyve ends.
     pub helpers: Vec<Child>,
+    /// virtio-console ports: the socket bhyve listens on and its end of the
+    /// socket pair whose other end is the device's descriptor.
+    pub console_ports: Vec<(OwnedFd, OwnedFd)>,
 }
 
 impl Drop for Resources {
@@ -129,14 +132,7 @@ fn start_slirp(
     open: bool,
     helpers: &mut Vec<Child>,
 ) -> Result<OwnedFd> {
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| Error::sys("slirp: socketpair", e))?;
+    let (ours, theirs) = stream_pair("slirp")?;
     // The child's copy must survive exec: dup it without CLOEXEC.
     let theirs_raw = nix::unistd::dup(&theirs).map_err(|e| Error::sys("slirp: dup", e))?;
     let mut cmd = Command::new("passt");
@@ -183,6 +179,98 @@ fn start_slirp(
     drop(theirs);
     helpers.push(child);
     Ok(ours)
+}
+
+/// A virtio-console port as bhyve makes it: a UNIX socket listening at
+/// `path` (created as the invoking user; a stale socket there is replaced).
+/// Returns the listener, bhyve's end of a socket pair and the device's end.
+fn console_port(path: &str) -> Result<(OwnedFd, OwnedFd, OwnedFd)> {
+    use std::os::unix::fs::FileTypeExt;
+    let fail =
+        |e: std::io::Error| Error::io(format!("virtio-console: cannot listen on {path}"), &e);
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path).map_err(fail)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(fail)?;
+    let (ours, device) = stream_pair("virtio-console")?;
+    Ok((OwnedFd::from(listener), ours, device))
+}
+
+/// A connected pair of UNIX stream sockets (close-on-exec): bhyve's end and
+/// the end a device or helper gets.
+fn stream_pair(what: &str) -> Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| Error::sys(format!("{what}: socketpair"), e))
+}
+
+/// Relay between a console port's listening socket and the device: one
+/// client at a time; while nobody is connected the guest's output is
+/// dropped (as bhyve does). Runs on a thread of the process that runs the
+/// guest, until that process ends.
+pub fn start_console_relays(res: &Resources) {
+    for (listener, ours) in &res.console_ports {
+        let (Ok(l), Ok(o)) = (listener.try_clone(), ours.try_clone()) else {
+            continue;
+        };
+        let _ = std::thread::Builder::new()
+            .name("vtcon-relay".into())
+            .spawn(move || console_relay(l, o));
+    }
+}
+
+fn console_relay(listener: OwnedFd, guest: OwnedFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let listener = std::os::unix::net::UnixListener::from(listener);
+    let mut guest = std::os::unix::net::UnixStream::from(guest);
+    let mut client: Option<std::os::unix::net::UnixStream> = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let other = match &client {
+            Some(c) => c.as_fd(),
+            None => listener.as_fd(),
+        };
+        let mut fds = [
+            PollFd::new(guest.as_fd(), PollFlags::POLLIN),
+            PollFd::new(other, PollFlags::POLLIN),
+        ];
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        let (g, o) = (fds[0].any().unwrap_or(false), fds[1].any().unwrap_or(false));
+        if g {
+            match guest.read(&mut buf) {
+                Ok(0) | Err(_) => return, // the device (the VM) is gone
+                Ok(n) => {
+                    if let Some(c) = &mut client {
+                        if c.write_all(&buf[..n]).is_err() {
+                            client = None;
+                        }
+                    }
+                }
+            }
+        }
+        if o {
+            match &mut client {
+                None => client = listener.accept().ok().map(|(c, _)| c),
+                Some(c) => match c.read(&mut buf) {
+                    Ok(0) | Err(_) => client = None,
+                    Ok(n) => {
+                        if guest.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                },
+            }
+        }
+    }
 }
 
 /// VFIO: open /dev/vfio/vfio and the device's group as the user, then report
@@ -250,6 +338,11 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
                 Some(start_slirp(hostfwd, *open, &mut r.helpers)?)
             }
             Backend::Passthru { host } => Some(passthru(host)?),
+            Backend::ConsolePort { path } => {
+                let (listener, ours, device) = console_port(path)?;
+                r.console_ports.push((listener, ours));
+                Some(device)
+            }
         };
         r.devices.push(fd);
     }

@@ -119,7 +119,8 @@ fn create_or_open(prog: &str, dev: &VmmDev, ctl: &Ctl, p: &Plan) -> Result<Vm> {
             Ok(()) => created = true,
             Err(Errno::EEXIST) => {}
             Err(Errno::EPERM) if !p.monitor => return Err(Error::Unprivileged),
-            Err(e) => return Err(Error::sys("vm_create", e)),
+            Err(Errno::EPERM) => return Err(Error::sys("vm_create", Errno::EPERM)),
+            Err(e) => return Err(Error::create(e)),
         }
     }
     let handle = match dev.open_vm(&p.name) {
@@ -127,6 +128,9 @@ fn create_or_open(prog: &str, dev: &VmmDev, ctl: &Ctl, p: &Plan) -> Result<Vm> {
         Err(e) => {
             if created {
                 let _ = ctl.destroy(&p.name);
+            } else if e == Errno::ENOENT && !p.self_booting() {
+                // bhyve's do_open: no VM prepared by bhyveload and nothing to boot.
+                return Err(Error::NoBootrom);
             }
             return Err(Error::Other(format!(
                 "vm_open: {} could not be opened: {}",
@@ -199,6 +203,7 @@ fn run_guest(
     if !vm.configured {
         configure(prog, vm, p, res)?;
     }
+    crate::resources::start_console_relays(res);
     vm.handle.command(&Command::Run)?;
     let mut extra: Vec<BorrowedFd<'_>> = Vec::new();
     if let Some(pp) = parent {
@@ -260,7 +265,7 @@ fn run_guest(
 
 fn open_ctl(dev: &VmmDev) -> Result<Ctl> {
     dev.open_ctl()
-        .map_err(|e| Error::sys(format!("open {}", dev.ctl_path().display()), e))
+        .map_err(|e| Error::open_ctl(&dev.ctl_path(), dev.dir(), e))
 }
 
 fn block_signals() -> Result<SignalFd> {

@@ -56,12 +56,61 @@ fn vmmfs_bin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vmmfs")
 }
 
+/// A private directory of this test process under /tmp: made by root with a
+/// random name, mode 0755 (others may traverse it, only root may write), so
+/// that the unprivileged users the tests run as can execute and read what is
+/// copied there wherever the build directory is (a 0700 home included).
+/// Directories left by earlier runs that died are removed.
+fn staging() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let prefix = "bhyve-compat-tests.";
+        if let Ok(rd) = std::fs::read_dir("/tmp") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name
+                    .strip_prefix(prefix)
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|p| p.parse::<i32>().ok())
+                else {
+                    continue;
+                };
+                // SAFETY: kill with signal 0 only checks that the process exists.
+                let alive = unsafe { libc::kill(pid, 0) } == 0;
+                let ours = std::fs::symlink_metadata(e.path())
+                    .is_ok_and(|m| m.is_dir() && std::os::unix::fs::MetadataExt::uid(&m) == 0);
+                if !alive && ours {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let template = format!("/tmp/{prefix}{}.XXXXXX", std::process::id());
+        let dir = nix::unistd::mkdtemp(template.as_str()).expect("mkdtemp in /tmp");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    })
+}
+
+/// The tool `name`, copied into [`staging`] (the build directory may not be
+/// reachable by the test users).
 fn bin(name: &str) -> PathBuf {
-    match name {
-        "bhyve" => PathBuf::from(env!("CARGO_BIN_EXE_bhyve")),
-        "bhyvectl" => PathBuf::from(env!("CARGO_BIN_EXE_bhyvectl")),
-        _ => PathBuf::from(env!("CARGO_BIN_EXE_bhyveload")),
-    }
+    static STAGED: OnceLock<PathBuf> = OnceLock::new();
+    let dir = STAGED.get_or_init(|| {
+        let dir = staging().join("bin");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for (tool, built) in [
+            ("bhyve", env!("CARGO_BIN_EXE_bhyve")),
+            ("bhyvectl", env!("CARGO_BIN_EXE_bhyvectl")),
+            ("bhyveload", env!("CARGO_BIN_EXE_bhyveload")),
+        ] {
+            let to = dir.join(tool);
+            std::fs::copy(built, &to).unwrap_or_else(|e| panic!("copy {built}: {e}"));
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        dir
+    });
+    dir.join(name)
 }
 
 fn tempdir(tag: &str) -> PathBuf {
@@ -170,11 +219,6 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(&self.mnt)
-            .status();
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
         let t = Instant::now();
@@ -186,7 +230,8 @@ impl Drop for Mount {
         }
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        // The daemon detaches its mount on SIGTERM; only a killed one leaves it.
+        let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
@@ -209,11 +254,9 @@ enum Who {
 fn guests() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bhyve-compat-guests");
+        let out = staging().join("guests");
         std::fs::create_dir_all(&out).unwrap();
-        for d in [out.as_path(), Path::new(env!("CARGO_TARGET_TMPDIR"))] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755)).unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm-engine/guests");
         let st = Command::new("make")
             .arg("-s")

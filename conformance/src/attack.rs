@@ -666,11 +666,15 @@ pub fn no_freeze(s: &mut Suite) {
     let r = s.probe(Who::root(), &["timed-create-destroy", &ctl, "nf-root"]);
     s.check("No freeze: root's create completes within 100 ms", "<= 100 ms", within(ms_of(&r, "create"), 100));
     s.check("No freeze: root's destroy completes within 100 ms", "<= 100 ms", within(ms_of(&r, "destroy"), 100));
+    // A whole bhyve run spawns processes (a debug build, on a loaded CI
+    // machine too): the bound says "not waiting on anyone", with room for
+    // the machine's noise; a frozen daemon would take seconds or forever.
     let (ms, out) = timed_bhyve(s, &hello, "nf-m1");
+    let bound = solo + 1000;
     s.check(
-        "No freeze: vmmtest1's bhyve -M hello.rom runs, at most 100 ms slower than unloaded",
-        format!("status 1; {}; <= {} ms", crate::bhyve::console("hello from bootrom\n"), solo + 100),
-        format!("{out}; {}", if ms <= solo + 100 { format!("<= {} ms", solo + 100) } else { format!("{ms} ms") }),
+        "No freeze: vmmtest1's bhyve -M hello.rom runs, within 1 s of its unloaded time",
+        format!("status 1; {}; <= {bound} ms", crate::bhyve::console("hello from bootrom\n")),
+        format!("{out}; {}", if ms <= bound { format!("<= {bound} ms") } else { format!("{ms} ms") }),
     );
     let r = s.probe(Who::root(), &["timed-write", &ctl, "destroy nf-w0"]);
     s.check("No freeze: root destroys a wedged guest's VM within 100 ms", "<= 100 ms", within(ms_of(&r, "ms"), 100));
@@ -851,10 +855,12 @@ pub fn single_instance(s: &mut Suite) {
 
 /// Issue "fair and predictable" 4: destroy-on-close is done when the owner is reaped.
 pub fn reuse_after_exit(s: &mut Suite) {
-    let r = s.probe(Who::user(MEMBER1), &["reuse-loop", &s.env.ctl(), "rx", "3000"]);
+    // About 10 s on an idle 2-core machine.
+    let r =
+        s.env.probe_within(Who::user(MEMBER1), &["reuse-loop", &s.env.ctl(), "rx", "10000"], Duration::from_secs(120));
     s.check(
-        "Destroy-on-close: 3000 x (child creates rx destroy-on-close and exits; create again once reaped) -> never EEXIST",
-        "OK n=3000 eexist=0 other=0",
+        "Destroy-on-close: 10000 x (child creates rx destroy-on-close and exits; create again once reaped) -> never EEXIST",
+        "OK n=10000 eexist=0 other=0",
         r,
     );
 }

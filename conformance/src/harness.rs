@@ -570,15 +570,20 @@ impl Env {
     /// Run a probe; the observed value: `OK ...`, the errno name of `ERR E...`,
     /// or a description of what went wrong with the probe itself.
     pub fn probe(&self, who: Who, args: &[&str]) -> String {
+        self.probe_within(who, args, PROBE_TIMEOUT)
+    }
+
+    /// [`Env::probe`] for a long scenario: at most `limit`.
+    pub fn probe_within(&self, who: Who, args: &[&str], limit: Duration) -> String {
         let mut child =
             match self.command(who, args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
                 Ok(c) => c,
                 Err(e) => return format!("PROBE-SPAWN-FAILED {e}"),
             };
-        let Some(st) = wait_timeout(&mut child, PROBE_TIMEOUT) else {
+        let Some(st) = wait_timeout(&mut child, limit) else {
             let _ = child.kill();
             let _ = child.wait();
-            return format!("TIMEOUT({}s)", PROBE_TIMEOUT.as_secs());
+            return format!("TIMEOUT({}s)", limit.as_secs());
         };
         let mut out = String::new();
         let mut err = String::new();

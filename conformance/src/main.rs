@@ -28,7 +28,7 @@ Runs the vmmfs end-to-end conformance suite. Must run as root; needs /dev/fuse,
 (not a member): `sudo scripts/setup` creates them.
   --vmmfs PATH   daemon binary (default: vmmfs next to this executable)
   --bhyve-dir DIR  where bhyve, bhyvectl, bhyveload are (default: next to this
-                 executable); the test users must be able to execute them
+                 executable); the suite runs copies in its temporary directory
   --guests DIR   built test guests (make -C vmm-engine/guests OUT=DIR), readable
                  by the test users (default: built into the temporary directory)
   --allow-skip   exit 0 when /dev/fuse or /dev/kvm is missing (never with CI=true)
@@ -121,17 +121,6 @@ fn run(o: Options) -> i32 {
         Ok(u) => u,
         Err(e) => return fatal(&e),
     };
-    // The probes run as vmmtest* and must be able to execute this binary.
-    if let Some(bad) = exe.ancestors().skip(1).find(|d| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(d).map(|m| m.permissions().mode() & 0o001 == 0).unwrap_or(false)
-    }) {
-        return fatal(&format!(
-            "{} is not searchable by other users, so the probes (run as vmmtest*) cannot execute {}",
-            bad.display(),
-            exe.display()
-        ));
-    }
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -145,6 +134,12 @@ fn run(o: Options) -> i32 {
     let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
     if let Some(d) = &o.bhyve_dir {
         env.bhyve_dir = absolute(d);
+    }
+    // The probes exec the tools as vmmtest*: copies in the temporary
+    // directory, which they can traverse wherever the build is (a 0700 home).
+    match stage_tools(&env) {
+        Ok(dir) => env.bhyve_dir = dir,
+        Err(e) => return fatal(&e),
     }
     env.guests = o.guests.as_ref().map(absolute);
     eprintln!("conformance: mount {} state {} log {}", env.mount.display(), env.state_dir.display(), env.log.display());
@@ -168,6 +163,49 @@ fn run(o: Options) -> i32 {
     } else {
         0
     }
+}
+
+/// Copy bhyve, bhyvectl and bhyveload from `env.bhyve_dir` (those that
+/// exist) into `BASE/bin` (root's, mode 0755) and check, by running one as
+/// vmmtest1 with no privilege left, that the test users can execute them.
+fn stage_tools(env: &harness::Env) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = env.base.join("bin");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    let mut staged = Vec::new();
+    for tool in ["bhyve", "bhyvectl", "bhyveload"] {
+        let from = env.bhyve_dir.join(tool);
+        if !from.is_file() {
+            continue;
+        }
+        let to = dir.join(tool);
+        std::fs::copy(&from, &to).map_err(|e| format!("copying {}: {e}", from.display()))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        staged.push(to);
+    }
+    let Some(tool) = staged.first() else {
+        // The bhyve groups report the missing tools themselves.
+        return Ok(dir);
+    };
+    let out = std::process::Command::new(&env.exe)
+        .args(["probe", "--user", harness::MEMBER1, "exec"])
+        .arg(tool)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running {}: {e}", env.exe.display()))?;
+    if !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("(vmmfs)") {
+        return Err(format!(
+            "{} cannot execute {} ({}; {}): is {} mounted noexec?",
+            harness::MEMBER1,
+            tool.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            env.base.display()
+        ));
+    }
+    Ok(dir)
 }
 
 fn main() {

@@ -1,21 +1,36 @@
-//! ACPI tables for the platform: RSDP, XSDT, FADT (+FACS), MADT and a minimal
-//! DSDT carrying \_S5. They describe the PM1a blocks the `pm` device emulates,
-//! so an ACPI OS powers off through port 0x404 and finds every vCPU (Linux
-//! ignores MP tables: without a MADT only one CPU comes up).
+//! Firmware tables for the platform: ACPI (RSDP, XSDT, FADT + FACS, MADT,
+//! DSDT) and, unless turned off, an Intel MP table. They describe the PM1a
+//! blocks the `pm` device emulates (an ACPI OS powers off through port 0x404),
+//! every vCPU (Linux takes CPUs from the MADT: without one only one CPU comes
+//! up), the PCI root bridge with its windows and INTx routing (x86 Linux with
+//! ACPI scans PCI only below an ACPI root bridge), the RTC and the COM ports.
+//! The MP table serves OSes or command lines that do not use ACPI for
+//! interrupt routing (`pci=noacpi`, `acpi=off`).
 
-use crate::devices::{PM1A_CNT, PM1A_EVT, PM_TMR, RESET_PORT, SCI_IRQ};
+use crate::devices::rtc::{CENTURY, RTC_INDEX};
+use crate::devices::{
+    intx_route, COM_PORTS, ECAM_BASE, ECAM_SIZE, PCI_MMIO_BASE, PM1A_CNT, PM1A_EVT, PM_TMR,
+    RESET_PORT, SCI_IRQ,
+};
 use crate::error::Result;
 use crate::memory::GuestMemory;
+use acpi_tables::{aml, Aml};
 
 /// Where the RSDP goes: inside the 0xe0000..0xfffff BIOS area OSes scan.
 pub const RSDP_ADDR: u64 = 0xf_0000;
+/// MP floating pointer: in the BIOS area too, 16-byte aligned.
+const MPFP_ADDR: u64 = 0xf_0030;
 const XSDT_ADDR: u64 = 0xf_0040;
 const FADT_ADDR: u64 = 0xf_0100;
 const FACS_ADDR: u64 = 0xf_0200;
-const DSDT_ADDR: u64 = 0xf_0300;
 const MADT_ADDR: u64 = 0xf_0400;
-/// End of the area the tables use (MADT for 255 vCPUs ends well before).
-pub const ACPI_END: u64 = 0xf_1000;
+const MPC_ADDR: u64 = 0xf_1000;
+const MCFG_ADDR: u64 = 0xf_0d00;
+const DSDT_ADDR: u64 = 0xf_3000;
+/// End of the area the tables use (sizes for 255 vCPUs are checked in the tests).
+pub const ACPI_END: u64 = 0xf_6000;
+/// Top of the 32-bit PCI memory window: the ECAM window follows.
+const PCI_MMIO_END: u64 = ECAM_BASE - 1;
 
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
@@ -117,8 +132,10 @@ fn fadt() -> Vec<u8> {
         .u8(0)
         .u8(0)
         .u8(0) // DAY_ALRM, MON_ALRM
-        .u8(0x32) // CENTURY (CMOS index)
-        .u16(0x3) // IAPC_BOOT_ARCH: legacy devices, 8042
+        .u8(CENTURY) // CENTURY (CMOS index)
+        // IAPC_BOOT_ARCH: legacy devices, and no 8042: Linux then skips the
+        // PS/2 probe (2.5 s and "Can't read CTR" against a missing one).
+        .u16(0x1)
         .u8(0)
         // Flags: WBINVD, PROC_C1, SLP_BUTTON (none), TMR_VAL_EXT, RESET_REG_SUP.
         .u32((1 << 0) | (1 << 2) | (1 << 5) | (1 << 8) | (1 << 10))
@@ -147,13 +164,225 @@ fn facs() -> Vec<u8> {
     v
 }
 
+/// A PNP device with one I/O range and one ISA interrupt.
+fn isa_device(name: &str, hid: &str, uid: u8, port: u16, len: u8, irq: u32) -> Raw {
+    encode(&aml::Device::new(
+        name.into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new(hid)),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(port, port, 1, len),
+                    &aml::Interrupt::new(true, true, false, false, irq),
+                ]),
+            ),
+        ],
+    ))
+}
+
+/// AML already encoded: the crate's builders borrow their children, so
+/// parts are encoded as they are made and nested as bytes.
+struct Raw(Vec<u8>);
+
+fn encode(a: &dyn Aml) -> Raw {
+    let mut v = Vec::new();
+    a.to_aml_bytes(&mut v);
+    Raw(v)
+}
+
+impl Aml for Raw {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        for b in &self.0 {
+            sink.byte(*b);
+        }
+    }
+}
+
 fn dsdt() -> Vec<u8> {
     let mut t = Table::new(b"DSDT", 2);
-    // Name (_S5, Package (4) { 5, 5, 0, 0 }): SLP_TYP 5 for the PM1a control.
-    t.bytes(&[
-        0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05, 0x00, 0x00,
-    ]);
+    let mut body = Vec::new();
+    // SLP_TYP 5 for the PM1a control: S5.
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&5u8, &5u8, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut body);
+    // INTx routing of every slot and pin, as the engine wires it.
+    let prt: Vec<(u32, u8, u32)> = (0..32u8)
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| {
+                let line = intx_route(slot, pin).1;
+                ((u32::from(slot) << 16) | 0xffff, pin, line)
+            })
+        })
+        .collect();
+    let prt_pkgs: Vec<aml::Package> = prt
+        .iter()
+        .map(|(addr, pin, gsi)| aml::Package::new(vec![addr, pin, &0u8, gsi]))
+        .collect();
+    let prt_refs: Vec<&dyn Aml> = prt_pkgs.iter().map(|p| p as &dyn Aml).collect();
+    let prt = encode(&aml::Package::new(prt_refs));
+    let crs = encode(&aml::ResourceTemplate::new(vec![
+        // Bus 0 only, as the MCFG.
+        &aml::AddressSpace::new_bus_number(0u16, 0u16),
+        &aml::IO::new(0xcf8, 0xcf8, 1, 8),
+        &aml::AddressSpace::new_io(0u16, 0xcf7u16, None),
+        &aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None),
+        &aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            PCI_MMIO_BASE as u32,
+            PCI_MMIO_END as u32,
+            None,
+        ),
+    ]));
+    let pci0 = encode(&aml::Device::new(
+        "PCI0".into(),
+        vec![
+            // PCI Express root bridge (configuration through the MCFG's
+            // ECAM), compatible with a plain PCI one.
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &0u8),
+            &aml::Name::new("_SEG".into(), &0u8),
+            &aml::Name::new("_UID".into(), &0u8),
+            &aml::Name::new("_BBN".into(), &0u8),
+            &aml::Name::new("_CRS".into(), &crs),
+            &aml::Name::new("_PRT".into(), &prt),
+        ],
+    ));
+    let rtc = isa_device("RTC_", "PNP0B00", 0, RTC_INDEX, 2, 8);
+    let com: Vec<Raw> = COM_PORTS
+        .iter()
+        .enumerate()
+        .map(|(i, (port, irq))| {
+            isa_device(
+                &format!("COM{}", i + 1),
+                "PNP0501",
+                i as u8 + 1,
+                *port,
+                8,
+                *irq,
+            )
+        })
+        .collect();
+    // The ECAM window is claimed as a motherboard resource, as Linux
+    // wants before it trusts the MCFG.
+    let mbrs = encode(&aml::Device::new(
+        "MBRS".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &0u8),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
+                    false,
+                    ECAM_BASE as u32,
+                    ECAM_SIZE as u32,
+                )]),
+            ),
+        ],
+    ));
+    let mut sb: Vec<&dyn Aml> = vec![&pci0, &mbrs, &rtc];
+    sb.extend(com.iter().map(|c| c as &dyn Aml));
+    aml::Scope::new("\\_SB_".into(), sb).to_aml_bytes(&mut body);
+    t.bytes(&body);
     t.finish()
+}
+
+/// PCI Express memory-mapped configuration: segment 0, bus 0.
+fn mcfg() -> Vec<u8> {
+    let mut t = Table::new(b"MCFG", 1);
+    t.u64(0) // reserved
+        .u64(ECAM_BASE)
+        .u16(0) // segment
+        .u8(0) // first bus
+        .u8(((ECAM_SIZE >> 20) - 1) as u8) // last bus
+        .u32(0);
+    t.finish()
+}
+
+/// Intel MP specification 1.4 configuration table: processors, the PCI
+/// and ISA buses, the I/O APIC, ISA and PCI interrupt routing (the same
+/// lines as the MADT and the DSDT's _PRT), LINT0 ExtINT and LINT1 NMI.
+fn mp_config(cpus: u16) -> Vec<u8> {
+    const PCI_BUS: u8 = 0;
+    const ISA_BUS: u8 = 1;
+    let ioapic = cpus as u8;
+    let mut e: Vec<u8> = Vec::new();
+    let mut count = 0u16;
+    for i in 0..cpus {
+        // Processor: APIC id, version, enabled (+ BSP), signature, features (FPU, APIC).
+        e.extend_from_slice(&[0, i as u8, 0x14, if i == 0 { 3 } else { 1 }]);
+        e.extend_from_slice(&0x600u32.to_le_bytes());
+        e.extend_from_slice(&0x201u32.to_le_bytes());
+        e.extend_from_slice(&[0; 8]);
+        count += 1;
+    }
+    for (id, name) in [(PCI_BUS, b"PCI   "), (ISA_BUS, b"ISA   ")] {
+        e.extend_from_slice(&[1, id]);
+        e.extend_from_slice(name);
+        count += 1;
+    }
+    e.extend_from_slice(&[2, ioapic, 0x11, 1]);
+    e.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
+    count += 1;
+    let mut intr = |kind: u8, flags: u16, bus: u8, irq: u8, pin: u8| {
+        e.extend_from_slice(&[3, kind]);
+        e.extend_from_slice(&flags.to_le_bytes());
+        e.extend_from_slice(&[bus, irq, ioapic, pin]);
+        count += 1;
+    };
+    // The 8259 behind pin 0; ISA IRQ 0 (PIT) on pin 2, the rest identity.
+    intr(3, 0, ISA_BUS, 0, 0);
+    for irq in 0..16u8 {
+        match irq {
+            0 => intr(0, 0, ISA_BUS, 0, 2),
+            2 => {}
+            // SCI: level, active high (the MADT says the same).
+            i if u32::from(i) == SCI_IRQ => intr(0, 0x0d, ISA_BUS, i, i),
+            i => intr(0, 0, ISA_BUS, i, i),
+        }
+    }
+    // PCI: source IRQ = slot << 2 | pin; level, active low by the bus's rules.
+    for slot in 0..32u8 {
+        for pin in 0..4u8 {
+            let line = intx_route(slot, pin).1 as u8;
+            intr(0, 0, PCI_BUS, (slot << 2) | pin, line);
+        }
+    }
+    for (kind, lint) in [(3u8, 0u8), (1, 1)] {
+        e.extend_from_slice(&[4, kind, 0, 0, ISA_BUS, 0, 0xff, lint]);
+        count += 1;
+    }
+    let mut v = Vec::with_capacity(44 + e.len());
+    v.extend_from_slice(b"PCMP");
+    v.extend_from_slice(&((44 + e.len()) as u16).to_le_bytes());
+    v.push(4); // spec revision 1.4
+    v.push(0); // checksum
+    v.extend_from_slice(b"VMMFS   ");
+    v.extend_from_slice(b"VMM-ENGINE  ");
+    v.extend_from_slice(&0u32.to_le_bytes()); // no OEM table
+    v.extend_from_slice(&0u16.to_le_bytes());
+    v.extend_from_slice(&count.to_le_bytes());
+    v.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
+    v.extend_from_slice(&[0; 4]); // no extended table
+    v.extend_from_slice(&e);
+    v[7] = checksum(&v);
+    v
+}
+
+/// MP floating pointer structure pointing at the configuration table.
+fn mp_floating(config: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(b"_MP_");
+    v.extend_from_slice(&(config as u32).to_le_bytes());
+    v.extend_from_slice(&[1, 4, 0]); // 16 bytes, revision 1.4, checksum
+    v.extend_from_slice(&[0; 5]); // a configuration table is present; no IMCR
+    v[10] = checksum(&v);
+    v
 }
 
 fn madt(cpus: u16) -> Vec<u8> {
@@ -202,14 +431,20 @@ fn rsdp() -> Vec<u8> {
     v
 }
 
-/// Write the whole table set for `cpus` vCPUs into guest RAM.
-pub fn write_tables(mem: &GuestMemory, cpus: u16) -> Result<()> {
+/// Write the whole table set for `cpus` vCPUs into guest RAM; the MP table
+/// unless `mptable` is false (bhyve -Y).
+pub fn write_tables(mem: &GuestMemory, cpus: u16, mptable: bool) -> Result<()> {
     mem.zero(RSDP_ADDR, (ACPI_END - RSDP_ADDR) as usize)?;
+    if mptable {
+        mem.write(MPC_ADDR, &mp_config(cpus))?;
+        mem.write(MPFP_ADDR, &mp_floating(MPC_ADDR))?;
+    }
     mem.write(FACS_ADDR, &facs())?;
     mem.write(DSDT_ADDR, &dsdt())?;
     mem.write(FADT_ADDR, &fadt())?;
     mem.write(MADT_ADDR, &madt(cpus))?;
-    mem.write(XSDT_ADDR, &xsdt(&[FADT_ADDR, MADT_ADDR]))?;
+    mem.write(MCFG_ADDR, &mcfg())?;
+    mem.write(XSDT_ADDR, &xsdt(&[FADT_ADDR, MADT_ADDR, MCFG_ADDR]))?;
     mem.write(RSDP_ADDR, &rsdp())?;
     Ok(())
 }
@@ -225,7 +460,7 @@ mod tests {
     #[test]
     fn tables_checksum_and_fit() {
         assert_eq!(fadt().len(), 244);
-        for t in [fadt(), dsdt(), madt(255), xsdt(&[1, 2])] {
+        for t in [fadt(), dsdt(), madt(255), xsdt(&[1, 2, 3]), mcfg()] {
             assert_eq!(sum(&t), 0);
             assert_eq!(
                 u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
@@ -235,7 +470,18 @@ mod tests {
         let r = rsdp();
         assert_eq!(sum(&r[..20]), 0);
         assert_eq!(sum(&r), 0);
-        assert!(MADT_ADDR + madt(255).len() as u64 <= ACPI_END);
-        assert!(XSDT_ADDR + xsdt(&[1, 2]).len() as u64 <= FADT_ADDR);
+        let mpc = mp_config(255);
+        assert_eq!(sum(&mpc), 0);
+        assert_eq!(usize::from(u16::from_le_bytes([mpc[4], mpc[5]])), mpc.len());
+        let m = mp_floating(MPC_ADDR);
+        assert_eq!(sum(&m), 0);
+        assert!(RSDP_ADDR + r.len() as u64 <= MPFP_ADDR);
+        assert!(MPFP_ADDR + m.len() as u64 <= XSDT_ADDR);
+        assert!(XSDT_ADDR + xsdt(&[1, 2, 3]).len() as u64 <= FADT_ADDR);
+        assert!(FADT_ADDR + fadt().len() as u64 <= FACS_ADDR);
+        assert!(MADT_ADDR + madt(255).len() as u64 <= MCFG_ADDR);
+        assert!(MCFG_ADDR + mcfg().len() as u64 <= MPC_ADDR);
+        assert!(MPC_ADDR + mp_config(255).len() as u64 <= DSDT_ADDR);
+        assert!(DSDT_ADDR + dsdt().len() as u64 <= ACPI_END);
     }
 }

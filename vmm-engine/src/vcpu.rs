@@ -29,8 +29,13 @@ use std::time::Duration;
 
 /// How often idle vCPUs are checked for "halted with interrupts off".
 pub const HALT_POLL: Duration = Duration::from_millis(50);
-/// Consecutive all-halted observations needed before the VM is declared halted.
-const HALT_ROUNDS: u32 = 2;
+/// Consecutive all-halted observations (each vCPU at the same instruction)
+/// needed before the VM is declared halted: one second. A guest with PV
+/// spinlocks (KVM_FEATURE_PV_UNHALT) halts with IF=0 while it waits for a
+/// kick, and the samples of different vCPUs are not simultaneous, so on a
+/// slow host a few rounds can see every vCPU in such a wait; a real halt
+/// stays put.
+const HALT_ROUNDS: u32 = 20;
 
 /// The real-time signal used to kick vCPU threads out of KVM_RUN. The host
 /// process must not use it for anything else.
@@ -242,28 +247,23 @@ impl Vcpu {
         self.snap.sregs
     }
 
-    /// Is this vCPU stopped for good: halted with IF=0 and no NMI pending,
-    /// or never started (waiting for INIT/SIPI)?
-    fn is_halted(&self) -> bool {
-        let Ok(mp) = self.fd.get_mp_state() else {
-            return false;
-        };
+    /// Where this vCPU is stopped, if it looks stopped for good: halted with
+    /// IF=0 and no NMI pending (its RIP), or never started (waiting for
+    /// INIT/SIPI: 0).
+    fn halted_at(&self) -> Option<u64> {
+        let mp = self.fd.get_mp_state().ok()?;
         match mp.mp_state {
-            KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => true,
+            KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => Some(0),
             KVM_MP_STATE_HALTED => {
-                let if_off = self
-                    .fd
-                    .get_regs()
-                    .map(|r| r.rflags & 0x200 == 0)
-                    .unwrap_or(false);
+                let regs = self.fd.get_regs().ok()?;
                 let nmi_pending = self
                     .fd
                     .get_vcpu_events()
                     .map(|e| e.nmi.pending != 0 || e.nmi.injected != 0)
                     .unwrap_or(true);
-                if_off && !nmi_pending
+                (regs.rflags & 0x200 == 0 && !nmi_pending).then_some(regs.rip)
             }
-            _ => false,
+            _ => None,
         }
     }
 }
@@ -285,7 +285,10 @@ pub struct RunCtx {
     stop: AtomicBool,
     tids: Mutex<Vec<Option<libc::pthread_t>>>,
     round: AtomicU64,
+    /// Per vCPU: the last watchdog round in which it was seen halted...
     halted: Vec<AtomicU64>,
+    /// ...and where (RIP).
+    halted_rip: Vec<AtomicU64>,
     pub platform: Arc<Platform>,
     counters: Arc<Counters>,
     on_exit: Box<dyn Fn(ExitReason) + Send + Sync>,
@@ -313,6 +316,7 @@ impl RunCtx {
             tids: Mutex::new(vec![None; vcpus]),
             round: AtomicU64::new(0),
             halted: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            halted_rip: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             platform,
             counters,
             on_exit,
@@ -473,6 +477,7 @@ pub fn vcpu_thread(mut vcpu: Vcpu, index: usize, run_size: usize, ctx: Arc<RunCt
                 let exit_reason = vcpu.fd.get_kvm_run().exit_reason;
                 match exit_reason {
                     KVM_EXIT_IO => {
+                        ctx.counters.io_exits.fetch_add(1, Ordering::Relaxed);
                         if let Some(r) = handle_io(&mut vcpu.fd, run_size, &ctx.platform) {
                             break Some(r);
                         }
@@ -558,16 +563,19 @@ fn check_halt(vcpu: &Vcpu, index: usize, ctx: &RunCtx, checked: &mut u64) {
     let round = ctx.round.load(Ordering::Acquire);
     if round > *checked {
         *checked = round;
-        if vcpu.is_halted() {
+        if let Some(rip) = vcpu.halted_at() {
+            ctx.halted_rip[index].store(rip, Ordering::Relaxed);
             ctx.halted[index].store(round, Ordering::Release);
         }
     }
 }
 
 /// The halt watchdog: kicks every vCPU each period and declares the guest
-/// halted when all of them were halted with IF=0 for two rounds in a row.
+/// halted when all of them were halted with IF=0, each at an unchanged
+/// instruction, for HALT_ROUNDS rounds in a row.
 pub fn watchdog_thread(ctx: Arc<RunCtx>) {
     let mut consecutive = 0;
+    let mut rips: Vec<u64> = vec![u64::MAX; ctx.halted.len()];
     loop {
         {
             let mut g = ctx.wd_lock.lock();
@@ -584,7 +592,17 @@ pub fn watchdog_thread(ctx: Arc<RunCtx>) {
                 .halted
                 .iter()
                 .all(|h| h.load(Ordering::Acquire) == round);
-            consecutive = if all { consecutive + 1 } else { 0 };
+            let now: Vec<u64> = ctx
+                .halted_rip
+                .iter()
+                .map(|r| r.load(Ordering::Relaxed))
+                .collect();
+            consecutive = match (all, now == rips) {
+                (false, _) => 0,
+                (true, true) => consecutive + 1,
+                (true, false) => 1,
+            };
+            rips = now;
             if consecutive >= HALT_ROUNDS {
                 ctx.finish(ExitReason::Halt);
                 return;

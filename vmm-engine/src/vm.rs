@@ -129,6 +129,47 @@ struct Control {
     cmdline: String,
     serial: [Option<SerialFds>; 2],
     pci: Vec<(PciSlot, PciEmulation)>,
+    options: PlatformOptions,
+}
+
+/// Platform options set with `set KEY=VALUE` (bhyve's configuration variables).
+#[derive(Debug, Clone, Copy)]
+struct PlatformOptions {
+    /// `rtc.use_localtime`: the RTC shows local time (bhyve's default) or UTC (`-u`).
+    rtc_localtime: bool,
+    /// `x86.mptable`: write an MP table (`-Y` turns it off).
+    mptable: bool,
+}
+
+impl Default for PlatformOptions {
+    fn default() -> Self {
+        PlatformOptions {
+            rtc_localtime: true,
+            mptable: true,
+        }
+    }
+}
+
+impl PlatformOptions {
+    /// Apply one `set`; keys this engine has no use for are EOPNOTSUPP.
+    fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let slot = match key {
+            "rtc.use_localtime" => &mut self.rtc_localtime,
+            "x86.mptable" => &mut self.mptable,
+            _ => return Err(Error::Unsupported(format!("option '{key}'"))),
+        };
+        // bhyve's get_config_bool spellings.
+        *slot = match value.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" | "1" => true,
+            "false" | "no" | "off" | "0" => false,
+            _ => {
+                return Err(Error::InvalidCommand(format!(
+                    "{key}: '{value}' is not a boolean"
+                )))
+            }
+        };
+        Ok(())
+    }
 }
 
 /// Power-on state of the in-kernel PIC/IOAPIC and PIT.
@@ -242,6 +283,7 @@ impl Vm {
             cmdline: String::new(),
             serial: [None, None],
             pci: Vec::new(),
+            options: PlatformOptions::default(),
         };
         let mut st = Status {
             state: VmState::Configuring,
@@ -399,12 +441,14 @@ impl Vm {
                 ctl.pci.retain(|(s, _)| *s != slot);
                 ctl.pci.push((slot, e));
             }
-            Command::Set { key, .. } => {
-                return Err(Error::Unsupported(format!("option '{key}'")));
+            Command::Set { key, value } => {
+                configuring()?;
+                ctl.options.set(&key, &value)?;
             }
             Command::Run => {
                 configuring()?;
                 core.counters.boot_time.store(0, Ordering::Release);
+                core.counters.boot_io_exits.store(0, Ordering::Release);
                 // Running before the threads start: a guest that exits at
                 // once must find the state it moves from.
                 core.set_state(VmState::Running);
@@ -454,7 +498,14 @@ impl Vm {
             cpus: st.cpus,
             memory: st.memory,
             exits: self.exits(),
+            io_exits: self.core.counters.io_exits.load(Ordering::Relaxed),
             boot_time_us: self.boot_time_us(),
+            boot_io_exits: self
+                .core
+                .counters
+                .boot_io_exits
+                .load(Ordering::Acquire)
+                .checked_sub(1),
         };
         format!("name={}\n{status}", self.name)
     }
@@ -670,7 +721,7 @@ impl Control {
         let cpus = usize::from(self.topology.cpus);
         let mem = self.guest_memory();
         if mem.low_end() >= 0x10_0000 {
-            crate::acpi::write_tables(&mem, self.topology.cpus)?;
+            crate::acpi::write_tables(&mem, self.topology.cpus, self.options.mptable)?;
         }
         let mut entry = None;
         if let Some(k) = &self.kernel {
@@ -698,6 +749,7 @@ impl Control {
                 ],
                 pci: self.pci.clone(),
                 ram: mem.regions().to_vec(),
+                rtc_utc: !self.options.rtc_localtime,
             },
             core.counters.clone(),
         )?);

@@ -53,8 +53,12 @@ fn expected(e820_ram: &[(u64, u64)], initrd_at: u64) -> String {
         (0x9fc00, 0x400, 2),
         (0xe0000, 0x20000, 2),
     ];
-    for (a, s) in e820_ram {
+    for (i, (a, s)) in e820_ram.iter().enumerate() {
         map.push((*a, *s, 1));
+        if i == 0 {
+            // The PCIe configuration window (ECAM), between low and high RAM.
+            map.push((0xe000_0000, 0x10_0000, 2));
+        }
     }
     let mut s = String::from("linux64 boot_params 0x00007000\nloader 0xff version 0x020f\n");
     s += &format!("e820 0x{:02x}\n", map.len());

@@ -89,8 +89,12 @@ pub struct Status {
     pub memory: u64,
     /// vCPU exits to user space over the VM's life.
     pub exits: u64,
+    /// Of those, port and MMIO exits.
+    pub io_exits: u64,
     /// Microseconds from `run` to the guest's first boot-timer write.
     pub boot_time_us: Option<u64>,
+    /// Port and MMIO exits until that write.
+    pub boot_io_exits: Option<u64>,
 }
 
 impl fmt::Display for Status {
@@ -111,8 +115,12 @@ impl fmt::Display for Status {
             }
         }
         writeln!(f, "exits={}", self.exits)?;
+        writeln!(f, "io_exits={}", self.io_exits)?;
         if let Some(us) = self.boot_time_us {
             writeln!(f, "boot_time_us={us}")?;
+        }
+        if let Some(n) = self.boot_io_exits {
+            writeln!(f, "boot_io_exits={n}")?;
         }
         Ok(())
     }
@@ -172,14 +180,26 @@ impl Status {
             other => return Err(bad(&format!("unknown state '{other}'"))),
         };
         let exits = number(field("exits")?)?;
-        let boot_time_us = match lines.next() {
-            None => None,
-            Some(l) => Some(number(
-                l.strip_prefix("boot_time_us=")
-                    .ok_or_else(|| bad(&format!("unexpected '{l}'")))?,
-            )?),
+        let io_exits = number(field("io_exits")?)?;
+        // The optional keys, each at most once, in order.
+        let mut rest = lines.peekable();
+        let mut optional = |key: &str| -> Result<Option<u64>> {
+            match rest
+                .peek()
+                .and_then(|l| l.strip_prefix(key))
+                .and_then(|l| l.strip_prefix('='))
+            {
+                Some(v) => {
+                    let n = number(v)?;
+                    rest.next();
+                    Ok(Some(n))
+                }
+                None => Ok(None),
+            }
         };
-        if let Some(l) = lines.next() {
+        let boot_time_us = optional("boot_time_us")?;
+        let boot_io_exits = optional("boot_io_exits")?;
+        if let Some(l) = rest.next() {
             return Err(bad(&format!("unexpected '{l}'")));
         }
         Ok(Status {
@@ -187,7 +207,9 @@ impl Status {
             cpus,
             memory,
             exits,
+            io_exits,
             boot_time_us,
+            boot_io_exits,
         })
     }
 }
@@ -225,9 +247,11 @@ mod tests {
             cpus: u16,
             memory: u64,
             exits: u64,
+            io_exits: u64,
             boot_time_us: Option<u64>,
+            boot_io_exits: Option<u64>,
         ) {
-            let s = Status { state, cpus, memory, exits, boot_time_us };
+            let s = Status { state, cpus, memory, exits, io_exits, boot_time_us, boot_io_exits };
             prop_assert_eq!(Status::parse(&s.to_string()), Ok(s));
         }
 
@@ -240,7 +264,7 @@ mod tests {
     #[test]
     fn engine_text_parses() {
         let s = Status::parse(
-            "state=exited\ncpus=2\nmemory=33554432\nexit=error\nstatus=4\ncause=vCPU 0: bad\nexits=7\n",
+            "state=exited\ncpus=2\nmemory=33554432\nexit=error\nstatus=4\ncause=vCPU 0: bad\nexits=7\nio_exits=3\n",
         )
         .unwrap();
         assert_eq!(s.state, State::Exited(Exit::Error("vCPU 0: bad".into())));
@@ -251,18 +275,20 @@ mod tests {
     fn refusals() {
         for text in [
             "",
-            "name=x\nstate=running\ncpus=1\nmemory=1\nexits=0\n",
-            "state=running\ncpus=1\nmemory=1\nexits=0\nname=other\n",
-            "state=exited\ncpus=1\nmemory=1\nexit=halt\nstatus=4\nexits=0\n",
-            "state=exited\ncpus=1\nmemory=1\nexit=error\nstatus=4\nexits=0\n",
-            "state=running\ncpus=70000\nmemory=1\nexits=0\n",
-            "state=running\ncpus=+1\nmemory=1\nexits=0\n",
-            "state=running\ncpus=1\nmemory=1\nexits=0\nboot_time_us=1\nexits=0\n",
+            "name=x\nstate=running\ncpus=1\nmemory=1\nexits=0\nio_exits=0\n",
+            "state=running\ncpus=1\nmemory=1\nexits=0\nio_exits=0\nname=other\n",
+            "state=exited\ncpus=1\nmemory=1\nexit=halt\nstatus=4\nexits=0\nio_exits=0\n",
+            "state=exited\ncpus=1\nmemory=1\nexit=error\nstatus=4\nexits=0\nio_exits=0\n",
+            "state=running\ncpus=70000\nmemory=1\nexits=0\nio_exits=0\n",
+            "state=running\ncpus=+1\nmemory=1\nexits=0\nio_exits=0\n",
+            "state=running\ncpus=1\nmemory=1\nexits=0\n",
+            "state=running\ncpus=1\nmemory=1\nexits=0\nio_exits=0\nboot_time_us=1\nexits=0\n",
+            "state=running\ncpus=1\nmemory=1\nexits=0\nio_exits=0\nboot_io_exits=1\nboot_time_us=1\n",
         ] {
             assert!(Status::parse(text).is_err(), "{text:?}");
         }
         let long = format!(
-            "state=exited\ncpus=1\nmemory=1\nexit=error\nstatus=4\ncause={}\nexits=0\n",
+            "state=exited\ncpus=1\nmemory=1\nexit=error\nstatus=4\ncause={}\nexits=0\nio_exits=0\n",
             "x".repeat(MAX_CAUSE + 1)
         );
         assert!(Status::parse(&long).is_err());
@@ -277,7 +303,9 @@ mod tests {
             cpus: 1,
             memory: 1,
             exits: 0,
+            io_exits: 0,
             boot_time_us: None,
+            boot_io_exits: None,
         };
         let back = Status::parse(&s.to_string()).unwrap();
         assert!(

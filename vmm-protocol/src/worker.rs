@@ -539,7 +539,9 @@ mod tests {
                 cpus: 2,
                 memory,
                 exits,
+                io_exits: 1,
                 boot_time_us: Some(5),
+                boot_io_exits: None,
             })),
             proptest::collection::vec(("[a-z_]{1,8}", any::<u64>()), 0..3).prop_map(|v| {
                 let mut segs: Vec<SegmentInfo> = Vec::new();

@@ -14,6 +14,7 @@ mod policy;
 mod received;
 mod registry;
 mod sched;
+mod sd;
 mod service;
 #[cfg(test)]
 mod service_tests;
@@ -123,7 +124,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    sd::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Sub::Jail { action }) => jail_command(action),
@@ -335,10 +336,21 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
         limits: limits.clone(),
         workers: cpus.clamp(2, 4),
     };
+    // Signals go to the main thread; block them before any thread exists
+    // (threads inherit the mask): a SIGTERM while starting then waits for the
+    // clean shutdown instead of killing the process in another thread. The
+    // worker engine starts threads and its zygote, so this comes first.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals
+        .thread_block()
+        .map_err(|e| format!("blocking signals: {e}"))?;
     let jails =
         Arc::new(jails::Jails::new().map_err(|e| format!("reading own PID namespace: {e}"))?);
     let store = state::StateStore::new(&args.state_dir);
     let daemon = Daemon {
+        signals,
         mountpoint,
         state_dir: args.state_dir.clone(),
         dev_links: args.dev_links,
@@ -361,6 +373,8 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
 
 /// What the mounted daemon needs besides its service.
 struct Daemon {
+    /// SIGTERM and SIGINT, blocked in every thread.
+    signals: nix::sys::signal::SigSet,
     mountpoint: PathBuf,
     state_dir: PathBuf,
     dev_links: bool,
@@ -422,6 +436,7 @@ fn start_workers(args: &DaemonArgs, max_cpus: u16) -> Result<worker::Workers, St
 
 fn serve<E: engine::Engine>(service: Arc<service::Service<E>>, d: Daemon) -> Result<(), String> {
     let Daemon {
+        signals,
         mountpoint,
         state_dir,
         dev_links,
@@ -430,15 +445,6 @@ fn serve<E: engine::Engine>(service: Arc<service::Service<E>>, d: Daemon) -> Res
         limits,
         nofile,
     } = d;
-
-    // Signals go to the main thread; block them everywhere first (threads
-    // inherit the mask).
-    let mut signals = nix::sys::signal::SigSet::empty();
-    signals.add(nix::sys::signal::Signal::SIGTERM);
-    signals.add(nix::sys::signal::Signal::SIGINT);
-    signals
-        .thread_block()
-        .map_err(|e| format!("blocking signals: {e}"))?;
 
     let socket_bound = Arc::new(AtomicBool::new(false));
     let fs = fs::VmmFs::new(service.clone(), socket_bound);
@@ -496,10 +502,12 @@ fn serve<E: engine::Engine>(service: Arc<service::Service<E>>, d: Daemon) -> Res
         policy::ROOT_RESERVE_FDS,
         state_dir.display()
     );
+    sd::ready(&format!("serving {}", mountpoint.display()));
     let sig = signals
         .wait()
         .map_err(|e| format!("waiting for signals: {e}"))?;
     log::info!("{sig:?}: destroying every VM and unmounting");
+    sd::stopping();
     // Everything goes within 5 s: VMs get 3 s to be torn down; a second
     // signal cuts that short.
     let (tx, rx) = std::sync::mpsc::channel::<()>();

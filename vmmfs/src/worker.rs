@@ -338,9 +338,12 @@ fn start_zygote(cfg: &WorkerConfig, kvm: &OwnedFd) -> std::io::Result<Zygote> {
     cmd.arg("--zygote")
         .env_clear()
         .stdin(std::process::Stdio::null());
-    // Only the log filter passes: a worker needs no other environment.
-    if let Some(v) = std::env::var_os("RUST_LOG") {
-        cmd.env("RUST_LOG", v);
+    // Only the log filter and the time zone pass: a worker needs no other
+    // environment.
+    for key in ["RUST_LOG", "TZ"] {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
     }
     // SAFETY: dup2 is async-signal-safe; it runs in the forked child only.
     unsafe {
@@ -549,7 +552,9 @@ impl WorkerVm {
                     cpus: 1,
                     memory: crate::engine::DEFAULT_MEMORY,
                     exits: 0,
+                    io_exits: 0,
                     boot_time_us: None,
+                    boot_io_exits: None,
                 },
                 segments: Vec::new(),
                 failed: None,

@@ -3,6 +3,10 @@
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let prog = bhyve_compat::progname("bhyveload");
-    let code = bhyve_compat::load::bhyveload_main(&prog, &bhyve_compat::args());
+    let args = bhyve_compat::args();
+    if bhyve_compat::print_version(&prog, &args) {
+        return;
+    }
+    let code = bhyve_compat::load::bhyveload_main(&prog, &args);
     std::process::exit(code);
 }

@@ -8,6 +8,7 @@
 //! it is used as an offset or an address.
 
 use crate::acpi::{ACPI_END, RSDP_ADDR};
+use crate::devices::{ECAM_BASE, ECAM_SIZE};
 use crate::error::{Error, Result};
 use crate::memory::{GuestMemory, FOUR_GIB};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -297,7 +298,8 @@ pub fn load(
 }
 
 /// The guest's physical memory map: RAM around the legacy hole and the PCI
-/// hole; the BIOS area holding the ACPI tables is reserved.
+/// hole; the BIOS area holding the ACPI tables and the PCIe configuration
+/// window (ECAM: Linux uses it only if it is reserved) are reserved.
 pub fn e820_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
     let low_end = mem.low_end();
     let mut v = vec![
@@ -312,6 +314,7 @@ pub fn e820_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
     if low_end > HIMEM_START {
         v.push((HIMEM_START, low_end - HIMEM_START, E820_RAM));
     }
+    v.push((ECAM_BASE, ECAM_SIZE, E820_RESERVED));
     let high = mem.high_len();
     if high > 0 {
         v.push((FOUR_GIB, high, E820_RAM));
@@ -455,7 +458,7 @@ mod tests {
             b"console=ttyS0\0"
         );
         let bp = &buf[BOOT_PARAMS_ADDR as usize..];
-        assert_eq!(bp[BP_E820_ENTRIES], 4);
+        assert_eq!(bp[BP_E820_ENTRIES], 5);
         assert_eq!(rd32(bp, HDR_RAMDISK_IMAGE) as u64, at);
     }
 

@@ -6,6 +6,7 @@
 
 pub mod pci;
 pub mod pm;
+pub mod rtc;
 pub mod serial;
 pub mod virtio;
 
@@ -36,6 +37,10 @@ pub struct Counters {
     pub exits: AtomicU64,
     /// Microseconds from `run` to the first boot-timer write, plus one (0 = not marked).
     pub boot_time: AtomicU64,
+    /// Port-I/O exits (each costs a round trip to user space; a boot should make few).
+    pub io_exits: AtomicU64,
+    /// `io_exits` when the boot timer was first written, plus one (0 = not marked).
+    pub boot_io_exits: AtomicU64,
 }
 
 /// Emulation a `device` command may name, resolved at configuration time
@@ -53,6 +58,12 @@ pub enum PciEmulation {
 /// First address of the window BARs are placed in before the guest moves
 /// them (the PCI hole starts at 3 GiB).
 pub const PCI_MMIO_BASE: u64 = 0xc000_0000;
+/// PCIe enhanced configuration (ECAM), described by the MCFG, for bus 0
+/// only: the one bus there is (no bridges). An MCFG reaching further makes
+/// Linux's peer-bridge fixup probe every slot of every bus through ports
+/// 0xcf8/0xcfc (16,000 port exits of boot time).
+pub const ECAM_BASE: u64 = 0xe000_0000;
+pub const ECAM_SIZE: u64 = 1 << 20;
 
 fn bad(msg: String) -> Error {
     Error::InvalidCommand(msg)
@@ -192,18 +203,39 @@ impl PciEmulation {
     }
 }
 
+/// Pin (0 = INTA) and IOAPIC line of a PCI function's INTx: function f uses
+/// INT(A+f%4), and (slot, pin) goes to line 16 + (slot + pin) % 8, the
+/// swizzle the DSDT's _PRT describes.
+pub fn intx_route(slot: u8, func: u8) -> (u8, u32) {
+    let pin = func % 4;
+    (pin, 16 + (u32::from(slot) + u32::from(pin)) % 8)
+}
+
+/// Ports a stock kernel probes for hardware this platform does not have:
+/// Super-I/O configuration (0x2e/0x4e), COM3/COM4, the DMA page registers
+/// (0x80-0x8f but 0x80 itself), the second RTC bank. Reads float to ones
+/// and writes go nowhere, as on a PC without them; known, so not logged.
+fn is_absent_probe(port: u16) -> bool {
+    matches!(port, 0x2e | 0x2f | 0x4e | 0x4f | 0x72 | 0x73 | 0x81..=0x8f)
+        || (0x3e8..0x3f0).contains(&port)
+        || (0x2e8..0x2f0).contains(&port)
+}
+
 /// What the platform is built from at `run`.
 pub struct PlatformConfig {
     pub serial_out: [Option<Arc<OwnedFd>>; 2],
     pub pci: Vec<(PciSlot, PciEmulation)>,
     /// Guest RAM, for device threads.
     pub ram: Vec<Region>,
+    /// The RTC keeps UTC (bhyve -u) rather than local time.
+    pub rtc_utc: bool,
 }
 
 struct Devices {
     com: [serial::Serial; 2],
     pci: pci::PciBus,
     pm: pm::Pm,
+    rtc: rtc::Rtc,
 }
 
 /// All emulated devices of one run of a VM.
@@ -252,9 +284,9 @@ impl Platform {
                 None => ram.insert(Arc::new(virtio::Ram::new(&cfg.ram)?)).clone(),
             };
             // BARs start out one per 16 KiB in the PCI hole, in slot order;
-            // INTx lines are IOAPIC pins 16..23 by slot, as a BIOS swizzle would.
+            // INTx as the DSDT's _PRT routes it (see intx_route).
             let bar = PCI_MMIO_BASE + n as u64 * virtio::pci::BAR_SIZE;
-            let line = 16 + (u32::from(slot.slot) + u32::from(slot.func)) % 8;
+            let (pin, line) = intx_route(slot.slot, slot.func);
             let name = format!("virtio@{}:{}.{}", slot.bus, slot.slot, slot.func);
             let f = virtio::pci::VirtioPci::function(
                 dev,
@@ -264,12 +296,25 @@ impl Platform {
                 ram,
                 virtio::pci::Placement {
                     bar_addr: bar as u32,
+                    intx_pin: pin,
                     intx_line: line,
                     source: n as u32,
                 },
             )?;
             pci.add(slot, f);
         }
+        let low: u64 = cfg
+            .ram
+            .iter()
+            .filter(|r| r.gpa < 1 << 32)
+            .map(|r| r.len)
+            .sum();
+        let high: u64 = cfg
+            .ram
+            .iter()
+            .filter(|r| r.gpa >= 1 << 32)
+            .map(|r| r.len)
+            .sum();
         Ok(Platform {
             vm,
             devs: Mutex::new(Devices {
@@ -279,6 +324,7 @@ impl Platform {
                 ],
                 pci,
                 pm: pm::Pm::new(),
+                rtc: rtc::Rtc::new(cfg.rtc_utc, low, high),
             }),
             counters,
             started: Instant::now(),
@@ -373,8 +419,19 @@ impl Platform {
             0xcf8..=0xcff => d.pci.io_read(port, size),
             PM1A_EVT..=0x407 => d.pm.read(port, size, self.started),
             PM_TMR..=0x40b => d.pm.read(port, size, self.started),
-            // i8042: status "no data, input buffer empty"; data reads 0.
+            rtc::RTC_INDEX | rtc::RTC_DATA => {
+                // Byte-wise, as on ISA; only single-byte accesses occur in practice.
+                let mut v = 0u32;
+                for k in 0..size as u16 {
+                    v |= u32::from(d.rtc.read(port + k)) << (8 * k);
+                }
+                v
+            }
+            // i8042: status "no data, input buffer empty"; data reads 0. The
+            // FADT does not announce an 8042, so OSes do not probe it; boot
+            // ROMs may still poll the status.
             0x60 | 0x64 => 0,
+            p if is_absent_probe(p) => size_mask(size),
             _ => {
                 log::debug!("unhandled read of port {port:#x} size {size}");
                 size_mask(size)
@@ -419,25 +476,40 @@ impl Platform {
                 self.update_sci(&mut d);
                 return r;
             }
+            rtc::RTC_INDEX | rtc::RTC_DATA => {
+                for k in 0..size as u16 {
+                    d.rtc.write(port + k, (v >> (8 * k)) as u8);
+                }
+            }
             0x64 if v & 0xff == 0xfe => return Some(ExitReason::Reboot),
             BOOT_TIMER_PORT => {
                 let us = self.started.elapsed().as_micros() as u64;
-                let _ = self.counters.boot_time.compare_exchange(
-                    0,
-                    us + 1,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+                if self
+                    .counters
+                    .boot_time
+                    .compare_exchange(0, us + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    let exits = self.counters.io_exits.load(Ordering::Relaxed);
+                    self.counters
+                        .boot_io_exits
+                        .store(exits + 1, Ordering::Release);
+                }
             }
             0x80 => {} // POST codes
+            p if is_absent_probe(p) => {}
             _ => log::debug!("unhandled write of port {port:#x} size {size} value {v:#x}"),
         }
         None
     }
 
-    /// MMIO outside RAM: PCI memory BARs; elsewhere reads return ones and
-    /// writes are dropped.
+    /// MMIO outside RAM: the ECAM window and PCI memory BARs; elsewhere
+    /// reads return ones and writes are dropped.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some(off) = addr.checked_sub(ECAM_BASE).filter(|o| *o < ECAM_SIZE) {
+            self.devs.lock().pci.ecam(off, data, false);
+            return;
+        }
         if !self.devs.lock().pci.mmio(addr, data, false) {
             log::debug!("unhandled MMIO read {addr:#x} size {}", data.len());
             data.fill(0xff);
@@ -448,6 +520,10 @@ impl Platform {
         let mut buf = [0u8; 8];
         let n = data.len().min(8);
         buf[..n].copy_from_slice(&data[..n]);
+        if let Some(off) = addr.checked_sub(ECAM_BASE).filter(|o| *o < ECAM_SIZE) {
+            self.devs.lock().pci.ecam(off, &mut buf[..n], true);
+            return;
+        }
         if !self.devs.lock().pci.mmio(addr, &mut buf[..n], true) {
             log::debug!("unhandled MMIO write {addr:#x} size {}", data.len());
         }

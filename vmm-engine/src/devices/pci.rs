@@ -13,6 +13,14 @@ pub const BAR0: usize = 0x10;
 /// Capabilities start here (after the standard header).
 const CAP_START: usize = 0x40;
 
+fn size_ones(size: usize) -> u32 {
+    if size >= 4 {
+        u32::MAX
+    } else {
+        (1u32 << (8 * size)) - 1
+    }
+}
+
 /// Standard 256-byte configuration space of one function.
 pub struct PciFunction {
     pub(crate) cfg: [u8; 256],
@@ -160,24 +168,41 @@ impl PciBus {
         Some(((bus, slot, func), off))
     }
 
+    /// Read `size` (1, 2 or 4) bytes of a function's configuration space;
+    /// all ones where no function is, zeros beyond the 256-byte header
+    /// (no extended capabilities). The caller checked that the access stays
+    /// inside one dword.
+    pub fn config_read(&self, bdf: (u8, u8, u8), off: usize, size: usize) -> u32 {
+        match self.functions.get(&bdf) {
+            None => size_ones(size),
+            Some(_) if off + size > 256 => 0,
+            Some(f) => f.read(off, size),
+        }
+    }
+
+    /// Write a function's configuration space (see `config_read`).
+    pub fn config_write(&mut self, bdf: (u8, u8, u8), off: usize, size: usize, val: u32) {
+        if off + size > 256 {
+            return;
+        }
+        if let Some(f) = self.functions.get_mut(&bdf) {
+            f.write(off, size, val);
+            let (cfg, bar, en) = (f.cfg, f.bar_addr(0), f.mem_enabled());
+            if let Some(v) = f.virtio.as_mut() {
+                v.config_written(&cfg, bar, en);
+            }
+        }
+    }
+
     /// Read from port 0xcf8..=0xcff; `size` is 1, 2 or 4.
     pub fn io_read(&self, port: u16, size: usize) -> u32 {
-        let ones = if size >= 4 {
-            u32::MAX
-        } else {
-            (1u32 << (8 * size)) - 1
-        };
         match port {
             0xcf8 if size == 4 => self.addr,
             0xcfc..=0xcff => match self.target(port - 0xcfc, size) {
-                Some((bdf, off)) => self
-                    .functions
-                    .get(&bdf)
-                    .map(|f| f.read(off, size))
-                    .unwrap_or(ones),
-                None => ones,
+                Some((bdf, off)) => self.config_read(bdf, off, size),
+                None => size_ones(size),
             },
-            _ => ones,
+            _ => size_ones(size),
         }
     }
 
@@ -189,16 +214,43 @@ impl PciBus {
             0xcf8 if size == 4 => self.addr = val & 0x80ff_fffc,
             0xcfc..=0xcff => {
                 if let Some((bdf, off)) = self.target(port - 0xcfc, size) {
-                    if let Some(f) = self.functions.get_mut(&bdf) {
-                        f.write(off, size, val);
-                        let (cfg, bar, en) = (f.cfg, f.bar_addr(0), f.mem_enabled());
-                        if let Some(v) = f.virtio.as_mut() {
-                            v.config_written(&cfg, bar, en);
-                        }
-                    }
+                    self.config_write(bdf, off, size, val);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// An access at byte `off` of the ECAM window (PCIe enhanced
+    /// configuration: bus << 20 | slot << 15 | func << 12 | register).
+    /// Accesses must be 1, 2 or 4 bytes inside one dword; others read ones
+    /// and write nothing.
+    pub fn ecam(&mut self, off: u64, data: &mut [u8], write: bool) {
+        let size = data.len();
+        let reg = (off & 0xfff) as usize;
+        let bdf = (
+            (off >> 20) as u8,
+            ((off >> 15) & 0x1f) as u8,
+            ((off >> 12) & 0x7) as u8,
+        );
+        let aligned = matches!(size, 1 | 2 | 4) && reg % 4 + size <= 4;
+        if write {
+            if aligned {
+                let mut v = 0u32;
+                for (i, b) in data.iter().enumerate() {
+                    v |= u32::from(*b) << (8 * i);
+                }
+                self.config_write(bdf, reg, size, v);
+            }
+        } else {
+            let v = if aligned {
+                self.config_read(bdf, reg, size)
+            } else {
+                u32::MAX
+            };
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = if i < 4 { (v >> (8 * i)) as u8 } else { 0xff };
+            }
         }
     }
 
@@ -264,6 +316,31 @@ mod tests {
         // Disabled: all ones.
         bus.io_write(0xcf8, 4, 0);
         assert_eq!(bus.io_read(0xcfc, 4), 0xffff_ffff);
+    }
+
+    #[test]
+    fn ecam_reaches_the_same_functions() {
+        let mut bus = PciBus::new();
+        let mut d = [0u8; 4];
+        bus.ecam(0, &mut d, false);
+        assert_eq!(u32::from_le_bytes(d), 0x1275_1275);
+        // Slot 1 is empty; an extended register of the host bridge reads 0.
+        bus.ecam(1 << 15, &mut d, false);
+        assert_eq!(u32::from_le_bytes(d), u32::MAX);
+        bus.ecam(0x100, &mut d, false);
+        assert_eq!(u32::from_le_bytes(d), 0);
+        // A write through ECAM is seen through the ports, within the mask.
+        bus.ecam(4, &mut [0xff, 0xff], true);
+        bus.io_write(0xcf8, 4, 0x8000_0004);
+        assert_eq!(bus.io_read(0xcfc, 2), 0x0547);
+        // Misaligned and oversized accesses: ones, no effect.
+        let mut odd = [0u8; 4];
+        bus.ecam(2, &mut odd, false);
+        assert_eq!(odd, [0xff; 4]);
+        let mut big = [0u8; 8];
+        bus.ecam(0, &mut big, false);
+        assert_eq!(big, [0xff; 8]);
+        bus.ecam(0x3d, &mut [0xff, 0xff], true);
     }
 
     #[test]

@@ -45,10 +45,11 @@ struct Worker {
     stopping: Arc<AtomicBool>,
 }
 
-/// Where a function starts out: BAR 0 address, INTx line, and its index
-/// among the VM's devices (INTx sharing bookkeeping).
+/// Where a function starts out: BAR 0 address, INTx pin (0 = INTA) and
+/// line, and its index among the VM's devices (INTx sharing bookkeeping).
 pub struct Placement {
     pub bar_addr: u32,
+    pub intx_pin: u8,
     pub intx_line: u32,
     pub source: u32,
 }
@@ -107,6 +108,7 @@ impl VirtioPci {
     ) -> crate::error::Result<PciFunction> {
         let Placement {
             bar_addr,
+            intx_pin,
             intx_line,
             source,
         } = place;
@@ -122,7 +124,7 @@ impl VirtioPci {
         f.cfg[0x2c..0x2e].copy_from_slice(&VIRTIO_VENDOR.to_le_bytes());
         f.cfg[0x2e..0x30].copy_from_slice(&0x1100u16.to_le_bytes());
         f.cfg[0x3c] = intx_line as u8;
-        f.cfg[0x3d] = 1; // INTA#
+        f.cfg[0x3d] = intx_pin + 1; // 1 = INTA#
         f.set_mem_bar(0, BAR_SIZE, bar_addr);
         f.cfg[4] |= 2; // memory space on
         let sizes = dev.queue_max_sizes();
@@ -517,6 +519,7 @@ mod tests {
             ram,
             Placement {
                 bar_addr: 0xc000_0000,
+                intx_pin: 0,
                 intx_line: 16,
                 source: 0,
             },

@@ -82,12 +82,46 @@ fn main() {
         }
     };
     close_from(KVM_FD + 1);
+    pin_time_zone();
     // SAFETY: the daemon placed these descriptors; nothing else owns them.
     let sock = unsafe { OwnedFd::from_raw_fd(SOCKET_FD) };
     match spawn {
         Some(s) => run_worker(sock, &s),
         None => zygote::serve(sock),
     }
+}
+
+/// glibc reads /etc/localtime whenever a guest's RTC asks for local time,
+/// which a jailed worker can neither see nor open (the filter would kill it).
+/// So, while the host's files are still there and before any thread exists,
+/// TZ is set to the zone's rule: the POSIX TZ string that ends a TZif
+/// (version 2 or later) file; UTC if there is none. A TZ from the daemon's
+/// environment wins.
+fn pin_time_zone() {
+    if std::env::var_os("TZ").is_none() {
+        let rule = std::fs::read("/etc/localtime")
+            .ok()
+            .and_then(|d| tzif_rule(&d))
+            .unwrap_or_else(|| "UTC0".into());
+        std::env::set_var("TZ", rule);
+    }
+    // SAFETY: tzset parses TZ; no other thread exists yet.
+    unsafe { tzset() };
+}
+
+extern "C" {
+    fn tzset();
+}
+
+/// The POSIX TZ string in the footer ("\nRULE\n") of a TZif v2+ file.
+fn tzif_rule(data: &[u8]) -> Option<String> {
+    if !data.starts_with(b"TZif") || data.get(4).is_none_or(|v| *v < b'2') {
+        return None;
+    }
+    let body = data.strip_suffix(b"\n")?;
+    let start = body.iter().rposition(|&b| b == b'\n')? + 1;
+    let rule = std::str::from_utf8(&body[start..]).ok()?;
+    (!rule.is_empty() && rule.is_ascii()).then(|| rule.to_string())
 }
 
 /// Close every descriptor from `first` on: nothing of the daemon's but the
@@ -291,4 +325,28 @@ fn forbidden_syscall() {
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
     log::error!("the forbidden system call returned {fd}: the filter is missing");
     std::process::abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_zone_rules_come_from_tzif_footers() {
+        let mut v2 = b"TZif2".to_vec();
+        v2.extend_from_slice(&[0; 40]);
+        v2.extend_from_slice(b"\nCET-1CEST,M3.5.0,M10.5.0/3\n");
+        assert_eq!(
+            tzif_rule(&v2).as_deref(),
+            Some("CET-1CEST,M3.5.0,M10.5.0/3")
+        );
+        let mut v1 = v2.clone();
+        v1[4] = 0;
+        assert_eq!(tzif_rule(&v1), None, "version 1 has no footer");
+        assert_eq!(tzif_rule(b"TZif2\n\n"), None, "empty rule");
+        assert_eq!(tzif_rule(b"not a zone file\nUTC0\n"), None);
+        if let Ok(d) = std::fs::read("/etc/localtime") {
+            assert!(tzif_rule(&d).is_some(), "this host's zone has a rule");
+        }
+    }
 }
