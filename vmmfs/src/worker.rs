@@ -685,7 +685,9 @@ impl Inner {
         let why = loop {
             let (text, fds) = match worker::recv(self.sock.as_fd()) {
                 Ok(Some(m)) => m,
+                // A worker that ends with messages unread resets the socket.
                 Ok(None) => break None,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => break None,
                 Err(e) => break Some(format!("receiving: {e}")),
             };
             let ev = match Event::parse(&text) {
@@ -705,14 +707,20 @@ impl Inner {
                     if matches!(s.state, State::Destroyed) {
                         break Some("it reported its VM destroyed".into());
                     }
-                    {
+                    let moved = {
                         let mut v = self.view.lock();
                         if v.failed.is_some() {
                             continue;
                         }
-                        v.status = s;
+                        let old = std::mem::replace(&mut v.status, s);
+                        // Counters alone (the worker's periodic report of a
+                        // running guest) are no state change for pollers.
+                        (&old.state, old.cpus, old.memory)
+                            != (&v.status.state, v.status.cpus, v.status.memory)
+                    };
+                    if moved {
+                        self.changed();
                     }
-                    self.changed();
                 }
                 Event::Segments(infos) => {
                     let mut segs = Vec::with_capacity(infos.len());

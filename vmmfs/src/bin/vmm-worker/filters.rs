@@ -100,6 +100,9 @@ const DEVICE_IO: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_sendto,
     libc::SYS_recvfrom,
+    // virtio-net's slirp back end bounds its sends (SO_SNDTIMEO).
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
     libc::SYS_eventfd2,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
@@ -115,8 +118,6 @@ const MAIN_ONLY: &[i64] = &[
     libc::SYS_rt_sigaction,
     libc::SYS_pipe2,
     libc::SYS_socketpair,
-    libc::SYS_setsockopt,
-    libc::SYS_getsockopt,
 ];
 
 /// Status reports go to the daemon from whichever thread saw the change.

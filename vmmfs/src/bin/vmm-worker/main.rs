@@ -24,6 +24,8 @@ use vmm_protocol::worker::{self, ErrorKind, Event, Reply, Request, SegmentInfo, 
 
 pub(crate) const SOCKET_FD: i32 = 3;
 pub(crate) const KVM_FD: i32 = 4;
+/// malloc arenas of a worker (see main).
+const WORKER_ARENAS: i32 = 2;
 /// Exit status when the jail cannot be entered (EX_OSERR).
 const JAIL_FAILED: i32 = 71;
 /// The test hook's command (only with `--test-hooks`): makes a system call
@@ -83,6 +85,12 @@ fn main() {
     };
     close_from(KVM_FD + 1);
     pin_time_zone();
+    // glibc sizes its malloc arenas by reading /sys/devices/system/cpu/online
+    // the first time a thread needs an arena of its own, which a jailed
+    // worker cannot (the filter kills it). A fixed limit skips that; few
+    // arenas also keep an idle worker small.
+    // SAFETY: mallopt before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, WORKER_ARENAS) };
     // SAFETY: the daemon placed these descriptors; nothing else owns them.
     let sock = unsafe { OwnedFd::from_raw_fd(SOCKET_FD) };
     match spawn {
@@ -181,6 +189,35 @@ impl Reporter {
     }
 }
 
+/// How often a running guest's counters (exits, boot time) are reported:
+/// the engine announces state changes, not counters, and the daemon serves
+/// status without asking the worker.
+const COUNTER_REPORT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Report the status whenever it differs from the last report, every
+/// [`COUNTER_REPORT`], for as long as the VM exists.
+fn report_counters(vm: &Arc<Vm>, reporter: &Arc<Reporter>) {
+    let (weak, r) = (Arc::downgrade(vm), reporter.clone());
+    let spawned = std::thread::Builder::new()
+        .name("counters".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let mut last = String::new();
+            loop {
+                std::thread::sleep(COUNTER_REPORT);
+                let Some(vm) = weak.upgrade() else { return };
+                let now = vm.status();
+                if now != last {
+                    r.status(&vm);
+                    last = now;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("no counter reports: {e}");
+    }
+}
+
 /// The segments last sent, by memfd identity.
 #[derive(Default)]
 struct Sent(Vec<(String, u64, usize)>);
@@ -265,6 +302,7 @@ fn serve(sock: &Arc<OwnedFd>, test_hooks: bool) {
                         }
                     }));
                     reporter.status(&v);
+                    report_counters(&v, &reporter);
                     vm = Some(v);
                     Ok(())
                 }
