@@ -64,11 +64,7 @@ impl Cgroups {
     /// The directory the leaf of a VM created by process `creator` goes in.
     fn parent_for(&self, creator: u32) -> Option<PathBuf> {
         let text = std::fs::read_to_string(format!("/proc/{creator}/cgroup")).ok()?;
-        let own = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-        let own = Path::new(own.trim_start_matches('/'));
-        // A cgroup with processes cannot have controlled children: use its parent.
-        let parent = own.parent().unwrap_or(Path::new(""));
-        Some(self.mount.join(parent))
+        parent_of(&self.mount, &text)
     }
 
     /// Make the leaf of worker `pid` (uid `uid`) created by process
@@ -104,6 +100,15 @@ impl Cgroups {
     }
 }
 
+/// Where a leaf goes for a process whose /proc/PID/cgroup reads `text`:
+/// beside the process's own cgroup v2 group, in its parent, since a cgroup
+/// with processes cannot have children with controllers.
+fn parent_of(mount: &Path, text: &str) -> Option<PathBuf> {
+    let own = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let own = Path::new(own.trim_start_matches('/'));
+    Some(mount.join(own.parent().unwrap_or(Path::new(""))))
+}
+
 impl Leaf {
     /// Set memory.max for `bytes` of guest memory and images.
     pub fn set_memory(&self, bytes: u64) {
@@ -128,5 +133,31 @@ impl Leaf {
     /// Remove the (empty) leaf.
     pub fn remove(&self) {
         let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaves_go_beside_the_creators_cgroup() {
+        let m = Path::new("/sys/fs/cgroup");
+        let session = "0::/user.slice/user-1000.slice/session-3.scope\n";
+        assert_eq!(
+            parent_of(m, session),
+            Some(PathBuf::from("/sys/fs/cgroup/user.slice/user-1000.slice"))
+        );
+        // A hybrid host lists the v1 hierarchies too; only "0::" counts.
+        let hybrid = "4:memory:/x\n1:name=systemd:/y\n0::/app.slice/a.service\n";
+        assert_eq!(
+            parent_of(m, hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/app.slice"))
+        );
+        assert_eq!(
+            parent_of(m, "0::/\n"),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(parent_of(m, "4:memory:/x\n"), None, "no cgroup v2 line");
     }
 }
