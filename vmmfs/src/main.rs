@@ -287,22 +287,7 @@ fn bind_socket(mountpoint: &Path) -> Result<OwnedFd, String> {
     Ok(sock)
 }
 
-/// The nice value of the daemon and of its workers' control threads.
-const CONTROL_NICE: i32 = -5;
-
 fn daemon(args: DaemonArgs) -> Result<(), String> {
-    // Control work first: guests' vCPU threads run at nice 0 (and
-    // SCHED_BATCH) in their workers, so a host full of busy guests still
-    // answers FUSE requests and runs VM commands promptly. Set before any
-    // thread starts: every thread, the zygote and the workers inherit it.
-    // (In-process VMs would inherit it too: not for them.)
-    // SAFETY: setpriority on the calling thread.
-    if !args.in_process && unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CONTROL_NICE) } != 0 {
-        log::warn!(
-            "cannot raise the daemon's priority: {}",
-            std::io::Error::last_os_error()
-        );
-    }
     let mountpoint = args
         .mountpoint
         .clone()

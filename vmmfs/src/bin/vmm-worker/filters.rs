@@ -74,15 +74,7 @@ const COMMON: &[i64] = &[
 /// Starting a thread (glibc's pthread_create and Rust's thread setup); the
 /// new thread installs its own filter under its parent's, which can only
 /// narrow what it may do.
-const THREADS: &[i64] = &[
-    libc::SYS_clone3,
-    libc::SYS_clone,
-    libc::SYS_seccomp,
-    // vCPU threads make themselves SCHED_BATCH at nice 0 (without
-    // privileges no real-time policy or lower nice value can be had).
-    libc::SYS_sched_setscheduler,
-    libc::SYS_setpriority,
-];
+const THREADS: &[i64] = &[libc::SYS_clone3, libc::SYS_clone, libc::SYS_seccomp];
 
 /// Device back ends: client disks, consoles, sockets, taps, eventfds.
 const DEVICE_IO: &[i64] = &[
@@ -219,21 +211,6 @@ fn on_thread_start(kind: ThreadKind) {
         ThreadKind::Device => Kind::Device,
         ThreadKind::Helper => Kind::Helper,
     };
-    if kind == Kind::Vcpu {
-        // A guest's vCPUs are batch work to the host: SCHED_BATCH at nice 0
-        // (the worker's control thread inherited the daemon's higher
-        // priority, see vmmfs(8)) keeps their fair share against other
-        // processes but lets control work (the daemon's and every worker's
-        // request loop) run first when guests keep the CPUs busy. Device
-        // threads start from vCPU threads and inherit both.
-        let p = libc::sched_param { sched_priority: 0 };
-        // SAFETY: scheduling calls on the calling thread (0); raising the
-        // nice value needs no privilege.
-        unsafe {
-            libc::sched_setscheduler(0, libc::SCHED_BATCH, &p);
-            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
-        }
-    }
     let r = program(kind).and_then(|p| seccompiler::apply_filter(&p).map_err(|e| e.to_string()));
     if let Err(e) = r {
         log::error!("cannot confine a {kind:?} thread: {e}");
