@@ -33,6 +33,8 @@ parse_layout_args() {
 layout_files() {
     local release=$1 t p
     echo "$release/vmmfs $PREFIX/sbin/vmmfs 0755"
+    # Each VM's jailed worker; vmmfs finds it beside itself.
+    echo "$release/vmm-worker $PREFIX/sbin/vmm-worker 0755"
     for t in bhyve bhyvectl bhyveload; do
         echo "$release/$t $PREFIX/bin/$t 0755"
     done

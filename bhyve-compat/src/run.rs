@@ -242,7 +242,9 @@ fn run_guest(
             Ok(st) => match st.state() {
                 "exited" => {
                     if let Some(c) = st.vars.get("cause") {
-                        log::info!("guest stopped: {c}");
+                        // An error exit (status 4): say why, as bhyve does
+                        // for a VM that stops on an error.
+                        warnx(prog, &format!("vm {}: {c}", p.name));
                     }
                     return Ok(st.exit_status().unwrap_or(4));
                 }

@@ -68,6 +68,7 @@ pub const GROUPS: &[(&str, Group)] = &[
     ("bhyve-sigkill", crate::bhyve::sigkill),
     ("bhyve-access", crate::bhyve::access),
     ("bhyve-jail", crate::bhyve::jail),
+    ("worker-isolation", crate::isolation::worker_isolation),
 ];
 
 fn listed(readdir: &str, name: &str) -> String {

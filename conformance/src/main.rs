@@ -12,6 +12,7 @@ mod cases;
 mod errno;
 mod harness;
 mod ioctl;
+mod isolation;
 mod probe;
 mod table;
 

@@ -13,6 +13,7 @@ pub mod boot;
 pub mod devices;
 pub mod error;
 pub mod memory;
+pub mod threads;
 pub mod vcpu;
 pub mod vm;
 

@@ -18,7 +18,6 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use parking_lot::Mutex;
-use std::fmt::Write as _;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -40,66 +39,10 @@ const SLOT_BOOTROM: u32 = 2;
 const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
 const TSS_ADDR: usize = 0xfeff_d000;
 
-/// Why a guest stopped, with bhyve's exit status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitReason {
-    Reboot,
-    PowerOff,
-    Halt,
-    TripleFault,
-    Error(String),
-    Suspend,
-}
-
-impl ExitReason {
-    /// bhyve's exit status for this reason.
-    pub fn status(&self) -> i32 {
-        match self {
-            ExitReason::Reboot => 0,
-            ExitReason::PowerOff => 1,
-            ExitReason::Halt => 2,
-            ExitReason::TripleFault => 3,
-            ExitReason::Error(_) => 4,
-            ExitReason::Suspend => 5,
-        }
-    }
-
-    /// The word used in status text.
-    pub fn name(&self) -> &'static str {
-        match self {
-            ExitReason::Reboot => "reboot",
-            ExitReason::PowerOff => "poweroff",
-            ExitReason::Halt => "halt",
-            ExitReason::TripleFault => "triple-fault",
-            ExitReason::Error(_) => "error",
-            ExitReason::Suspend => "suspend",
-        }
-    }
-}
-
-/// Life cycle of a VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmState {
-    /// Created, accepting configuration.
-    Configuring,
-    /// vCPUs running.
-    Running,
-    /// Guest stopped; `reinit` makes it configurable again.
-    Exited(ExitReason),
-    /// Destroyed: every operation fails with ENXIO.
-    Destroyed,
-}
-
-impl VmState {
-    fn name(&self) -> &'static str {
-        match self {
-            VmState::Configuring => "configuring",
-            VmState::Running => "running",
-            VmState::Exited(_) => "exited",
-            VmState::Destroyed => "destroyed",
-        }
-    }
-}
+/// Why a guest stopped, with bhyve's exit status; the life cycle of a VM.
+/// Both are the status types of the protocol crate, so that what the engine
+/// reports and what vmmfs serves (or receives from a VM worker) are one.
+pub use vmm_protocol::status::{Exit as ExitReason, State as VmState};
 
 /// A memory segment: memfd-backed, shareable through vmmfs (`vmm.io/NAME.SEG`).
 #[derive(Debug, Clone)]
@@ -249,8 +192,19 @@ pub struct Vm {
     core: Arc<Core>,
 }
 
+static KVM: OnceLock<std::result::Result<Kvm, i32>> = OnceLock::new();
+
+/// Use `fd` (an open /dev/kvm) instead of opening /dev/kvm: for a process
+/// that cannot open it (vmmfs's VM worker runs in an empty root). Must come
+/// before the first VM; false if the engine already has one.
+pub fn use_kvm_fd(fd: OwnedFd) -> bool {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: `fd` is an open /dev/kvm descriptor whose ownership moves here.
+    let kvm = unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) };
+    KVM.set(Ok(kvm)).is_ok()
+}
+
 fn kvm() -> Result<&'static Kvm> {
-    static KVM: OnceLock<std::result::Result<Kvm, i32>> = OnceLock::new();
     KVM.get_or_init(|| Kvm::new().map_err(|e| e.errno()))
         .as_ref()
         .map_err(|e| Error::kvm("open /dev/kvm", std::io::Error::from_raw_os_error(*e)))
@@ -535,40 +489,25 @@ impl Vm {
         Ok(())
     }
 
-    /// `key=value` lines describing the VM.
+    /// `key=value` lines describing the VM: its name, then
+    /// [`vmm_protocol::status::Status`].
     pub fn status(&self) -> String {
         let st = self.core.st.lock();
-        let mut s = String::new();
-        let _ = writeln!(s, "name={}", self.name);
-        let _ = writeln!(s, "state={}", st.state.name());
-        let _ = writeln!(s, "cpus={}", st.cpus);
-        let _ = writeln!(s, "memory={}", st.memory);
-        if let VmState::Exited(r) = &st.state {
-            let _ = writeln!(s, "exit={}", r.name());
-            let _ = writeln!(s, "status={}", r.status());
-            if let ExitReason::Error(cause) = r {
-                let _ = writeln!(s, "cause={}", cause.replace('\n', " "));
-            }
-        }
-        let _ = writeln!(s, "exits={}", self.exits());
-        let _ = writeln!(
-            s,
-            "io_exits={}",
-            self.core.counters.io_exits.load(Ordering::Relaxed)
-        );
-        if let Some(us) = self.boot_time_us() {
-            let _ = writeln!(s, "boot_time_us={us}");
-        }
-        if let Some(n) = self
-            .core
-            .counters
-            .boot_io_exits
-            .load(Ordering::Acquire)
-            .checked_sub(1)
-        {
-            let _ = writeln!(s, "boot_io_exits={n}");
-        }
-        s
+        let status = vmm_protocol::status::Status {
+            state: st.state.clone(),
+            cpus: st.cpus,
+            memory: st.memory,
+            exits: self.exits(),
+            io_exits: self.core.counters.io_exits.load(Ordering::Relaxed),
+            boot_time_us: self.boot_time_us(),
+            boot_io_exits: self
+                .core
+                .counters
+                .boot_io_exits
+                .load(Ordering::Acquire)
+                .checked_sub(1),
+        };
+        format!("name={}\n{status}", self.name)
     }
 
     /// The client that ran the guest went away (vmmfs: its `vmm/NAME` handle
@@ -838,8 +777,10 @@ impl Control {
             let c = ctx.clone();
             match std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || vcpu::vcpu_thread(v, i, run_size, c))
-            {
+                .spawn(move || {
+                    crate::threads::started(crate::threads::ThreadKind::Vcpu);
+                    vcpu::vcpu_thread(v, i, run_size, c)
+                }) {
                 Ok(h) => rt.vcpus.push(h),
                 Err(e) => {
                     // The vCPU moved into the failed closure is gone; KVM cannot
@@ -853,8 +794,10 @@ impl Control {
             let c = ctx.clone();
             match std::thread::Builder::new()
                 .name("vcpu-watchdog".into())
-                .spawn(move || vcpu::watchdog_thread(c))
-            {
+                .spawn(move || {
+                    crate::threads::started(crate::threads::ThreadKind::Helper);
+                    vcpu::watchdog_thread(c)
+                }) {
                 Ok(h) => rt.helpers.push(h),
                 Err(e) => spawn_failed = Some(spawn_err(e)),
             }
@@ -869,8 +812,10 @@ impl Control {
             let port = if i == 0 { ComPort::Com1 } else { ComPort::Com2 };
             match std::thread::Builder::new()
                 .name(format!("com{}-in", i + 1))
-                .spawn(move || serial_reader(input, port, c))
-            {
+                .spawn(move || {
+                    crate::threads::started(crate::threads::ThreadKind::Helper);
+                    serial_reader(input, port, c)
+                }) {
                 Ok(h) => rt.helpers.push(h),
                 Err(e) => spawn_failed = Some(spawn_err(e)),
             }

@@ -46,6 +46,34 @@ impl FdSource for OwnedFds {
     }
 }
 
+/// The descriptors one command names, by the client's labels (vmmfs: what
+/// the client handed over; a VM worker: what came with the daemon's
+/// request). A label may be taken twice (`com1 4 4`: one socket both ways);
+/// each take gets its own descriptor of the file.
+#[derive(Debug, Default)]
+pub struct Labelled(Vec<(i32, OwnedFd)>);
+
+impl Labelled {
+    pub fn add(&mut self, label: i32, fd: OwnedFd) {
+        self.0.push((label, fd));
+    }
+
+    pub fn into_inner(self) -> Vec<OwnedFd> {
+        self.0.into_iter().map(|(_, fd)| fd).collect()
+    }
+}
+
+impl FdSource for Labelled {
+    fn take(&mut self, label: i32) -> std::io::Result<OwnedFd> {
+        self.0
+            .iter()
+            .find(|(n, _)| *n == label)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?
+            .1
+            .try_clone()
+    }
+}
+
 /// A PCI slot as bhyve writes it: `slot`, `slot:func` or `bus:slot:func`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PciSlot {

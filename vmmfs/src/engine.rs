@@ -7,11 +7,22 @@ use vmm_engine::{Command, FdSource, Segment};
 
 pub use vmm_engine::Error as EngineError;
 
+/// Who asked for a VM: an engine that runs VMs in processes of their own
+/// keeps them apart from the creator (another uid) and charges them to the
+/// creator's resource accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Creator {
+    pub ruid: u32,
+    pub euid: u32,
+    /// The process that opened vmmctl.
+    pub pid: u32,
+}
+
 /// Makes VMs.
 pub trait Engine: Send + Sync + 'static {
     type Vm: EngineVm;
     /// Create a VM (no vCPU runs yet, no client descriptor is held).
-    fn create(&self, name: &str) -> Result<Self::Vm, EngineError>;
+    fn create(&self, name: &str, creator: &Creator) -> Result<Self::Vm, EngineError>;
 }
 
 /// One VM. `execute`, `detach` and `destroy` may block on client descriptors
@@ -27,6 +38,15 @@ pub trait EngineVm: Send + Sync + 'static {
     fn segments(&self) -> Vec<Segment>;
     /// Called after every state change, possibly on an engine thread.
     fn set_notifier(&self, f: Box<dyn Fn() + Send + Sync>);
+    /// Stop the VM now, from any thread, without blocking, ahead of its
+    /// `destroy` (which may be queued behind a command stuck on a client's
+    /// file). Only an engine that can end a VM from outside does anything.
+    fn kill(&self) {}
+    /// The VM broke down by itself (its worker process died): the daemon
+    /// must destroy it. Its status already shows the cause.
+    fn failed(&self) -> bool {
+        false
+    }
 }
 
 /// Guest memory a new VM has before any `memory` command.
@@ -38,7 +58,7 @@ pub struct Kvm;
 impl Engine for Kvm {
     type Vm = vmm_engine::Vm;
 
-    fn create(&self, name: &str) -> Result<vmm_engine::Vm, EngineError> {
+    fn create(&self, name: &str, _: &Creator) -> Result<vmm_engine::Vm, EngineError> {
         vmm_engine::Vm::create(name)
     }
 }
@@ -89,6 +109,12 @@ impl<T: EngineVm> EngineVm for Arc<T> {
     fn set_notifier(&self, f: Box<dyn Fn() + Send + Sync>) {
         (**self).set_notifier(f)
     }
+    fn kill(&self) {
+        (**self).kill()
+    }
+    fn failed(&self) -> bool {
+        (**self).failed()
+    }
 }
 
 #[cfg(test)]
@@ -116,6 +142,8 @@ pub mod fake {
         /// Descriptors the VM took, with the command that took them.
         pub fds: Mutex<Vec<OwnedFd>>,
         pub destroyed: std::sync::atomic::AtomicBool,
+        /// Broke down by itself, as a VM whose worker died.
+        pub failed: std::sync::atomic::AtomicBool,
         pub detached: AtomicU64,
         generation: AtomicU64,
         notifier: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
@@ -125,6 +153,13 @@ pub mod fake {
     }
 
     impl FakeVm {
+        /// Break down as a VM whose worker died: report it, as engines do,
+        /// through the notifier.
+        pub fn fail(&self) {
+            self.failed.store(true, Ordering::Release);
+            self.changed();
+        }
+
         pub fn set_stuck(&self, on: bool) {
             *self.stuck.lock() = on;
             self.unstuck.notify_all();
@@ -148,7 +183,7 @@ pub mod fake {
     impl Engine for FakeEngine {
         type Vm = Arc<FakeVm>;
 
-        fn create(&self, name: &str) -> Result<Arc<FakeVm>, EngineError> {
+        fn create(&self, name: &str, _: &Creator) -> Result<Arc<FakeVm>, EngineError> {
             if self.fail_create.load(Ordering::Relaxed) {
                 return Err(EngineError::NoMemory("fake".into()));
             }
@@ -208,6 +243,9 @@ pub mod fake {
         }
         fn set_notifier(&self, f: Box<dyn Fn() + Send + Sync>) {
             *self.notifier.lock() = Some(f);
+        }
+        fn failed(&self) -> bool {
+            self.failed.load(Ordering::Acquire)
         }
     }
 }

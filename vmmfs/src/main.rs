@@ -1,5 +1,6 @@
 //! vmmfs: FreeBSD's vmm device files and access control, on Linux, in FUSE.
 
+mod cgroup;
 mod control;
 mod creds;
 mod devlinks;
@@ -18,6 +19,7 @@ mod service;
 #[cfg(test)]
 mod service_tests;
 mod state;
+mod worker;
 
 use clap::{Args, Parser, Subcommand};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -61,6 +63,24 @@ struct DaemonArgs {
     /// Make /dev/vmmctl, /dev/vmm and /dev/vmm.io links into the mount.
     #[arg(long)]
     dev_links: bool,
+    /// uids (and gids) for VM worker processes, one per VM: FIRST-LAST or
+    /// FIRST:COUNT; no account may have one.
+    #[arg(long, default_value = "2147483648-2147549183", value_parser = worker::UidRange::parse)]
+    worker_uids: worker::UidRange,
+    /// The vmm-worker executable (default: beside vmmfs).
+    #[arg(long)]
+    worker_exe: Option<PathBuf>,
+    /// Jailed workers kept ready, so that a create starts no process.
+    #[arg(long, default_value_t = 2)]
+    worker_spares: usize,
+    /// Run VMs inside the daemon, without worker processes: no isolation
+    /// between guests and the daemon. For comparison benchmarks only.
+    #[arg(long)]
+    in_process: bool,
+    /// Let `set x-test-forbidden-syscall=1` make a worker call what its
+    /// seccomp filter forbids (the conformance suite's check).
+    #[arg(long, hide = true)]
+    test_hooks: bool,
     /// Mount point.
     mountpoint: Option<PathBuf>,
 }
@@ -270,6 +290,7 @@ fn bind_socket(mountpoint: &Path) -> Result<OwnedFd, String> {
 fn daemon(args: DaemonArgs) -> Result<(), String> {
     let mountpoint = args
         .mountpoint
+        .clone()
         .ok_or("a mount point is required (see --help)")?;
     let gid = group_id(&args.group)?;
     if !Path::new("/dev/fuse").exists() {
@@ -302,7 +323,8 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
     };
     // Signals go to the main thread; block them before any thread exists
     // (threads inherit the mask): a SIGTERM while starting then waits for the
-    // clean shutdown instead of killing the process in another thread.
+    // clean shutdown instead of killing the process in another thread. The
+    // worker engine starts threads and its zygote, so this comes first.
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.add(nix::sys::signal::Signal::SIGINT);
@@ -312,8 +334,102 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
     let jails =
         Arc::new(jails::Jails::new().map_err(|e| format!("reading own PID namespace: {e}"))?);
     let store = state::StateStore::new(&args.state_dir);
+    let daemon = Daemon {
+        signals,
+        mountpoint,
+        state_dir: args.state_dir.clone(),
+        dev_links: args.dev_links,
+        group: args.group.clone(),
+        gid,
+        limits,
+        nofile,
+    };
+    if args.in_process {
+        log::warn!("--in-process: every VM runs inside the daemon, with no isolation");
+        let service =
+            service::Service::new(engine::Kvm, config, store, jails).map_err(|e| e.to_string())?;
+        return serve(service, daemon);
+    }
+    let workers = start_workers(&args, max_cpus)?;
     let service =
-        service::Service::new(engine::Kvm, config, store, jails).map_err(|e| e.to_string())?;
+        service::Service::new(workers, config, store, jails).map_err(|e| e.to_string())?;
+    serve(service, daemon)
+}
+
+/// What the mounted daemon needs besides its service.
+struct Daemon {
+    /// SIGTERM and SIGINT, blocked in every thread.
+    signals: nix::sys::signal::SigSet,
+    mountpoint: PathBuf,
+    state_dir: PathBuf,
+    dev_links: bool,
+    group: String,
+    gid: u32,
+    limits: policy::Limits,
+    nofile: u64,
+}
+
+/// The worker engine, after checking its uid range and executable.
+fn start_workers(args: &DaemonArgs, max_cpus: u16) -> Result<worker::Workers, String> {
+    let taken = args.worker_uids.collisions();
+    if let Some((name, uid)) = taken.first() {
+        return Err(format!(
+            "--worker-uids includes uid {uid} of account '{name}' ({} account(s) in all): \
+             choose a range no account uses",
+            taken.len()
+        ));
+    }
+    let exe = match &args.worker_exe {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("locating vmmfs: {e}"))?
+            .with_file_name("vmm-worker"),
+    };
+    if !exe.is_file() {
+        return Err(format!(
+            "{} is missing (install vmm-worker beside vmmfs or give --worker-exe)",
+            exe.display()
+        ));
+    }
+    let pids = u64::from(max_cpus) + worker::WORKER_EXTRA_THREADS + 8;
+    let cgroups = match cgroup::Cgroups::detect(pids) {
+        Ok(c) => Some(c),
+        Err(why) => {
+            log::warn!("no cgroup per VM: {why}; workers stay in the daemon's cgroup");
+            None
+        }
+    };
+    let r = args.worker_uids;
+    log::info!(
+        "VMs run in jailed worker processes ({}), uids {}-{}",
+        exe.display(),
+        r.first,
+        u64::from(r.first) + u64::from(r.count) - 1
+    );
+    worker::Workers::new(
+        worker::WorkerConfig {
+            exe,
+            uids: r,
+            max_cpus,
+            test_hooks: args.test_hooks,
+            prefork: args.worker_spares,
+        },
+        cgroups,
+    )
+    .map_err(|e| format!("/dev/kvm: {e}"))
+}
+
+fn serve<E: engine::Engine>(service: Arc<service::Service<E>>, d: Daemon) -> Result<(), String> {
+    let Daemon {
+        signals,
+        mountpoint,
+        state_dir,
+        dev_links,
+        group,
+        gid,
+        limits,
+        nofile,
+    } = d;
 
     let socket_bound = Arc::new(AtomicBool::new(false));
     let fs = fs::VmmFs::new(service.clone(), socket_bound);
@@ -347,10 +463,10 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
             .spawn(move || h.serve(listener, svc))
             .map_err(|e| e.to_string())?;
     }
-    let control = control::serve(service.clone(), &args.state_dir)
+    let control = control::serve(service.clone(), &state_dir)
         .map_err(|e| format!("control socket: {e}"))
         .inspect_err(|_| detach())?;
-    let links = if args.dev_links {
+    let links = if dev_links {
         Some(
             devlinks::DevLinks::create(Path::new("/dev"), &mountpoint).map_err(|e| {
                 detach();
@@ -364,12 +480,12 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
         "vmmfs mounted on {} (group {} = {gid}, {} VMs per user, {} vCPUs per VM, {} MiB \
          per user, {nofile} descriptors of which {} are root's reserve, state in {})",
         mountpoint.display(),
-        args.group,
+        group,
         limits.max_vms_per_user,
         limits.max_cpus,
         limits.max_memory_per_user >> 20,
         policy::ROOT_RESERVE_FDS,
-        args.state_dir.display()
+        state_dir.display()
     );
     sd::ready(&format!("serving {}", mountpoint.display()));
     let sig = signals

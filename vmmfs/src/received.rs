@@ -44,32 +44,8 @@ pub struct Received {
 /// Why a descriptor was refused.
 pub type Refusal = String;
 
-/// The descriptors one command names, by the client's labels: what the
-/// engine takes them from. A label may be taken twice (`com1 4 4`: one
-/// socket both ways); the engine then gets two descriptors of one file.
-#[derive(Default)]
-pub struct Labelled(Vec<(i32, OwnedFd)>);
-
-impl Labelled {
-    pub fn add(&mut self, label: i32, fd: OwnedFd) {
-        self.0.push((label, fd));
-    }
-
-    pub fn into_inner(self) -> Vec<OwnedFd> {
-        self.0.into_iter().map(|(_, fd)| fd).collect()
-    }
-}
-
-impl vmm_engine::FdSource for Labelled {
-    fn take(&mut self, label: i32) -> std::io::Result<OwnedFd> {
-        self.0
-            .iter()
-            .find(|(n, _)| *n == label)
-            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))?
-            .1
-            .try_clone()
-    }
-}
+/// The descriptors one command names, by the client's labels.
+pub use vmm_protocol::command::Labelled;
 
 /// Classify `fd`. `own_dev`: the device number of the vmmfs mount.
 pub fn classify(fd: &OwnedFd, own_dev: Option<(u32, u32)>) -> Result<Kind, Refusal> {

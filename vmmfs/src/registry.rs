@@ -205,6 +205,15 @@ impl<V> Registry<V> {
         self.mark_where(|r| r.transient.is_some_and(|t| t.fh == fh))
     }
 
+    /// Mark the live VM `id` (its engine broke down): its runtime and the
+    /// real uid of its owner, in whose turn the teardown runs.
+    pub fn mark_failed(&self, id: VmId) -> Option<(Arc<Runtime<V>>, u32)> {
+        let mut t = self.t.lock();
+        let e = t.vms.get_mut(&id).filter(|e| e.rec.phase == Phase::Alive)?;
+        let owner = e.rec.owner_ruid;
+        Self::mark(e, id).1.map(|rt| (rt, owner))
+    }
+
     /// Mark every VM (daemon shutdown).
     pub fn destroy_all(&self) -> Vec<(VmId, Arc<Runtime<V>>)> {
         self.mark_where(|_| true)

@@ -7,7 +7,7 @@
 //! and answered through a [`Done`] callback from wherever they finish.
 
 use crate::creds::{Caller, Creds};
-use crate::engine::{Engine, EngineVm, DEFAULT_MEMORY};
+use crate::engine::{Creator, Engine, EngineVm, DEFAULT_MEMORY};
 use crate::error::{FsError, FsResult};
 use crate::handover::{Deliver, Handover};
 use crate::jails::{self, Jail, Jails, ProcessId};
@@ -35,6 +35,10 @@ pub const DESTROY_WAIT: Duration = Duration::from_secs(1);
 /// ENXIO); a teardown stuck on the owner's own hung file does not make the
 /// destroyer wait.
 pub const DESTROY_REPLY_WITHIN: Duration = Duration::from_millis(50);
+/// How long a VM whose engine broke down (its worker died) stays after it
+/// reported the cause: its client reads `exit=error` and the cause, then the
+/// VM is destroyed (vmmfs(8) ISOLATION).
+pub const FAILED_VM_GRACE: Duration = Duration::from_millis(500);
 /// Open handles of one unprivileged user (each costs the daemon memory).
 pub const MAX_HANDLES_PER_USER: usize = 4096;
 /// Descriptors handed over to one handle and not yet used by a command.
@@ -565,14 +569,36 @@ impl<E: Engine> Service<E> {
         result
     }
 
-    /// Route the engine's state-change notifications to pollers of `id`.
-    fn watch(&self, id: VmId, vm: &E::Vm) {
-        let pollers = Arc::downgrade(&self.pollers);
+    /// Route the engine's state-change notifications to pollers of `id`,
+    /// and have a VM that broke down destroyed.
+    fn watch(self: &Arc<Self>, id: VmId, vm: &E::Vm) {
+        let svc = Arc::downgrade(self);
         vm.set_notifier(Box::new(move || {
-            if let Some(p) = pollers.upgrade() {
-                p.wake(id);
+            if let Some(svc) = svc.upgrade() {
+                svc.pollers.wake(id);
+                svc.check_failed(id);
             }
         }));
+    }
+
+    /// If VM `id` broke down, destroy it after [`FAILED_VM_GRACE`]. Runs on
+    /// engine threads: only table lookups and a timer entry here.
+    fn check_failed(self: &Arc<Self>, id: VmId) {
+        let failed = self.registry.runtime(id).is_ok_and(|rt| rt.vm.failed());
+        if !failed {
+            return;
+        }
+        let svc = Arc::downgrade(self);
+        self.timer.after(
+            FAILED_VM_GRACE,
+            Box::new(move || {
+                let Some(svc) = svc.upgrade() else { return };
+                if let Some((rt, owner)) = svc.registry.mark_failed(id) {
+                    log::info!("destroying VM id {id}: its engine broke down");
+                    svc.teardown(id, rt, None, Some(owner));
+                }
+            }),
+        );
     }
 
     /// A write: a vmmctl command or a vmm/NAME command. Answered through `done`.
@@ -826,7 +852,7 @@ impl<E: Engine> Service<E> {
                     opener: process,
                 });
                 let deadline = Instant::now() + DESTROY_WAIT;
-                Box::new(move || svc.create(who, name, transient, deadline, d2))
+                Box::new(move || svc.create(who, name, transient, process, deadline, d2))
             }
             CtlRequest::Destroy { name } => Box::new(move || svc.destroy(who, name, d2)),
         };
@@ -841,11 +867,14 @@ impl<E: Engine> Service<E> {
     }
 
     /// Create on a pool thread; may park until a dying VM is gone.
+    /// `process`: the process that opened vmmctl.
+    #[allow(clippy::too_many_arguments)]
     fn create(
         self: Arc<Self>,
         who: Principal,
         name: String,
         transient: Option<Transient>,
+        process: ProcessId,
         deadline: Instant,
         done: Once<()>,
     ) {
@@ -859,7 +888,7 @@ impl<E: Engine> Service<E> {
             let user = who2.creds.ruid();
             let s2 = svc.clone();
             let d3 = d2.clone();
-            let job = Box::new(move || s2.create(who2, name2, transient, deadline, d3));
+            let job = Box::new(move || s2.create(who2, name2, transient, process, deadline, d3));
             if svc.pool.submit(user, job).is_err() {
                 d2.call(Err(FsError::Busy("too many requests waiting".into())));
             }
@@ -891,7 +920,14 @@ impl<E: Engine> Service<E> {
                     }),
                 );
             }
-            Ok(Created::Reserved(id)) => match self.engine.create(&name) {
+            Ok(Created::Reserved(id)) => match self.engine.create(
+                &name,
+                &Creator {
+                    ruid: who.creds.ruid(),
+                    euid: who.creds.euid(),
+                    pid: process.pid,
+                },
+            ) {
                 Ok(vm) => {
                     self.watch(id, &vm);
                     let rt = Arc::new(Runtime {
@@ -933,6 +969,9 @@ impl<E: Engine> Service<E> {
         done: Option<Once<()>>,
         queue_for: Option<u32>,
     ) {
+        // The VM stops now, even while a command of its client is stuck on
+        // the client's own hung file ahead of the teardown.
+        rt.vm.kill();
         let svc = self.clone();
         let rt2 = rt.clone();
         let d2 = done.clone();

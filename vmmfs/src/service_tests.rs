@@ -10,7 +10,7 @@ use crate::jails::{Jail, Jails};
 use crate::nodes::Node;
 use crate::policy::Limits;
 use crate::received::{Kind, Received};
-use crate::service::{Config, Done, Service, DESTROY_REPLY_WITHIN};
+use crate::service::{Config, Done, Service, DESTROY_REPLY_WITHIN, FAILED_VM_GRACE};
 use crate::state::{Grants, StateStore};
 use proptest::prelude::*;
 use std::os::fd::OwnedFd;
@@ -302,6 +302,40 @@ fn a_stuck_vm_blocks_only_itself() {
     for n in ["s", "t"] {
         f.write(ctl, &root, &format!("destroy {n}")).unwrap();
     }
+}
+
+#[test]
+fn a_vm_that_breaks_down_is_destroyed_alone_after_its_client_could_read_why() {
+    let f = fixture(8);
+    let root = caller(0, &f.jails[0]);
+    let ctl = f.open_ctl(&root).unwrap();
+    for n in ["dies", "lives"] {
+        f.write(ctl, &root, &format!("create {n}")).unwrap();
+    }
+    let h = f.open_vm(&root, "dies").unwrap();
+    f.fake_vm("dies").fail();
+    // Still there for its client during the grace period...
+    assert!(f.svc.read(h, 0, 4096).is_ok());
+    assert!(f.svc.registry().lookup(&root.creds.jail, "dies").is_some());
+    // ...then destroyed; the other VM stays.
+    let end = Instant::now() + FAILED_VM_GRACE + Duration::from_secs(2);
+    while f.svc.registry().lookup(&root.creds.jail, "dies").is_some() {
+        assert!(Instant::now() < end, "the broken VM was not destroyed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(f.wait_vms(1));
+    assert!(f
+        .fake_vm("dies")
+        .destroyed
+        .load(std::sync::atomic::Ordering::Acquire));
+    assert!(f.svc.registry().lookup(&root.creds.jail, "lives").is_some());
+    assert!(!f
+        .fake_vm("lives")
+        .destroyed
+        .load(std::sync::atomic::Ordering::Acquire));
+    assert_eq!(errno(f.svc.read(h, 0, 4096)), libc::ENXIO);
+    f.svc.release(h);
+    f.write(ctl, &root, "destroy lives").unwrap();
 }
 
 #[test]

@@ -371,6 +371,7 @@ impl VirtioPci {
         let handle = std::thread::Builder::new()
             .name(self.name.clone())
             .spawn(move || {
+                crate::threads::started(crate::threads::ThreadKind::Device);
                 dev.run(&mut act);
                 dev
             })

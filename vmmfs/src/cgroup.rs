@@ -1,0 +1,163 @@
+//! A cgroup v2 leaf per VM worker (vmmfs(8) ISOLATION): `memory.max` = the
+//! VM's guest RAM and boot images plus [`OVERHEAD`], `pids.max` = the
+//! worker's thread budget. The leaf is made beside the creator's own cgroup
+//! (in its parent: with systemd, the user's slice), so whatever accounts for
+//! the creator's processes also sees their VMs.
+//!
+//! Needs the memory and pids controllers on the cgroup v2 hierarchy. On a
+//! v1 or hybrid host they are bound to v1 hierarchies: then there are no
+//! leaves, and workers stay in the daemon's cgroup (said once at start-up).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Memory a worker uses besides guest RAM and boot images: its own code,
+/// heap, thread stacks, and the kernel's KVM structures charged to it.
+pub const OVERHEAD: u64 = 64 << 20;
+
+/// The cgroup v2 hierarchy with the controllers a leaf needs.
+#[derive(Debug)]
+pub struct Cgroups {
+    mount: PathBuf,
+    pids: u64,
+}
+
+/// One worker's cgroup.
+#[derive(Debug)]
+pub struct Leaf {
+    path: PathBuf,
+}
+
+fn write(path: &Path, value: &str) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .write_all(value.as_bytes())
+}
+
+impl Cgroups {
+    /// The cgroup v2 mount, if it has the memory and pids controllers.
+    /// `pids`: the pids.max of a leaf.
+    pub fn detect(pids: u64) -> Result<Cgroups, String> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+        let mount = info
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let sep = f.iter().position(|x| *x == "-")?;
+                (f.get(sep + 1) == Some(&"cgroup2")).then(|| PathBuf::from(f[4]))
+            })
+            .ok_or("no cgroup v2 hierarchy is mounted")?;
+        let controllers = std::fs::read_to_string(mount.join("cgroup.controllers"))
+            .map_err(|e| format!("{}: {e}", mount.display()))?;
+        for want in ["memory", "pids"] {
+            if !controllers.split_whitespace().any(|c| c == want) {
+                return Err(format!(
+                    "the cgroup v2 hierarchy at {} lacks the {want} controller (a v1 or hybrid host)",
+                    mount.display()
+                ));
+            }
+        }
+        Ok(Cgroups { mount, pids })
+    }
+
+    /// The directory the leaf of a VM created by process `creator` goes in.
+    fn parent_for(&self, creator: u32) -> Option<PathBuf> {
+        let text = std::fs::read_to_string(format!("/proc/{creator}/cgroup")).ok()?;
+        parent_of(&self.mount, &text)
+    }
+
+    /// Make the leaf of worker `pid` (uid `uid`) created by process
+    /// `creator`, and move the worker into it. None (with a log line) where
+    /// that cannot be done: the worker then runs without a leaf.
+    pub fn place(&self, pid: i32, uid: u32, creator: u32) -> Option<Leaf> {
+        let parent = self
+            .parent_for(creator)
+            .unwrap_or_else(|| self.mount.clone());
+        // Controllers must be enabled for the parent's children; already
+        // enabled is fine, and a failure shows when the limits are written.
+        let _ = write(&parent.join("cgroup.subtree_control"), "+memory +pids");
+        let leaf = Leaf {
+            path: parent.join(format!("vmm-worker-{uid}")),
+        };
+        let made = std::fs::create_dir(&leaf.path)
+            .and_then(|()| write(&leaf.path.join("pids.max"), &self.pids.to_string()))
+            .and_then(|()| write(&leaf.path.join("cgroup.procs"), &pid.to_string()));
+        match made {
+            Ok(()) => {
+                leaf.set_memory(crate::engine::DEFAULT_MEMORY);
+                Some(leaf)
+            }
+            Err(e) => {
+                log::warn!(
+                    "cgroup {}: {e}; the worker runs without one",
+                    leaf.path.display()
+                );
+                leaf.remove();
+                None
+            }
+        }
+    }
+}
+
+/// Where a leaf goes for a process whose /proc/PID/cgroup reads `text`:
+/// beside the process's own cgroup v2 group, in its parent, since a cgroup
+/// with processes cannot have children with controllers.
+fn parent_of(mount: &Path, text: &str) -> Option<PathBuf> {
+    let own = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let own = Path::new(own.trim_start_matches('/'));
+    Some(mount.join(own.parent().unwrap_or(Path::new(""))))
+}
+
+impl Leaf {
+    /// Set memory.max for `bytes` of guest memory and images.
+    pub fn set_memory(&self, bytes: u64) {
+        let max = bytes.saturating_add(OVERHEAD);
+        if let Err(e) = write(&self.path.join("memory.max"), &max.to_string()) {
+            log::warn!("{}/memory.max: {e}", self.path.display());
+        }
+    }
+
+    /// Whether the kernel's OOM killer ended a process of this leaf.
+    pub fn oom_killed(&self) -> bool {
+        std::fs::read_to_string(self.path.join("memory.events"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+            })
+            .is_some_and(|n| n > 0)
+    }
+
+    /// Remove the (empty) leaf.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaves_go_beside_the_creators_cgroup() {
+        let m = Path::new("/sys/fs/cgroup");
+        let session = "0::/user.slice/user-1000.slice/session-3.scope\n";
+        assert_eq!(
+            parent_of(m, session),
+            Some(PathBuf::from("/sys/fs/cgroup/user.slice/user-1000.slice"))
+        );
+        // A hybrid host lists the v1 hierarchies too; only "0::" counts.
+        let hybrid = "4:memory:/x\n1:name=systemd:/y\n0::/app.slice/a.service\n";
+        assert_eq!(
+            parent_of(m, hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/app.slice"))
+        );
+        assert_eq!(
+            parent_of(m, "0::/\n"),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(parent_of(m, "4:memory:/x\n"), None, "no cgroup v2 line");
+    }
+}
