@@ -88,6 +88,8 @@ pub struct Plan {
     pub memsize_str: String,
     pub topology: Topology,
     pub bootrom: Option<String>,
+    /// `lpc.bootvars`: the UEFI variable store file.
+    pub bootvars: Option<String>,
     pub linux: Option<LinuxBoot>,
     pub com1: Option<Console>,
     pub com2: Option<Console>,
@@ -113,6 +115,7 @@ const PLATFORM_VARS: &[&str] = &[
     "memory.wired",
     "memory.guest_in_core",
     "uuid",
+    "lpc.fwcfg",
 ];
 
 fn parse_int(var: &str, v: &str, min: u32, max: u32) -> Result<u32> {
@@ -329,6 +332,10 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
         .ok()
         .ok_or_else(|| Error::BadOption(format!("invalid memsize '{memsize_str}'")))?;
     let bootrom = cfg.get("lpc.bootrom").map(String::from);
+    let bootvars = cfg.get("lpc.bootvars").map(String::from);
+    if bootvars.is_some() && bootrom.is_none() {
+        return Err(Error::Config("lpc.bootvars requires lpc.bootrom".into()));
+    }
     let linux = cfg.get("linux.kernel").map(|k| LinuxBoot {
         kernel: k.to_string(),
         initrd: cfg.get("linux.initrd").map(String::from),
@@ -384,12 +391,18 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
             platform.push((var.to_string(), v.to_string()));
         }
     }
+    // A boot ROM here is UEFI firmware built for QEMU's fw_cfg (OVMF):
+    // FreeBSD's default, its own "bhyve" interface, is not provided.
+    if bootrom.is_some() && cfg.get("lpc.fwcfg").is_none() {
+        platform.push(("lpc.fwcfg".into(), "qemu".into()));
+    }
     Ok(Plan {
         name,
         memsize,
         memsize_str,
         topology,
         bootrom,
+        bootvars,
         linux,
         com1,
         com2,

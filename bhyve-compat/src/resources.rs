@@ -33,6 +33,8 @@ impl ConsoleFds {
 #[derive(Debug, Default)]
 pub struct Resources {
     pub bootrom: Option<OwnedFd>,
+    /// The UEFI variable store (`-l bootrom,ROM,VARS`), opened read-write.
+    pub bootvars: Option<OwnedFd>,
     pub kernel: Option<OwnedFd>,
     pub initrd: Option<OwnedFd>,
     pub com1: Option<ConsoleFds>,
@@ -315,6 +317,15 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
             ))
         })?);
     }
+    if let Some(vars) = &plan.bootvars {
+        let fd = open(vars.as_str(), OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty());
+        r.bootvars = Some(fd.map_err(|e| {
+            Error::Config(format!(
+                "Error opening bootvars \"{vars}\": {}",
+                crate::error::strerror(e)
+            ))
+        })?);
+    }
     if let Some(l) = &plan.linux {
         r.kernel =
             Some(open_ro(&l.kernel).map_err(|e| Error::sys(format!("open {}", l.kernel), e))?);
@@ -377,6 +388,9 @@ pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmComman
     }
     if let Some(fd) = &res.bootrom {
         push(VmmCommand::Bootrom(fd.as_raw_fd()), false);
+    }
+    if let Some(fd) = &res.bootvars {
+        push(VmmCommand::BootVars(fd.as_raw_fd()), false);
     }
     if let Some(fd) = &res.kernel {
         push(VmmCommand::Kernel(fd.as_raw_fd()), false);

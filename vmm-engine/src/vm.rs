@@ -36,6 +36,8 @@ pub const MAX_DEVICES: usize = 32;
 const SLOT_LOW: u32 = 0;
 const SLOT_HIGH: u32 = 1;
 const SLOT_BOOTROM: u32 = 2;
+/// The UEFI variable store's flash (mapped and unmapped by the device).
+const SLOT_VARS: u32 = 3;
 /// KVM's real-mode helpers (Intel) live in the PCI hole, below a 16 MiB bootrom.
 const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
 const TSS_ADDR: usize = 0xfeff_d000;
@@ -181,6 +183,7 @@ struct Control {
     memory: u64,
     ram: Option<Mapping>,
     bootrom: Option<(Mapping, u64)>,
+    vars: Option<crate::firmware::BootVars>,
     kernel: Option<Vec<u8>>,
     initrd: Option<Vec<u8>>,
     cmdline: String,
@@ -196,6 +199,8 @@ struct PlatformOptions {
     rtc_localtime: bool,
     /// `x86.mptable`: write an MP table (`-Y` turns it off).
     mptable: bool,
+    /// `lpc.fwcfg=qemu`: the platform UEFI firmware (OVMF) expects.
+    fwcfg: bool,
 }
 
 impl Default for PlatformOptions {
@@ -203,6 +208,7 @@ impl Default for PlatformOptions {
         PlatformOptions {
             rtc_localtime: true,
             mptable: true,
+            fwcfg: false,
         }
     }
 }
@@ -210,6 +216,20 @@ impl Default for PlatformOptions {
 impl PlatformOptions {
     /// Apply one `set`; keys this engine has no use for are EOPNOTSUPP.
     fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        if key == "lpc.fwcfg" {
+            // bhyve's own firmware interface ("bhyve") is not provided:
+            // that value means no fw_cfg at all.
+            self.fwcfg = match value {
+                "qemu" => true,
+                "bhyve" => false,
+                _ => {
+                    return Err(Error::InvalidCommand(format!(
+                        "lpc.fwcfg: '{value}' is neither qemu nor bhyve"
+                    )))
+                }
+            };
+            return Ok(());
+        }
         let slot = match key {
             "rtc.use_localtime" => &mut self.rtc_localtime,
             "x86.mptable" => &mut self.mptable,
@@ -324,6 +344,7 @@ impl Vm {
             memory: 0,
             ram: None,
             bootrom: None,
+            vars: None,
             kernel: None,
             initrd: None,
             cmdline: String::new(),
@@ -432,6 +453,10 @@ impl Vm {
                 boot::check_bootrom(&img)?;
                 let mut st = core.st.lock();
                 ctl.set_bootrom(&mut st, &img)?;
+            }
+            Command::BootVars(n) => {
+                configuring()?;
+                ctl.vars = Some(crate::firmware::load_vars(take(fds, n)?)?);
             }
             Command::Kernel(n) => {
                 configuring()?;
@@ -801,6 +826,23 @@ impl Control {
                 .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
         }
         let vm = self.vm()?.clone();
+        let firmware = match (&self.bootrom, self.options.fwcfg) {
+            (Some((_, rom_size)), true) => Some(crate::firmware::config(
+                &vm,
+                &mem,
+                self.topology.cpus,
+                self.memory,
+                *rom_size,
+                self.vars.as_ref(),
+                SLOT_VARS,
+            )?),
+            _ => None,
+        };
+        if self.vars.is_some() && firmware.is_none() {
+            return Err(Error::InvalidCommand(
+                "a variable store needs a boot ROM and lpc.fwcfg=qemu".into(),
+            ));
+        }
         let platform = Arc::new(Platform::new(
             vm.clone(),
             PlatformConfig {
@@ -811,6 +853,7 @@ impl Control {
                 pci: self.pci.clone(),
                 ram: mem.regions().to_vec(),
                 rtc_utc: !self.options.rtc_localtime,
+                firmware,
             },
             core.counters.clone(),
         )?);
@@ -924,6 +967,7 @@ impl Control {
         self.irqchip = None;
         self.ram = None;
         self.bootrom = None;
+        self.vars = None;
     }
 }
 

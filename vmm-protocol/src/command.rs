@@ -79,6 +79,9 @@ pub enum Command {
     Cpus(Topology),
     /// `bootrom FD`: a flat image mapped just below 4 GiB.
     Bootrom(i32),
+    /// `bootvars FD`: UEFI variable store (bhyve's VARS file), a writable
+    /// flash mapped just below the boot ROM; guest writes go back to it.
+    BootVars(i32),
     /// `kernel FD`: bzImage or ELF vmlinux for direct Linux boot.
     Kernel(i32),
     /// `initrd FD`.
@@ -230,7 +233,10 @@ impl Command {
     /// are left for the device to refuse.
     pub fn descriptors(&self) -> Vec<i32> {
         match self {
-            Command::Bootrom(n) | Command::Kernel(n) | Command::Initrd(n) => vec![*n],
+            Command::Bootrom(n)
+            | Command::BootVars(n)
+            | Command::Kernel(n)
+            | Command::Initrd(n) => vec![*n],
             Command::Serial { input, output, .. } => {
                 if input == output {
                     vec![*input]
@@ -258,7 +264,7 @@ impl Command {
     pub fn is_image(&self) -> bool {
         matches!(
             self,
-            Command::Bootrom(_) | Command::Kernel(_) | Command::Initrd(_)
+            Command::Bootrom(_) | Command::BootVars(_) | Command::Kernel(_) | Command::Initrd(_)
         )
     }
 }
@@ -296,6 +302,10 @@ impl Command {
             "bootrom" => {
                 arity(1)?;
                 Command::Bootrom(parse_fd(args.first().copied())?)
+            }
+            "bootvars" => {
+                arity(1)?;
+                Command::BootVars(parse_fd(args.first().copied())?)
             }
             "kernel" => {
                 arity(1)?;
@@ -385,6 +395,7 @@ impl fmt::Display for Command {
                 )
             }
             Command::Bootrom(fd) => write!(f, "bootrom {fd}"),
+            Command::BootVars(fd) => write!(f, "bootvars {fd}"),
             Command::Kernel(fd) => write!(f, "kernel {fd}"),
             Command::Initrd(fd) => write!(f, "initrd {fd}"),
             Command::Cmdline(text) => write!(f, "cmdline {text}"),
@@ -464,6 +475,8 @@ mod tests {
             Command::Memory(512 << 20)
         );
         assert_eq!(Command::parse("bootrom 5").unwrap(), Command::Bootrom(5));
+        assert_eq!(Command::parse("bootvars 6").unwrap(), Command::BootVars(6));
+        assert_eq!(Command::parse("bootvars 6").unwrap().descriptors(), vec![6]);
         assert_eq!(
             Command::parse("com1 0 1").unwrap(),
             Command::Serial {
@@ -528,6 +541,7 @@ mod tests {
             "memory 4096",
             "cpus 4 sockets=2 cores=2 threads=1",
             "bootrom 5",
+            "bootvars 6",
             "kernel 6",
             "initrd 7",
             "cmdline console=ttyS0 root=/dev/vda",

@@ -4,6 +4,8 @@
 //! Everything here faces the guest: ports, sizes and values are guest
 //! controlled and are decoded without trusting any of them.
 
+pub mod flash;
+pub mod fwcfg;
 pub mod pci;
 pub mod pm;
 pub mod rtc;
@@ -229,6 +231,17 @@ pub struct PlatformConfig {
     pub ram: Vec<Region>,
     /// The RTC keeps UTC (bhyve -u) rather than local time.
     pub rtc_utc: bool,
+    /// UEFI firmware's platform (bhyve's `lpc.fwcfg=qemu`), if asked for.
+    pub firmware: Option<FirmwareConfig>,
+}
+
+/// What OVMF finds besides the common platform: fw_cfg with its items, the
+/// variable store's flash, and the PCI functions it identifies the machine
+/// by (an i440FX host bridge, the PIIX4 PM function at 0:1.3, a PIIX3 ISA
+/// bridge, which its boot manager puts the serial console behind).
+pub struct FirmwareConfig {
+    pub fwcfg: fwcfg::FwCfgItems,
+    pub flash: Option<flash::FlashConfig>,
 }
 
 struct Devices {
@@ -236,6 +249,8 @@ struct Devices {
     pci: pci::PciBus,
     pm: pm::Pm,
     rtc: rtc::Rtc,
+    fwcfg: Option<fwcfg::FwCfg>,
+    flash: Option<flash::Flash>,
 }
 
 /// All emulated devices of one run of a VM.
@@ -303,6 +318,47 @@ impl Platform {
             )?;
             pci.add(slot, f);
         }
+        let (fwcfg, flash) = match cfg.firmware {
+            Some(fw) => {
+                pci.add(
+                    PciSlot {
+                        bus: 0,
+                        slot: 0,
+                        func: 0,
+                    },
+                    pci::PciFunction::i440fx(),
+                );
+                let pm_at = (0, 1, 3);
+                if pci.has(pm_at) {
+                    log::warn!("0:1.3 is taken: UEFI firmware will not find its PM timer");
+                } else {
+                    pci.add(
+                        PciSlot {
+                            bus: 0,
+                            slot: 1,
+                            func: 3,
+                        },
+                        pci::PciFunction::piix4_pm(),
+                    );
+                }
+                if !pci.has_id(0x8086, 0x7000) && !pci.has((0, 1, 0)) {
+                    pci.add(
+                        PciSlot {
+                            bus: 0,
+                            slot: 1,
+                            func: 0,
+                        },
+                        pci::PciFunction::lpc(),
+                    );
+                }
+                let mem = crate::memory::GuestMemory::new(cfg.ram.clone());
+                (
+                    Some(fwcfg::FwCfg::new(fw.fwcfg, mem)),
+                    fw.flash.map(flash::Flash::new),
+                )
+            }
+            None => (None, None),
+        };
         let low: u64 = cfg
             .ram
             .iter()
@@ -325,6 +381,8 @@ impl Platform {
                 pci,
                 pm: pm::Pm::new(),
                 rtc: rtc::Rtc::new(cfg.rtc_utc, low, high),
+                fwcfg,
+                flash,
             }),
             counters,
             started: Instant::now(),
@@ -427,6 +485,12 @@ impl Platform {
                 }
                 v
             }
+            fwcfg::PORT_SELECTOR..=fwcfg::PORT_DMA_END if d.fwcfg.is_some() => {
+                d.fwcfg.as_mut().map_or(0, |f| f.io_read(port, size))
+            }
+            // No i8042 under UEFI firmware: the port floats, so OVMF's PS/2
+            // driver gives up at once instead of timing out on each command.
+            0x60 | 0x64 if d.fwcfg.is_some() => size_mask(size),
             // i8042: status "no data, input buffer empty"; data reads 0. The
             // FADT does not announce an 8042, so OSes do not probe it; boot
             // ROMs may still poll the status.
@@ -482,6 +546,11 @@ impl Platform {
                 }
             }
             0x64 if v & 0xff == 0xfe => return Some(ExitReason::Reboot),
+            fwcfg::PORT_SELECTOR..=fwcfg::PORT_DMA_END if d.fwcfg.is_some() => {
+                if let Some(f) = d.fwcfg.as_mut() {
+                    f.io_write(port, size, v);
+                }
+            }
             BOOT_TIMER_PORT => {
                 let us = self.started.elapsed().as_micros() as u64;
                 if self
@@ -506,6 +575,10 @@ impl Platform {
     /// MMIO outside RAM: the ECAM window and PCI memory BARs; elsewhere
     /// reads return ones and writes are dropped.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some(f) = self.devs.lock().flash.as_mut().filter(|f| f.contains(addr)) {
+            f.read(addr, data);
+            return;
+        }
         if let Some(off) = addr.checked_sub(ECAM_BASE).filter(|o| *o < ECAM_SIZE) {
             self.devs.lock().pci.ecam(off, data, false);
             return;
@@ -520,6 +593,10 @@ impl Platform {
         let mut buf = [0u8; 8];
         let n = data.len().min(8);
         buf[..n].copy_from_slice(&data[..n]);
+        if let Some(f) = self.devs.lock().flash.as_mut().filter(|f| f.contains(addr)) {
+            f.write(addr, &buf[..n]);
+            return;
+        }
         if let Some(off) = addr.checked_sub(ECAM_BASE).filter(|o| *o < ECAM_SIZE) {
             self.devs.lock().pci.ecam(off, &mut buf[..n], true);
             return;

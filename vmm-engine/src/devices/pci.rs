@@ -65,6 +65,24 @@ impl PciFunction {
         PciFunction::new(0x8086, 0x7000, 0x06, 0x01)
     }
 
+    /// The Intel 82441FX (i440FX) host bridge: OVMF identifies the
+    /// platform by this id at 0:0.0 and stops on any it does not know.
+    pub fn i440fx() -> PciFunction {
+        PciFunction::new(0x8086, 0x1237, 0x06, 0x00)
+    }
+
+    /// The PIIX4 power-management function OVMF looks for at 0:1.3: its
+    /// PM base (0x40) already holds the engine's fixed ACPI block and
+    /// PMIOSE (0x80 bit 0) is set, read-only, so firmware keeps using
+    /// ports 0x400-0x40b (the PM timer at 0x408) instead of moving them.
+    pub fn piix4_pm() -> PciFunction {
+        let mut f = PciFunction::new(0x8086, 0x7113, 0x06, 0x80);
+        let pmba = u32::from(super::PM1A_EVT) | 1;
+        f.cfg[0x40..0x44].copy_from_slice(&pmba.to_le_bytes());
+        f.cfg[0x80] = 1;
+        f
+    }
+
     /// A 32-bit, non-prefetchable memory BAR of `size` bytes (a power of two,
     /// at least 16) at `addr`. The write mask makes BAR sizing work: writing
     /// all ones reads back the size mask.
@@ -144,6 +162,24 @@ impl PciBus {
         let mut functions = BTreeMap::new();
         functions.insert((0, 0, 0), PciFunction::host_bridge());
         PciBus { addr: 0, functions }
+    }
+
+    /// Whether a function sits at `bdf`.
+    pub fn has(&self, bdf: (u8, u8, u8)) -> bool {
+        self.functions.contains_key(&bdf)
+    }
+
+    /// Whether any function has the given vendor and device id.
+    pub fn has_id(&self, vendor: u16, device: u16) -> bool {
+        self.functions.values().any(|f| {
+            f.cfg[0..4]
+                == [
+                    vendor as u8,
+                    (vendor >> 8) as u8,
+                    device as u8,
+                    (device >> 8) as u8,
+                ]
+        })
     }
 
     /// Place `f` at `slot`, replacing what was there.
