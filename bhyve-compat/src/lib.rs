@@ -12,6 +12,7 @@ pub mod ctl;
 pub mod error;
 pub mod getopt;
 pub mod load;
+pub mod memsize;
 pub mod plan;
 pub mod resources;
 pub mod run;

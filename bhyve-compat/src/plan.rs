@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 pub use vmm_protocol::command::Topology;
-use vmm_protocol::command::{parse_size, Command, PciSlot};
+use vmm_protocol::command::{Command, PciSlot};
 
 /// Serial port back end (`lpc.comN.path`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +13,9 @@ pub enum Console {
     Stdio,
     /// A tty (or any file) opened read-write as the invoking user.
     Path(String),
+    /// `tcp=[IP:]PORT`: bhyve listens there (loopback unless an address is
+    /// given) and relays one client at a time to the port.
+    Tcp(String),
 }
 
 /// Network back end of a virtio-net device.
@@ -115,7 +118,6 @@ const PLATFORM_VARS: &[&str] = &[
     "memory.wired",
     "memory.guest_in_core",
     "uuid",
-    "lpc.fwcfg",
 ];
 
 fn parse_int(var: &str, v: &str, min: u32, max: u32) -> Result<u32> {
@@ -257,21 +259,33 @@ fn device_from(cfg: &Config, b: u8, s: u8, f: u8, emul: &str) -> Result<Device> 
             }
         }
         "virtio-console" => {
-            // bhyve's ports are port1..port16; this engine has one per device.
-            if let Some((k, _)) = children
+            // FreeBSD's ports are port.N.name/port.N.path (up to 16, with
+            // names the guest sees through the multiport feature); this
+            // engine's device has one port, whatever its name.
+            let mut ports: Vec<&str> = children
                 .iter()
-                .find(|(k, _)| k.starts_with("port") && k != "port1")
-            {
+                .filter_map(|(k, v)| {
+                    let n = k.strip_prefix("port.")?.strip_suffix(".path")?;
+                    n.parse::<u32>().ok().map(|_| v.as_str())
+                })
+                .collect();
+            if ports.len() > 1 {
                 return Err(Error::Config(format!(
-                    "virtio-console: only port1 is supported (pci slot {b}:{s}:{f}, {k})"
+                    "virtio-console: {} ports configured, one per device is supported (pci slot {b}:{s}:{f})",
+                    ports.len()
                 )));
             }
-            if let Some(path) = get("port1") {
+            if let Some(path) = ports.pop() {
                 backend = Backend::ConsolePort {
                     path: path.to_string(),
                 };
             }
-            consumed.push("port1");
+            let port_keys: Vec<&str> = children
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .filter(|k| k.starts_with("port."))
+                .collect();
+            consumed.extend(port_keys);
         }
         "passthru" => {
             let host =
@@ -317,6 +331,8 @@ fn console(cfg: &Config, port: &str) -> Option<Console> {
     cfg.get(&format!("lpc.{port}.path")).map(|p| {
         if p == "stdio" {
             Console::Stdio
+        } else if let Some(a) = p.strip_prefix("tcp=") {
+            Console::Tcp(a.to_string())
         } else {
             Console::Path(p.to_string())
         }
@@ -328,8 +344,8 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
     let name = cfg.get("name").ok_or(Error::Usage(None))?.to_string();
     let topology = topology(cfg)?;
     let memsize_str = cfg.get("memory.size").unwrap_or("256M").to_string();
-    let memsize = parse_size(&memsize_str)
-        .ok()
+    let memsize = crate::memsize::parse_memsize(&memsize_str)
+        .filter(|n| *n > 0)
         .ok_or_else(|| Error::BadOption(format!("invalid memsize '{memsize_str}'")))?;
     let bootrom = cfg.get("lpc.bootrom").map(String::from);
     let bootvars = cfg.get("lpc.bootvars").map(String::from);
@@ -392,8 +408,9 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
         }
     }
     // A boot ROM here is UEFI firmware built for QEMU's fw_cfg (OVMF):
-    // FreeBSD's default, its own "bhyve" interface, is not provided.
-    if bootrom.is_some() && cfg.get("lpc.fwcfg").is_none() {
+    // the engine has QEMU's interface only, so FreeBSD's default
+    // lpc.fwcfg=bhyve gets it too.
+    if bootrom.is_some() {
         platform.push(("lpc.fwcfg".into(), "qemu".into()));
     }
     Ok(Plan {
@@ -580,6 +597,34 @@ mod tests {
         c.parse_pci_slot("6,virtio-console,port1=/a,port2=/b")
             .unwrap();
         assert_eq!(plan(&c).unwrap_err().bhyve_status(), 4);
+        // Any name, as FreeBSD's named ports; the -o form too.
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("7,virtio-console,org.qemu.guest_agent.0=/run/qga.sock")
+            .unwrap();
+        assert_eq!(
+            c.get("pci.0.7.0.port.0.name"),
+            Some("org.qemu.guest_agent.0")
+        );
+        let p = plan(&c).unwrap();
+        assert_eq!(
+            p.devices[0].backend,
+            Backend::ConsolePort {
+                path: "/run/qga.sock".into()
+            }
+        );
+        let c = cfg(&[
+            ("pci.0.7.0.device", "virtio-console"),
+            ("pci.0.7.0.port.3.name", "p"),
+            ("pci.0.7.0.port.3.path", "/s"),
+        ]);
+        assert!(matches!(
+            plan(&c).unwrap().devices[0].backend,
+            Backend::ConsolePort { .. }
+        ));
+        // A port without a path is a bad slot.
+        assert!(cfg(&[])
+            .parse_pci_slot("7,virtio-console,justaname")
+            .is_err());
     }
 
     #[test]

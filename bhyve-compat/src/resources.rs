@@ -198,6 +198,23 @@ fn console_port(path: &str) -> Result<(OwnedFd, OwnedFd, OwnedFd)> {
     Ok((OwnedFd::from(listener), ours, device))
 }
 
+/// A serial port on TCP (`tcp=[IP:]PORT`): a socket listening at the
+/// address, loopback when only a port is given, opened by bhyve as the
+/// invoking user; like a console port it is relayed to the device's end of
+/// a socket pair, one client at a time.
+fn tcp_console(addr: &str) -> std::result::Result<(OwnedFd, OwnedFd, OwnedFd), String> {
+    let spec = match addr.strip_prefix(':').unwrap_or(addr) {
+        p if p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty() => format!("127.0.0.1:{p}"),
+        _ => addr.to_string(),
+    };
+    let sa: std::net::SocketAddr = spec
+        .parse()
+        .map_err(|_| "expected IP:PORT or PORT".to_string())?;
+    let listener = std::net::TcpListener::bind(sa).map_err(|e| e.to_string())?;
+    let (ours, device) = stream_pair("tcp console").map_err(|e| e.to_string())?;
+    Ok((OwnedFd::from(listener), ours, device))
+}
+
 /// A connected pair of UNIX stream sockets (close-on-exec): bhyve's end and
 /// the end a device or helper gets.
 fn stream_pair(what: &str) -> Result<(OwnedFd, OwnedFd)> {
@@ -229,10 +246,11 @@ pub fn start_console_relays(res: &Resources) {
 fn console_relay(listener: OwnedFd, guest: OwnedFd) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::io::{Read, Write};
-    use std::os::fd::AsFd;
-    let listener = std::os::unix::net::UnixListener::from(listener);
-    let mut guest = std::os::unix::net::UnixStream::from(guest);
-    let mut client: Option<std::os::unix::net::UnixStream> = None;
+    use std::os::fd::{AsFd, FromRawFd};
+    // A UNIX or a TCP listener: accept(2) serves both, and a socket reads
+    // and writes as a file.
+    let mut guest = std::fs::File::from(guest);
+    let mut client: Option<std::fs::File> = None;
     let mut buf = [0u8; 4096];
     loop {
         let other = match &client {
@@ -261,7 +279,15 @@ fn console_relay(listener: OwnedFd, guest: OwnedFd) {
         }
         if o {
             match &mut client {
-                None => client = listener.accept().ok().map(|(c, _)| c),
+                None => {
+                    client = nix::sys::socket::accept4(
+                        listener.as_raw_fd(),
+                        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                    )
+                    .ok()
+                    // SAFETY: accept4 returned a new descriptor we own.
+                    .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) })
+                }
                 Some(c) => match c.read(&mut buf) {
                     Ok(0) | Err(_) => client = None,
                     Ok(n) => {
@@ -318,7 +344,11 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
         })?);
     }
     if let Some(vars) = &plan.bootvars {
-        let fd = open(vars.as_str(), OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty());
+        let fd = open(
+            vars.as_str(),
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        );
         r.bootvars = Some(fd.map_err(|e| {
             Error::Config(format!(
                 "Error opening bootvars \"{vars}\": {}",
@@ -333,11 +363,23 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
             r.initrd = Some(open_ro(i).map_err(|e| Error::sys(format!("open {i}"), e))?);
         }
     }
-    for (port, con) in [(&mut r.com1, &plan.com1), (&mut r.com2, &plan.com2)] {
+    for (name, port, con) in [
+        ("com1", &mut r.com1, &plan.com1),
+        ("com2", &mut r.com2, &plan.com2),
+    ] {
         *port = match con {
             None => None,
             Some(Console::Stdio) => Some(ConsoleFds::Stdio),
             Some(Console::Path(p)) => Some(ConsoleFds::File(open_console(p)?)),
+            Some(Console::Tcp(a)) => {
+                let (listener, ours, device) = tcp_console(a).map_err(|e| {
+                    Error::Config(format!(
+                        "Unable to initialize backend 'tcp={a}' for LPC device {name}: {e}"
+                    ))
+                })?;
+                r.console_ports.push((listener, ours));
+                Some(ConsoleFds::File(device))
+            }
         };
     }
     for d in &plan.devices {

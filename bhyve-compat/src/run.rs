@@ -67,9 +67,7 @@ pub fn bhyve_main(prog: &str, args: &[String]) -> i32 {
             return 0;
         }
         Invocation::Dump(cfg) => {
-            for (k, v) in cfg.iter() {
-                println!("{k}={v}");
-            }
+            print!("{}", cfg.dump());
             return 1;
         }
         Invocation::Run(cfg) => cfg,
