@@ -14,6 +14,7 @@ pub mod getopt;
 pub mod load;
 pub mod memsize;
 pub mod plan;
+pub mod proctitle;
 pub mod resources;
 pub mod run;
 pub mod term;

@@ -91,6 +91,9 @@ pub fn bhyve_main(prog: &str, args: &[String]) -> i32 {
             return e.bhyve_status();
         }
     };
+    // As FreeBSD's setproctitle: `ps` shows "bhyve: NAME" (prog and the
+    // arguments were read above).
+    crate::proctitle::set(&format!("bhyve: {}", p.name));
     let code = match run(prog, &p) {
         Ok(code) => code,
         Err(e) => {
