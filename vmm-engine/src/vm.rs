@@ -765,6 +765,7 @@ impl Control {
             };
             vm.create_pit2(pit)
                 .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+            crate::devices::pit_drop_lost_ticks(&vm);
             let mut chips = Vec::new();
             for id in 0..3 {
                 let mut c = kvm_irqchip {

@@ -205,6 +205,36 @@ impl PciEmulation {
     }
 }
 
+/// Make KVM's PIT drop the ticks a guest could not take in time instead of
+/// delivering them later in a burst (its default "reinject" policy); bhyve's
+/// PIT does not catch up either. A guest whose timer handler runs slowly
+/// (UEFI firmware with interrupts off, on a slow or nested host) otherwise
+/// finds a new tick pending every time it returns from the last one.
+pub fn pit_drop_lost_ticks(vm: &VmFd) {
+    /// KVM_REINJECT_CONTROL = _IO(KVMIO, 0x71); struct kvm_reinject_control.
+    const KVM_REINJECT_CONTROL: libc::c_ulong = 0xae71;
+    #[repr(C)]
+    struct ReinjectControl {
+        pit_reinject: u8,
+        reserved: [u8; 31],
+    }
+    let ctl = ReinjectControl {
+        pit_reinject: 0,
+        reserved: [0; 31],
+    };
+    // SAFETY: the ioctl reads a kvm_reinject_control from a valid pointer.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(vm),
+            KVM_REINJECT_CONTROL as _,
+            &ctl,
+        )
+    };
+    if r < 0 {
+        log::debug!("KVM_REINJECT_CONTROL: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// Pin (0 = INTA) and IOAPIC line of a PCI function's INTx: function f uses
 /// INT(A+f%4), and (slot, pin) goes to line 16 + (slot + pin) % 8, the
 /// swizzle the DSDT's _PRT describes.
