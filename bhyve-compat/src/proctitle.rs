@@ -13,7 +13,11 @@ use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 static ARGC: AtomicUsize = AtomicUsize::new(0);
 static ARGV: AtomicPtr<*mut libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
 
-extern "C" fn capture(argc: libc::c_int, argv: *mut *mut libc::c_char, _env: *mut *mut libc::c_char) {
+extern "C" fn capture(
+    argc: libc::c_int,
+    argv: *mut *mut libc::c_char,
+    _env: *mut *mut libc::c_char,
+) {
     ARGC.store(argc.max(0) as usize, Ordering::Relaxed);
     ARGV.store(argv, Ordering::Relaxed);
 }

@@ -4,6 +4,7 @@
 //! Everything here faces the guest: ports, sizes and values are guest
 //! controlled and are decoded without trusting any of them.
 
+pub mod ahci;
 pub mod flash;
 pub mod fwcfg;
 pub mod pci;
@@ -55,6 +56,7 @@ pub enum PciEmulation {
     VirtioNet(virtio::net::NetConfig),
     VirtioRnd,
     VirtioConsole(virtio::console::ConsoleConfig),
+    Ahci(ahci::AhciConfig),
 }
 
 /// First address of the window BARs are placed in before the guest moves
@@ -195,6 +197,9 @@ impl PciEmulation {
                 };
                 PciEmulation::VirtioConsole(virtio::console::ConsoleConfig { input, output })
             }
+            "ahci" | "ahci-hd" | "ahci-cd" => {
+                PciEmulation::Ahci(ahci::AhciConfig::configure(emulation, options, take)?)
+            }
             "passthru" => {
                 return Err(Error::Unsupported(
                     "PCI passthrough needs an IOMMU; this engine cannot assign devices".into(),
@@ -315,6 +320,18 @@ impl Platform {
                 }
                 PciEmulation::Lpc => {
                     pci.add(slot, pci::PciFunction::lpc());
+                    continue;
+                }
+                PciEmulation::Ahci(c) => {
+                    // Placed like a virtio device's BAR; 8 KiB fits the stride.
+                    let bar = PCI_MMIO_BASE + n as u64 * virtio::pci::BAR_SIZE;
+                    let (pin, line) = intx_route(slot.slot, slot.func);
+                    let irq = Box::new(ahci::KvmIrq {
+                        vm: vm.clone(),
+                        line,
+                    });
+                    let mem = crate::memory::GuestMemory::new(cfg.ram.clone());
+                    pci.add(slot, ahci::function(c, mem, irq, bar as u32, pin, line));
                     continue;
                 }
                 PciEmulation::VirtioBlk(c) => {

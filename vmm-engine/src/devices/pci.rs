@@ -32,6 +32,16 @@ pub struct PciFunction {
     cap_next: usize,
     /// The virtio transport behind this function, if it is one.
     pub(crate) virtio: Option<Box<VirtioPci>>,
+    /// Any other device with memory BARs (AHCI).
+    pub(crate) bar_dev: Option<Box<dyn BarDevice>>,
+}
+
+/// A device behind a function's memory BARs, told of configuration writes
+/// (MSI, INTx disable). Offsets are inside the BAR; sizes 1 to 8.
+pub trait BarDevice: Send {
+    fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]);
+    fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]);
+    fn config_written(&mut self, cfg: &[u8; 256]);
 }
 
 impl PciFunction {
@@ -42,6 +52,7 @@ impl PciFunction {
             bar_sizes: [0; 6],
             cap_next: CAP_START,
             virtio: None,
+            bar_dev: None,
         };
         f.cfg[0..2].copy_from_slice(&vendor.to_le_bytes());
         f.cfg[2..4].copy_from_slice(&device.to_le_bytes());
@@ -227,6 +238,9 @@ impl PciBus {
             if let Some(v) = f.virtio.as_mut() {
                 v.config_written(&cfg, bar, en);
             }
+            if let Some(d) = f.bar_dev.as_mut() {
+                d.config_written(&cfg);
+            }
         }
     }
 
@@ -313,6 +327,14 @@ impl PciBus {
                         v.bar_write(idx, off, data);
                     } else {
                         v.bar_read(idx, off, data);
+                    }
+                    return true;
+                }
+                if let Some(d) = f.bar_dev.as_mut() {
+                    if write {
+                        d.bar_write(idx, off, data);
+                    } else {
+                        d.bar_read(idx, off, data);
                     }
                     return true;
                 }
