@@ -24,12 +24,18 @@ pub const PCI_EMULATIONS: &[&str] = &[
     "hostbridge",
     "amd_hostbridge",
     "lpc",
+    "ahci",
+    "ahci-cd",
+    "ahci-hd",
     "passthru",
     "virtio-blk",
     "virtio-console",
     "virtio-net",
     "virtio-rnd",
 ];
+
+/// Ports of one AHCI controller.
+pub const AHCI_MAX_PORTS: usize = 32;
 
 /// LPC devices accepted by `-l`, in the order `-l help` lists them.
 pub const LPC_DEVICES: &[&str] = &["bootrom", "com1", "com2"];
@@ -316,6 +322,41 @@ fn legacy_pci_config(cfg: &mut Config, node: &str, emul: &str, conf: &str) -> Re
                 }
             }
         }
+        "ahci" => {
+            // FreeBSD's legacy AHCI syntax: ports in order, each "hd:" or
+            // "cd:" then a block device (path, options) up to the next one.
+            let mut rest = conf;
+            let mut n = 0;
+            while !rest.is_empty() {
+                let (ty, body) = if let Some(b) = rest.strip_prefix("hd:") {
+                    ("hd", b)
+                } else if let Some(b) = rest.strip_prefix("cd:") {
+                    ("cd", b)
+                } else {
+                    ("hd", rest)
+                };
+                let next = [body.find(",hd:"), body.find(",cd:")]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                let (this, after) = match next {
+                    Some(i) => (&body[..i], &body[i + 1..]),
+                    None => (body, ""),
+                };
+                let port = format!("{node}.port.{n}");
+                cfg.set(&format!("{port}.type"), ty);
+                block_config(cfg, &port, this);
+                rest = after;
+                n += 1;
+            }
+            return Ok(());
+        }
+        "ahci-hd" | "ahci-cd" => {
+            let port = format!("{node}.port.0");
+            cfg.set(&format!("{port}.type"), &emul[5..]);
+            block_config(cfg, &port, conf);
+            return Ok(());
+        }
         "virtio-console" => {
             // NAME=PATH per port, as FreeBSD's vtcon legacy syntax: port N
             // becomes port.N.name and port.N.path (port1=... is just a name).
@@ -331,6 +372,17 @@ fn legacy_pci_config(cfg: &mut Config, node: &str, emul: &str, conf: &str) -> Re
         set_kv(cfg, node, t);
     }
     Ok(())
+}
+
+/// FreeBSD's blockif_legacy_config: a path, then options.
+fn block_config(cfg: &mut Config, node: &str, conf: &str) {
+    let mut toks = conf.split(',');
+    if let Some(path) = toks.next().filter(|p| !p.is_empty()) {
+        cfg.set(&format!("{node}.path"), path);
+    }
+    for t in toks {
+        set_kv(cfg, node, t);
+    }
 }
 
 fn set_kv(cfg: &mut Config, node: &str, tok: &str) {

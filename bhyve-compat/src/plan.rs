@@ -49,6 +49,18 @@ pub enum Backend {
     Passthru { host: String },
     /// A virtio-console port: a UNIX socket bhyve listens on (`port1=PATH`).
     ConsolePort { path: String },
+    /// AHCI ports in order: each a disk or a CD, its image and options.
+    Ahci(Vec<AhciPort>),
+}
+
+/// One AHCI port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AhciPort {
+    pub cd: bool,
+    pub path: String,
+    pub ro: bool,
+    /// Engine options (`sectorsize=`, `ser=`, `nmrr=`, `nocache`...).
+    pub options: Vec<String>,
 }
 
 /// One `-s` device.
@@ -286,6 +298,68 @@ fn device_from(cfg: &Config, b: u8, s: u8, f: u8, emul: &str) -> Result<Device> 
                 .filter(|k| k.starts_with("port."))
                 .collect();
             consumed.extend(port_keys);
+        }
+        "ahci" | "ahci-hd" | "ahci-cd" => {
+            let mut ports = Vec::new();
+            for n in 0..crate::config::AHCI_MAX_PORTS {
+                let pn = format!("port.{n}");
+                let pget = |k: &str| get(&format!("{pn}.{k}"));
+                let Some(ty) = pget("type") else { break };
+                let cd = match ty {
+                    "hd" => false,
+                    "cd" => true,
+                    _ => {
+                        return Err(Error::Config(format!(
+                            "ahci: pci slot {b}:{s}:{f} port {n}: unknown type \"{ty}\""
+                        )))
+                    }
+                };
+                let path = pget("path").ok_or_else(|| {
+                    Error::Config(format!(
+                        "ahci: pci slot {b}:{s}:{f} port {n}: backing device required"
+                    ))
+                })?;
+                let ro = cd || cfg.get_bool(&format!("{node}.{pn}.ro"), false)?;
+                let mut options = Vec::new();
+                for (k, v) in children
+                    .iter()
+                    .filter_map(|(k, v)| k.strip_prefix(&format!("{pn}.")).map(|k| (k, v)))
+                {
+                    match k {
+                        "type" | "path" | "ro" => {}
+                        "nocache" | "direct" | "nodelete" | "sync" => options.push(k.to_string()),
+                        "sectorsize" | "ser" | "nmrr" => {
+                            check_token(k, v)?;
+                            options.push(format!("{k}={v}"));
+                        }
+                        // bootindex: UEFI firmware boots in its own order here.
+                        "bootindex" => {}
+                        other => {
+                            return Err(Error::Config(format!(
+                                "ahci: pci slot {b}:{s}:{f} port {n}: unknown option \"{other}\""
+                            )))
+                        }
+                    }
+                }
+                ports.push(AhciPort {
+                    cd,
+                    path: path.to_string(),
+                    ro,
+                    options,
+                });
+            }
+            if ports.is_empty() {
+                return Err(Error::Config(format!(
+                    "ahci: pci slot {b}:{s}:{f}: no ports configured"
+                )));
+            }
+            let keys: Vec<&str> = children
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .filter(|k| k.starts_with("port."))
+                .collect();
+            consumed.extend(keys);
+            backend = Backend::Ahci(ports);
         }
         "passthru" => {
             let host =
@@ -625,6 +699,42 @@ mod tests {
         assert!(cfg(&[])
             .parse_pci_slot("7,virtio-console,justaname")
             .is_err());
+    }
+
+    /// FreeBSD's AHCI syntaxes: ports in order with their options; the
+    /// one-port emulations.
+    #[test]
+    fn ahci_ports() {
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("4,ahci,hd:/d.img,sectorsize=4096,ser=ABC,cd:/i.iso,hd:/e.img,ro")
+            .unwrap();
+        let p = plan(&c).unwrap();
+        let Backend::Ahci(ports) = &p.devices[0].backend else {
+            panic!("not ahci")
+        };
+        assert_eq!(ports.len(), 3);
+        assert_eq!(
+            (ports[0].cd, ports[0].path.as_str(), ports[0].ro),
+            (false, "/d.img", false)
+        );
+        assert_eq!(ports[0].options, ["sectorsize=4096", "ser=ABC"]);
+        assert!(ports[1].cd && ports[1].ro);
+        assert!(ports[2].ro && !ports[2].cd);
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("5,ahci-cd,/x.iso").unwrap();
+        c.parse_pci_slot("6,ahci-hd,/y.img,nocache,direct").unwrap();
+        let p = plan(&c).unwrap();
+        assert!(matches!(&p.devices[0].backend, Backend::Ahci(v) if v[0].cd));
+        assert!(
+            matches!(&p.devices[1].backend, Backend::Ahci(v) if !v[0].cd && v[0].options == ["direct", "nocache"])
+        );
+        // No path, or an unknown option: bhyve's configuration errors.
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("4,ahci-hd").unwrap();
+        assert_eq!(plan(&c).unwrap_err().bhyve_status(), 4);
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("4,ahci,hd:/d.img,bogus=1").unwrap();
+        assert_eq!(plan(&c).unwrap_err().bhyve_status(), 4);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct Resources {
     pub com2: Option<ConsoleFds>,
     /// Per device of the plan (same order): its descriptor, if it has one.
     pub devices: Vec<Option<OwnedFd>>,
+    /// Per device: the descriptors of its AHCI ports (none for others).
+    pub ports: Vec<Vec<OwnedFd>>,
     /// Helper processes (passt), ended when bhyve ends.
     pub helpers: Vec<Child>,
     /// virtio-console ports: the socket bhyve listens on and its end of the
@@ -383,8 +385,15 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
         };
     }
     for d in &plan.devices {
+        let mut ports = Vec::new();
+        if let Backend::Ahci(ps) = &d.backend {
+            for p in ps {
+                ports.push(open_disk(&p.path, p.ro)?.0);
+            }
+        }
+        r.ports.push(ports);
         let fd = match &d.backend {
-            Backend::None => None,
+            Backend::None | Backend::Ahci(_) => None,
             Backend::Disk { path, ro } => Some(open_disk(path, *ro)?.0),
             Backend::Net(NetBackend::Tap(name)) => Some(open_tap(name)?),
             Backend::Net(NetBackend::Slirp { hostfwd, open }) => {
@@ -456,8 +465,18 @@ pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmComman
             );
         }
     }
-    for (d, fd) in plan.devices.iter().zip(res.devices.iter()) {
+    for (i, (d, fd)) in plan.devices.iter().zip(res.devices.iter()).enumerate() {
         let mut options: Vec<String> = Vec::new();
+        if let (Backend::Ahci(ps), Some(fds)) = (&d.backend, res.ports.get(i)) {
+            for (p, fd) in ps.iter().zip(fds) {
+                options.push(format!("port={}", if p.cd { "cd" } else { "hd" }));
+                options.push(format!("fd={}", fd.as_raw_fd()));
+                if p.ro {
+                    options.push("ro".into());
+                }
+                options.extend(p.options.iter().cloned());
+            }
+        }
         if let Backend::Net(nb) = &d.backend {
             options.push(
                 match nb {
@@ -474,7 +493,12 @@ pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmComman
         push(
             VmmCommand::Device {
                 slot: d.pci_slot(),
-                emulation: d.emulation.clone(),
+                // ahci-hd and ahci-cd are one-port controllers: the engine's
+                // ahci with that port.
+                emulation: match d.backend {
+                    Backend::Ahci(_) => "ahci".into(),
+                    _ => d.emulation.clone(),
+                },
                 options,
             },
             false,
