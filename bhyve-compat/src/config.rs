@@ -38,7 +38,7 @@ pub const PCI_EMULATIONS: &[&str] = &[
 pub const AHCI_MAX_PORTS: usize = 32;
 
 /// LPC devices accepted by `-l`, in the order `-l help` lists them.
-pub const LPC_DEVICES: &[&str] = &["bootrom", "com1", "com2"];
+pub const LPC_DEVICES: &[&str] = &["bootrom", "com1", "com2", "com3", "com4"];
 
 impl Config {
     /// An empty configuration.
@@ -218,7 +218,7 @@ impl Config {
                 }
                 Ok(())
             }
-            "com1" | "com2" => {
+            "com1" | "com2" | "com3" | "com4" => {
                 let path = rest.filter(|r| !r.is_empty()).ok_or_else(bad)?;
                 self.set(&format!("lpc.{lower}.path"), path);
                 Ok(())
@@ -444,7 +444,9 @@ mod tests {
         c.parse_lpc("bootrom,rom,vars").unwrap();
         assert_eq!(c.get("lpc.bootvars"), Some("vars"));
         assert!(c.parse_lpc("com1").is_err());
-        assert!(c.parse_lpc("com3,stdio").is_err());
+        c.parse_lpc("com4,tcp=127.0.0.1:5555").unwrap();
+        assert_eq!(c.get("lpc.com4.path"), Some("tcp=127.0.0.1:5555"));
+        assert!(c.parse_lpc("com5,stdio").is_err());
         assert_eq!(
             c.parse_lpc("bootrom").unwrap_err().to_string(),
             "invalid bootrom option \"bootrom\""

@@ -108,6 +108,8 @@ pub struct Plan {
     pub linux: Option<LinuxBoot>,
     pub com1: Option<Console>,
     pub com2: Option<Console>,
+    pub com3: Option<Console>,
+    pub com4: Option<Console>,
     pub devices: Vec<Device>,
     pub monitor: bool,
     pub destroy_on_poweroff: bool,
@@ -442,13 +444,18 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
             "lpc.bootrom and linux.kernel are mutually exclusive".into(),
         ));
     }
-    let com1 = console(cfg, "com1");
-    let com2 = console(cfg, "com2");
-    if com1 == Some(Console::Stdio) && com2 == Some(Console::Stdio) {
-        return Err(Error::Config(
-            "Unable to initialize backend 'stdio' for LPC device com2: stdio is already in use"
-                .into(),
-        ));
+    let [com1, com2, com3, com4] = ["com1", "com2", "com3", "com4"].map(|c| console(cfg, c));
+    // One port may have stdio; FreeBSD names the second that asks for it.
+    for (i, c) in [&com2, &com3, &com4].into_iter().enumerate() {
+        let earlier = [&com1, &com2, &com3][..=i]
+            .iter()
+            .any(|e| **e == Some(Console::Stdio));
+        if *c == Some(Console::Stdio) && earlier {
+            return Err(Error::Config(format!(
+                "Unable to initialize backend 'stdio' for LPC device com{}: stdio is already in use",
+                i + 2
+            )));
+        }
     }
     let mut devices = Vec::new();
     for (k, emul) in cfg.children("pci") {
@@ -497,6 +504,8 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
         linux,
         com1,
         com2,
+        com3,
+        com4,
         devices,
         monitor: cfg.get_bool("monitor", false)?,
         destroy_on_poweroff: cfg.get_bool("destroy_on_poweroff", false)?,

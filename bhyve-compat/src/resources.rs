@@ -39,6 +39,8 @@ pub struct Resources {
     pub initrd: Option<OwnedFd>,
     pub com1: Option<ConsoleFds>,
     pub com2: Option<ConsoleFds>,
+    pub com3: Option<ConsoleFds>,
+    pub com4: Option<ConsoleFds>,
     /// Per device of the plan (same order): its descriptor, if it has one.
     pub devices: Vec<Option<OwnedFd>>,
     /// Per device: the descriptors of its AHCI ports (none for others).
@@ -368,6 +370,8 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
     for (name, port, con) in [
         ("com1", &mut r.com1, &plan.com1),
         ("com2", &mut r.com2, &plan.com2),
+        ("com3", &mut r.com3, &plan.com3),
+        ("com4", &mut r.com4, &plan.com4),
     ] {
         *port = match con {
             None => None,
@@ -452,7 +456,12 @@ pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmComman
     if let Some(c) = plan.linux.as_ref().and_then(|l| l.cmdline.as_ref()) {
         push(VmmCommand::Cmdline(c.clone()), false);
     }
-    for (port, con) in [(ComPort::Com1, &res.com1), (ComPort::Com2, &res.com2)] {
+    for (port, con) in [
+        (ComPort::Com1, &res.com1),
+        (ComPort::Com2, &res.com2),
+        (ComPort::Com3, &res.com3),
+        (ComPort::Com4, &res.com4),
+    ] {
         if let Some(c) = con {
             let (input, output) = c.pair();
             push(

@@ -282,7 +282,10 @@ fn run(prog: &str, p: &Plan) -> Result<i32> {
     let sig = block_signals()?;
     let ctl = open_ctl(&dev)?;
     let mut vm = create_or_open(prog, &dev, &ctl, p)?;
-    if p.com1 == Some(Console::Stdio) || p.com2 == Some(Console::Stdio) {
+    if [&p.com1, &p.com2, &p.com3, &p.com4]
+        .iter()
+        .any(|c| **c == Some(Console::Stdio))
+    {
         term::enter_stdio().map_err(|e| Error::sys("tcsetattr", e))?;
     }
     let result = if p.monitor {

@@ -916,6 +916,7 @@ const CORPUS: &[(&str, &str, Expect)] = {
         ("vmrun.sh, UEFI", "-c 2 -m 512M -A -H -P -s 0:0,hostbridge -s 1:0,lpc -s 2:0,virtio-net,{TAP} -s 3:0,virtio-blk,{DISK} -s 4:0,ahci-cd,{ISO} -l com1,{CON} -l bootrom,{ROM} {NAME}", Runs),
         ("vmrun.sh, UEFI with vars", "-c 1 -m 256M -A -H -P -s 0:0,hostbridge -s 1:0,lpc -s 3:0,virtio-blk,{DISK} -l com1,{CON} -l bootrom,{ROM},{VARS} {NAME}", Runs),
         ("vmrun.sh, loader-booted (no bootrom, no bhyveload)", "-c 1 -m 256M -A -H -P -s 0:0,hostbridge -s 1:0,lpc -s 3:0,virtio-blk,{DISK} -l com1,{CON} {NAME}", Refused(4, "no bootrom was configured")),
+        ("bhyve(8), four serial ports", "-c 1 -m 256M -s 0,hostbridge -s 31,lpc -l com1,{CON} -l com2,{CON} -l com3,{CON} -l com4,tcp={PORT} -l bootrom,{ROM} {NAME}", Runs),
         ("Handbook, NUMA domain", "-c 2 -m 512M -n 0,512M,0-1 -A -H -P -s 0:0,hostbridge -s 31,lpc -l com1,{CON} -l bootrom,{ROM} {NAME}", Runs),
         ("Handbook, two NUMA domains", "-c 2 -m 512M -n 0,256M,0 -n 1,256M,1 -s 0:0,hostbridge -s 31,lpc -l com1,{CON} -l bootrom,{ROM} {NAME}", Refused(64, "only one domain is supported")),
         ("bhyve(8), bootrom without a file", "-s 0,hostbridge -s 31,lpc -l bootrom {NAME}", Refused(4, "invalid bootrom option \"bootrom\"")),

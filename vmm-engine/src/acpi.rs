@@ -206,7 +206,8 @@ impl Aml for Raw {
     }
 }
 
-fn dsdt() -> Vec<u8> {
+/// `coms`: which of COM1-COM4 the guest has.
+fn dsdt(coms: [bool; 4]) -> Vec<u8> {
     let mut t = Table::new(b"DSDT", 2);
     let mut body = Vec::new();
     // SLP_TYP 5 for the PM1a control: S5.
@@ -263,6 +264,7 @@ fn dsdt() -> Vec<u8> {
     let com: Vec<Raw> = COM_PORTS
         .iter()
         .enumerate()
+        .filter(|(i, _)| coms[*i])
         .map(|(i, (port, irq))| {
             isa_device(
                 &format!("COM{}", i + 1),
@@ -442,14 +444,14 @@ fn rsdp(xsdt: u64) -> Vec<u8> {
 
 /// Write the whole table set for `cpus` vCPUs into guest RAM; the MP table
 /// unless `mptable` is false (bhyve -Y).
-pub fn write_tables(mem: &GuestMemory, cpus: u16, mptable: bool) -> Result<()> {
+pub fn write_tables(mem: &GuestMemory, cpus: u16, mptable: bool, coms: [bool; 4]) -> Result<()> {
     mem.zero(RSDP_ADDR, (ACPI_END - RSDP_ADDR) as usize)?;
     if mptable {
         mem.write(MPC_ADDR, &mp_config(cpus))?;
         mem.write(MPFP_ADDR, &mp_floating(MPC_ADDR))?;
     }
     mem.write(FACS_ADDR, &facs())?;
-    mem.write(DSDT_ADDR, &dsdt())?;
+    mem.write(DSDT_ADDR, &dsdt(coms))?;
     mem.write(FADT_ADDR, &fadt(FACS_ADDR, DSDT_ADDR))?;
     mem.write(MADT_ADDR, &madt(cpus))?;
     mem.write(MCFG_ADDR, &mcfg())?;
@@ -514,7 +516,7 @@ fn loader_checksum(file: &str, at: usize, start: usize, len: usize) -> Vec<u8> {
 }
 
 /// Build the loader files for `cpus` vCPUs.
-pub fn loader_files(cpus: u16) -> LoaderFiles {
+pub fn loader_files(cpus: u16, coms: [bool; 4]) -> LoaderFiles {
     let mut blob: Vec<u8> = Vec::new();
     let mut place = |t: Vec<u8>, align: usize| -> usize {
         while blob.len() % align != 0 {
@@ -526,7 +528,7 @@ pub fn loader_files(cpus: u16) -> LoaderFiles {
     };
     // The FACS wants 64-byte alignment; it has no checksum.
     let facs_at = place(facs(), 64);
-    let dsdt_at = place(dsdt(), 8);
+    let dsdt_at = place(dsdt(coms), 8);
     let fadt_at = place(fadt(facs_at as u64, dsdt_at as u64), 8);
     let madt_at = place(madt(cpus), 8);
     let mcfg_at = place(mcfg(), 8);
@@ -577,7 +579,7 @@ mod tests {
         assert_eq!(fadt(FACS_ADDR, DSDT_ADDR).len(), 244);
         for t in [
             fadt(FACS_ADDR, DSDT_ADDR),
-            dsdt(),
+            dsdt([true; 4]),
             madt(255),
             xsdt(&[1, 2, 3]),
             mcfg(),
@@ -603,7 +605,7 @@ mod tests {
         assert!(MADT_ADDR + madt(255).len() as u64 <= MCFG_ADDR);
         assert!(MCFG_ADDR + mcfg().len() as u64 <= MPC_ADDR);
         assert!(MPC_ADDR + mp_config(255).len() as u64 <= DSDT_ADDR);
-        assert!(DSDT_ADDR + dsdt().len() as u64 <= ACPI_END);
+        assert!(DSDT_ADDR + dsdt([true; 4]).len() as u64 <= ACPI_END);
     }
 
     /// Run the loader script as firmware would (allocate at made-up
@@ -611,7 +613,7 @@ mod tests {
     /// linked table set.
     #[test]
     fn loader_script_links_the_tables() {
-        let f = loader_files(2);
+        let f = loader_files(2, [true, true, false, false]);
         assert_eq!(f.loader.len() % 128, 0);
         let (rsdp_base, tables_base) = (0xf_0000u64, 0x7fe0_0000u64);
         let mut tables = f.tables.clone();

@@ -77,9 +77,10 @@ pub fn config(
     rom_size: u64,
     vars: Option<&BootVars>,
     vars_slot: u32,
+    coms: [bool; 4],
 ) -> Result<FirmwareConfig> {
     let mut items = FwCfgItems::new(cpus, ram);
-    let loader = acpi::loader_files(cpus);
+    let loader = acpi::loader_files(cpus, coms);
     let files = [
         ("etc/e820", e820_file(mem)),
         (acpi::TABLES_FILE, loader.tables),

@@ -187,7 +187,7 @@ struct Control {
     kernel: Option<Vec<u8>>,
     initrd: Option<Vec<u8>>,
     cmdline: String,
-    serial: [Option<SerialFds>; 2],
+    serial: [Option<SerialFds>; 4],
     pci: Vec<(PciSlot, PciEmulation)>,
     options: PlatformOptions,
 }
@@ -348,7 +348,7 @@ impl Vm {
             kernel: None,
             initrd: None,
             cmdline: String::new(),
-            serial: [None, None],
+            serial: [None, None, None, None],
             pci: Vec::new(),
             options: PlatformOptions::default(),
         };
@@ -620,7 +620,7 @@ impl Vm {
             return;
         }
         let stopped = ctl.stop_threads();
-        ctl.serial = [None, None];
+        ctl.serial = [None, None, None, None];
         ctl.pci.clear();
         if stopped {
             self.core.set_state(VmState::Exited(ExitReason::Error(
@@ -820,8 +820,9 @@ impl Control {
         self.ensure_vcpus()?;
         let cpus = usize::from(self.topology.cpus);
         let mem = self.guest_memory();
+        let coms = crate::devices::com_present(&self.serial.each_ref().map(|s| s.is_some()));
         if mem.low_end() >= 0x10_0000 {
-            crate::acpi::write_tables(&mem, self.topology.cpus, self.options.mptable)?;
+            crate::acpi::write_tables(&mem, self.topology.cpus, self.options.mptable, coms)?;
         }
         let mut entry = None;
         if let Some(k) = &self.kernel {
@@ -849,6 +850,7 @@ impl Control {
                 *rom_size,
                 self.vars.as_ref(),
                 SLOT_VARS,
+                coms,
             )?),
             _ => None,
         };
@@ -860,10 +862,10 @@ impl Control {
         let platform = Arc::new(Platform::new(
             vm.clone(),
             PlatformConfig {
-                serial_out: [
-                    self.serial[0].as_ref().map(|s| s.output.clone()),
-                    self.serial[1].as_ref().map(|s| s.output.clone()),
-                ],
+                serial_out: self
+                    .serial
+                    .each_ref()
+                    .map(|s| s.as_ref().map(|s| s.output.clone())),
                 pci: self.pci.clone(),
                 ram: mem.regions().to_vec(),
                 rtc_utc: !self.options.rtc_localtime,
@@ -923,7 +925,7 @@ impl Control {
             let Some(s) = s else { continue };
             let c = ctx.clone();
             let input = s.input.clone();
-            let port = if i == 0 { ComPort::Com1 } else { ComPort::Com2 };
+            let port = ComPort::ALL[i];
             match std::thread::Builder::new()
                 .name(format!("com{}-in", i + 1))
                 .spawn(move || serial_reader(input, port, c))
@@ -970,7 +972,7 @@ impl Control {
     fn release(&mut self) {
         self.stop_threads();
         self.vcpus.clear();
-        self.serial = [None, None];
+        self.serial = [None, None, None, None];
         // Device descriptors (disks, passt sockets, taps) go with the VM:
         // passt then sees its socket close and exits.
         self.pci.clear();

@@ -68,6 +68,18 @@ pub struct Topology {
 pub enum ComPort {
     Com1,
     Com2,
+    Com3,
+    Com4,
+}
+
+impl ComPort {
+    /// Every port, in order.
+    pub const ALL: [ComPort; 4] = [ComPort::Com1, ComPort::Com2, ComPort::Com3, ComPort::Com4];
+
+    /// 1 for COM1 and so on.
+    pub fn number(self) -> usize {
+        self as usize + 1
+    }
 }
 
 /// One parsed command. Descriptor fields hold the client's descriptor numbers.
@@ -316,14 +328,10 @@ impl Command {
                 Command::Initrd(parse_fd(args.first().copied())?)
             }
             "cmdline" => Command::Cmdline(rest.to_string()),
-            "com1" | "com2" => {
+            "com1" | "com2" | "com3" | "com4" => {
                 arity(2)?;
                 Command::Serial {
-                    port: if verb == "com1" {
-                        ComPort::Com1
-                    } else {
-                        ComPort::Com2
-                    },
+                    port: ComPort::ALL[usize::from(verb.as_bytes()[3] - b'1')],
                     input: parse_fd(args.first().copied())?,
                     output: parse_fd(args.get(1).copied())?,
                 }
@@ -404,8 +412,7 @@ impl fmt::Display for Command {
                 input,
                 output,
             } => {
-                let n = if *port == ComPort::Com1 { 1 } else { 2 };
-                write!(f, "com{n} {input} {output}")
+                write!(f, "com{} {input} {output}", port.number())
             }
             Command::Device {
                 slot,
@@ -547,6 +554,7 @@ mod tests {
             "cmdline console=ttyS0 root=/dev/vda",
             "com1 0 1",
             "com2 3 4",
+            "com4 3 4",
             "device 0:3:0 virtio-blk fd=7,ro",
             "device 0:0:0 hostbridge",
             "set x86.x2apic=true",

@@ -26,8 +26,16 @@ use std::time::Instant;
 
 pub use pm::{PM1A_CNT, PM1A_EVT, PM_TMR, SCI_IRQ};
 
-/// COM1/COM2 I/O bases and ISA IRQs.
-pub const COM_PORTS: [(u16, u32); 2] = [(0x3f8, 4), (0x2f8, 3)];
+/// COM1-COM4 I/O bases and ISA IRQs (COM3 shares IRQ 4 with COM1, COM4
+/// IRQ 3 with COM2, as on a PC).
+pub const COM_PORTS: [(u16, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
+
+/// Which serial ports a guest has: COM1 and COM2 always, COM3 and COM4
+/// when configured (otherwise their ports stay empty, as Linux's probes
+/// expect on a PC without them).
+pub fn com_present(configured: &[bool; 4]) -> [bool; 4] {
+    [true, true, configured[2], configured[3]]
+}
 /// Firecracker-style boot-timer port: a write marks "booted".
 pub const BOOT_TIMER_PORT: u16 = 0x440;
 /// Reset control register (PIIX).
@@ -260,7 +268,7 @@ fn is_absent_probe(port: u16) -> bool {
 
 /// What the platform is built from at `run`.
 pub struct PlatformConfig {
-    pub serial_out: [Option<Arc<OwnedFd>>; 2],
+    pub serial_out: [Option<Arc<OwnedFd>>; 4],
     pub pci: Vec<(PciSlot, PciEmulation)>,
     /// Guest RAM, for device threads.
     pub ram: Vec<Region>,
@@ -280,7 +288,8 @@ pub struct FirmwareConfig {
 }
 
 struct Devices {
-    com: [serial::Serial; 2],
+    com: [serial::Serial; 4],
+    com_present: [bool; 4],
     pci: pci::PciBus,
     pm: pm::Pm,
     rtc: rtc::Rtc,
@@ -307,7 +316,8 @@ fn size_mask(size: usize) -> u32 {
 
 impl Platform {
     pub fn new(vm: Arc<VmFd>, cfg: PlatformConfig, counters: Arc<Counters>) -> Result<Platform> {
-        let [o1, o2] = cfg.serial_out;
+        let com_present = com_present(&cfg.serial_out.each_ref().map(|o| o.is_some()));
+        let [o1, o2, o3, o4] = cfg.serial_out;
         let stopping = Arc::new(AtomicBool::new(false));
         let mut pci = pci::PciBus::new();
         let router = Arc::new(virtio::GsiRouter::new(vm.clone()));
@@ -424,7 +434,10 @@ impl Platform {
                 com: [
                     serial::Serial::new(o1, stopping.clone()),
                     serial::Serial::new(o2, stopping.clone()),
+                    serial::Serial::new(o3, stopping.clone()),
+                    serial::Serial::new(o4, stopping.clone()),
                 ],
+                com_present,
                 pci,
                 pm: pm::Pm::new(),
                 rtc: rtc::Rtc::new(cfg.rtc_utc, low, high),
@@ -455,11 +468,16 @@ impl Platform {
     }
 
     /// Re-drive a UART's IRQ line if its interrupt state changed.
+    /// The line is shared with the other port on the same IRQ: its level
+    /// is theirs together.
     fn update_serial_irq(&self, d: &mut Devices, i: usize) {
         let want = d.com[i].interrupt();
         if want != d.com[i].irq_level {
             d.com[i].irq_level = want;
-            self.set_irq(COM_PORTS[i].1, want);
+            let irq = COM_PORTS[i].1;
+            let level =
+                (0..4).any(|j| d.com_present[j] && COM_PORTS[j].1 == irq && d.com[j].irq_level);
+            self.set_irq(irq, level);
         }
     }
 
@@ -508,7 +526,7 @@ impl Platform {
     fn read_port(&self, port: u16, size: usize) -> u32 {
         let mut d = self.devs.lock();
         for (i, &(base, _)) in COM_PORTS.iter().enumerate() {
-            if (base..base + 8).contains(&port) {
+            if d.com_present[i] && (base..base + 8).contains(&port) {
                 // A wider access touches consecutive registers, as on ISA.
                 let mut v = 0u32;
                 for k in 0..size as u16 {
@@ -563,7 +581,7 @@ impl Platform {
         }
         let mut d = self.devs.lock();
         for (i, &(base, _)) in COM_PORTS.iter().enumerate() {
-            if (base..base + 8).contains(&port) {
+            if d.com_present[i] && (base..base + 8).contains(&port) {
                 for k in 0..size as u16 {
                     let off = port - base + k;
                     if off < 8 {
