@@ -519,7 +519,7 @@ fn loader_checksum(file: &str, at: usize, start: usize, len: usize) -> Vec<u8> {
 pub fn loader_files(cpus: u16, coms: [bool; 4]) -> LoaderFiles {
     let mut blob: Vec<u8> = Vec::new();
     let mut place = |t: Vec<u8>, align: usize| -> usize {
-        while blob.len() % align != 0 {
+        while !blob.len().is_multiple_of(align) {
             blob.push(0);
         }
         let at = blob.len();

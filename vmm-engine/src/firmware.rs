@@ -73,12 +73,12 @@ pub fn config(
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
     cpus: u16,
-    ram: u64,
     rom_size: u64,
     vars: Option<&BootVars>,
     vars_slot: u32,
     coms: [bool; 4],
 ) -> Result<FirmwareConfig> {
+    let ram = mem.regions().iter().map(|r| r.len).sum();
     let mut items = FwCfgItems::new(cpus, ram);
     let loader = acpi::loader_files(cpus, coms);
     let files = [

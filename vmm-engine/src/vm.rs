@@ -846,7 +846,6 @@ impl Control {
                 &vm,
                 &mem,
                 self.topology.cpus,
-                self.memory,
                 *rom_size,
                 self.vars.as_ref(),
                 SLOT_VARS,

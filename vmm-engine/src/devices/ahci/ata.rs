@@ -474,55 +474,52 @@ impl Disk {
     }
 }
 
-fn pread_all(fd: i32, buf: &mut [u8], mut at: u64) -> bool {
-    let mut off = 0;
-    while off < buf.len() {
-        // SAFETY: reading into the unfilled part of buf.
-        let n = unsafe {
-            libc::pread(
-                fd,
-                buf[off..].as_mut_ptr().cast(),
-                buf.len() - off,
-                at as libc::off_t,
-            )
-        };
-        match n {
+/// Run `op(done, at)` (a pread or pwrite of the rest from `done`) until
+/// `len` bytes are through; EINTR retries. `Err(done)` at end of file,
+/// `Err(usize::MAX)` on an error.
+fn until_done(
+    len: usize,
+    mut at: u64,
+    mut op: impl FnMut(usize, u64) -> isize,
+) -> Result<(), usize> {
+    let mut done = 0;
+    while done < len {
+        match op(done, at) {
             n if n > 0 => {
-                off += n as usize;
+                done += n as usize;
                 at += n as u64;
             }
-            0 => {
-                // Past the end of a medium that shrank: zeros.
-                buf[off..].fill(0);
-                return true;
-            }
+            0 => return Err(done),
             _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => {}
-            _ => return false,
+            _ => return Err(usize::MAX),
         }
     }
-    true
+    Ok(())
 }
 
-fn pwrite_all(fd: i32, buf: &[u8], mut at: u64) -> bool {
-    let mut off = 0;
-    while off < buf.len() {
-        // SAFETY: writing from the unwritten part of buf.
-        let n = unsafe {
-            libc::pwrite(
-                fd,
-                buf[off..].as_ptr().cast(),
-                buf.len() - off,
-                at as libc::off_t,
-            )
-        };
-        match n {
-            n if n > 0 => {
-                off += n as usize;
-                at += n as u64;
-            }
-            _ if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => {}
-            _ => return false,
+fn pread_all(fd: i32, buf: &mut [u8], at: u64) -> bool {
+    let len = buf.len();
+    let p = buf.as_mut_ptr();
+    // SAFETY: each call reads into the unfilled rest of buf.
+    match until_done(len, at, |done, at| unsafe {
+        libc::pread(fd, p.add(done).cast(), len - done, at as libc::off_t)
+    }) {
+        Ok(()) => true,
+        // Past the end of a medium that shrank: zeros.
+        Err(done) if done < len => {
+            buf[done..].fill(0);
+            true
         }
+        Err(_) => false,
     }
-    true
+}
+
+fn pwrite_all(fd: i32, buf: &[u8], at: u64) -> bool {
+    let len = buf.len();
+    let p = buf.as_ptr();
+    // SAFETY: each call writes from the unwritten rest of buf.
+    until_done(len, at, |done, at| unsafe {
+        libc::pwrite(fd, p.add(done).cast(), len - done, at as libc::off_t)
+    })
+    .is_ok()
 }

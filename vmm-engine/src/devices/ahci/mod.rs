@@ -372,7 +372,7 @@ impl Ahci {
 
     /// A read of `data.len()` bytes at `off` in the ABAR.
     pub fn read(&mut self, off: u64, data: &mut [u8]) {
-        let v = if data.len() == 4 && off % 4 == 0 {
+        let v = if data.len() == 4 && off.is_multiple_of(4) {
             self.reg_read(off)
         } else {
             // Registers are dwords; narrower reads take their part.
@@ -419,7 +419,7 @@ impl Ahci {
     /// A write at `off` in the ABAR; registers take dword writes (others
     /// are ignored, as a real HBA need not accept them).
     pub fn write(&mut self, off: u64, data: &[u8]) {
-        if data.len() != 4 || off % 4 != 0 {
+        if data.len() != 4 || !off.is_multiple_of(4) {
             log::debug!("ahci: ignored {}-byte write at {off:#x}", data.len());
             return;
         }
