@@ -238,3 +238,107 @@ impl Drop for Flash {
         self.write_back();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::memfd;
+    use std::os::unix::fs::FileExt;
+
+    /// A flash of `blocks` 4 KiB blocks over a file holding `fill`.
+    fn flash(blocks: u64, fill: u8) -> (Flash, std::fs::File) {
+        let kvm = kvm_ioctls::Kvm::new().expect("KVM must be available for engine tests");
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let size = blocks * BLOCK;
+        let file = memfd("vars", size).unwrap();
+        let f = std::fs::File::from(file.try_clone().unwrap());
+        f.write_all_at(&vec![fill; size as usize], 0).unwrap();
+        let mfd = memfd("copy", size).unwrap();
+        let map = Arc::new(Mapping::shared(&mfd, size).unwrap());
+        // SAFETY: the mapping is `size` bytes.
+        unsafe { std::ptr::write_bytes(map.addr() as *mut u8, fill, size as usize) };
+        let fl = Flash::new(FlashConfig {
+            vm,
+            slot: 3,
+            gpa: 0xffc0_0000,
+            map,
+            file: Some(Arc::new(file)),
+        });
+        (fl, f)
+    }
+
+    fn rd(f: &mut Flash, off: u64) -> u8 {
+        let mut b = [0u8];
+        f.read(0xffc0_0000 + off, &mut b);
+        b[0]
+    }
+
+    fn wr(f: &mut Flash, off: u64, v: u8) {
+        f.write(0xffc0_0000 + off, &[v]);
+    }
+
+    /// OVMF's QemuFlashDetected: clear status reads the array back, read
+    /// status gives 0, a program of the same byte reports no error.
+    #[test]
+    fn ovmf_detects_a_flash() {
+        let (mut f, _) = flash(2, 0x5a);
+        wr(&mut f, 0, CMD_CLEAR_STATUS);
+        assert_eq!(rd(&mut f, 0), 0x5a, "clear status returns to read array");
+        wr(&mut f, 0, CMD_READ_STATUS);
+        assert_eq!(rd(&mut f, 0), 0x00, "cleared status");
+        assert!(!f.mapped, "status reads must exit");
+        wr(&mut f, 0, CMD_PROGRAM);
+        wr(&mut f, 0, 0x5a);
+        wr(&mut f, 0, CMD_READ_STATUS);
+        assert_eq!(rd(&mut f, 0) & 0x10, 0, "no program error");
+        wr(&mut f, 0, CMD_READ_ARRAY);
+        assert!(f.mapped);
+    }
+
+    #[test]
+    fn program_and_erase_go_back_to_the_file() {
+        let (mut f, file) = flash(2, 0xff);
+        for (i, b) in b"boot1".iter().enumerate() {
+            wr(&mut f, 100 + i as u64, CMD_PROGRAM);
+            wr(&mut f, 100 + i as u64, *b);
+        }
+        wr(&mut f, 104, CMD_READ_ARRAY);
+        let mut back = [0u8; 5];
+        file.read_exact_at(&mut back, 100).unwrap();
+        assert_eq!(&back, b"boot1");
+        // Erase the second block: 0xff there, the first one untouched.
+        wr(&mut f, BLOCK + 17, CMD_ERASE);
+        wr(&mut f, BLOCK + 17, CMD_CONFIRM);
+        wr(&mut f, BLOCK, CMD_READ_ARRAY);
+        assert_eq!(rd(&mut f, BLOCK + 5), 0xff);
+        file.read_exact_at(&mut back, 100).unwrap();
+        assert_eq!(&back, b"boot1");
+    }
+
+    /// Writes anywhere, of any width, in any order: no panic, and the
+    /// flash comes back to read-array mode.
+    #[test]
+    fn hostile_writes() {
+        let (mut f, _) = flash(1, 0);
+        let end = 0xffc0_0000 + BLOCK;
+        for v in 0..=255u8 {
+            for off in [0, 1, BLOCK - 1] {
+                f.write(0xffc0_0000 + off, &[v]);
+                f.write(0xffc0_0000 + off, &[v, v, v, v, v, v, v, v]);
+                let mut b = [0u8; 8];
+                f.read(0xffc0_0000 + off, &mut b);
+            }
+        }
+        // A program of 8 bytes at the last byte stores only what fits.
+        wr(&mut f, 0, CMD_READ_ARRAY);
+        f.write(end - 1, &[CMD_PROGRAM]);
+        f.write(end - 1, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        f.write(end - 1, &[CMD_ERASE]);
+        f.write(end - 1, &[0x00]); // not a confirm: a sequence error
+        f.write(end - 1, &[CMD_READ_STATUS]);
+        assert_eq!(rd(&mut f, BLOCK - 1) & 0x30, 0x30);
+        f.write(end - 1, &[CMD_READ_ARRAY]);
+        assert!(f.mapped);
+        assert!(!f.contains(end) && f.contains(end - 1));
+    }
+}
