@@ -174,6 +174,25 @@ mod tests {
         parse_load_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
     }
 
+    /// FreeBSD's `bhyveload -d disk.img vm` (vmrun.sh, vm-bhyve's
+    /// loader=bhyveload) gets a message that points to UEFI boot.
+    #[test]
+    fn disk_boot_points_to_uefi() {
+        let msg = p(&["-m", "1G", "-d", "/vm/disk.img", "vm1"])
+            .unwrap_err()
+            .unwrap();
+        assert!(msg.starts_with(
+            "-d /vm/disk.img: booting a disk through the FreeBSD loader is not supported"
+        ));
+        assert!(msg.contains("bhyve -l bootrom,/usr/share/OVMF/OVMF_CODE_4M.fd,VARS"));
+        // Sizes as FreeBSD's expand_number.
+        assert_eq!(p(&["-m", "1GB", "-k", "k", "vm"]).unwrap().mem, 1 << 30);
+        assert_eq!(
+            p(&["-m", "0x20000000", "-k", "k", "vm"]).unwrap().mem,
+            512 << 20
+        );
+    }
+
     #[test]
     fn arguments() {
         let a = p(&[

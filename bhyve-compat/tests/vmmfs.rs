@@ -754,6 +754,19 @@ fn bhyvectl_controls_a_running_guest() {
     let s = out.stdout.clone();
     assert!(s.contains("state\trunning"), "{s}");
     assert!(s.contains("bootrom"), "{s}");
+    // FreeBSD's statistic name, which VM managers grep for: the 32 MiB of
+    // RAM are not all touched, the ROM and the guest's stack are.
+    let resident: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("Resident memory"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Resident memory line: {s}"));
+    assert!(resident >= 4096 && resident < 64 << 20, "{resident}");
+    // The process title, as setproctitle gives it on FreeBSD (the monitor
+    // and the child that runs the guest alike).
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", b.child.id())).unwrap();
+    let title = text(&cmdline);
+    assert!(title.starts_with("bhyve: vmc"), "{title:?}");
     // Another user cannot touch it.
     let mut c = m.cmd("bhyvectl", Who::Stranger);
     c.args(["--vm=vmc", "--force-poweroff"]);
