@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::getopt::{getopt, Opt};
 
 /// bhyve's option string (FreeBSD 15 amd64, plus nothing of our own).
-pub const BHYVE_OPTSTRING: &str = "aehuwxACDHIMPSWYk:o:p:G:c:s:m:l:K:U:";
+pub const BHYVE_OPTSTRING: &str = "aehuwxACDHIMPSWYk:o:p:G:c:s:m:n:l:K:U:";
 
 /// What the command line asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +86,34 @@ fn pincpu(cfg: &mut Config, opt: &str) -> std::result::Result<(), ()> {
     Ok(())
 }
 
+/// `-n id,size,cpus[,domain_policy]`: a guest NUMA domain, whose size
+/// overrides `-m`. This engine gives the guest one memory domain (and no
+/// SRAT), so one domain (any id) is accepted; a second is refused.
+fn numa_domain(cfg: &mut Config, arg: &str) -> Result<()> {
+    let bad = || Error::BadOption(format!("invalid NUMA domain configuration '{arg}'"));
+    let mut toks = arg.splitn(4, ',');
+    let id: u32 = toks.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let size = toks.next().filter(|s| !s.is_empty()).ok_or_else(bad)?;
+    let cpus = toks.next().filter(|s| !s.is_empty()).ok_or_else(bad)?;
+    if let Some(other) = cfg
+        .children("domains")
+        .into_iter()
+        .filter_map(|(k, _)| k.split('.').next().map(str::to_string))
+        .find(|d| *d != id.to_string())
+    {
+        return Err(Error::BadOption(format!(
+            "NUMA domain {id}: only one domain is supported here (domain {other} is configured)"
+        )));
+    }
+    cfg.set(&format!("domains.{id}.size"), size);
+    cfg.set(&format!("domains.{id}.cpus"), cpus);
+    if let Some(p) = toks.next() {
+        cfg.set(&format!("domains.{id}.domain_policy"), p);
+    }
+    cfg.set("memory.size", size);
+    Ok(())
+}
+
 /// Parse bhyve's arguments (without argv\[0\]). `read_file` reads `-k` files
 /// (as the invoking user).
 pub fn parse_bhyve_args(
@@ -143,6 +171,7 @@ pub fn parse_bhyve_args(
                 cfg.parse_lpc(&arg)?;
             }
             'm' => cfg.set("memory.size", &arg),
+            'n' => numa_domain(&mut cfg, &arg)?,
             'M' => cfg.set("monitor", "true"),
             'o' => {
                 if !cfg.parse_option(&arg) {
@@ -284,6 +313,57 @@ mod tests {
             parse(&["-o", "config.dump=1", "vm"]).unwrap(),
             Invocation::Dump(_)
         ));
+    }
+
+    /// FreeBSD prints its nvlist configuration in insertion order: defaults
+    /// first, a value set again at the end of its node, nodes where their
+    /// first value put them, the name last.
+    #[test]
+    fn config_dump_in_freebsd_order() {
+        let Invocation::Dump(c) = parse(&[
+            "-c",
+            "2",
+            "-m",
+            "1G",
+            "-s",
+            "0,hostbridge",
+            "-s",
+            "31,lpc",
+            "-l",
+            "com1,stdio",
+            "-o",
+            "config.dump=1",
+            "vm1",
+        ])
+        .unwrap() else {
+            panic!("not a dump")
+        };
+        assert_eq!(
+            c.dump(),
+            "acpi_tables=false\n\
+             acpi_tables_in_memory=true\n\
+             memory.size=1G\n\
+             x86.strictmsr=true\n\
+             lpc.fwcfg=bhyve\n\
+             lpc.com1.path=stdio\n\
+             cpus=2\n\
+             pci.0.0.0.device=hostbridge\n\
+             pci.0.31.0.device=lpc\n\
+             config.dump=1\n\
+             name=vm1\n"
+        );
+    }
+
+    #[test]
+    fn numa_domains() {
+        let Invocation::Run(c) = parse(&["-m", "1G", "-n", "0,512M,0-1", "vm"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.get("memory.size"), Some("512M"));
+        assert_eq!(c.get("domains.0.cpus"), Some("0-1"));
+        assert!(parse(&["-n", "0,512M,0", "-n", "1,512M,1", "vm"]).is_err());
+        assert!(parse(&["-n", "0,512M", "vm"]).is_err());
+        assert!(parse(&["-n", "x,512M,0", "vm"]).is_err());
     }
 
     #[test]

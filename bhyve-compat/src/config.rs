@@ -10,6 +10,13 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     vars: BTreeMap<String, String>,
+    /// FreeBSD keeps the configuration in nvlists, which list entries in the
+    /// order they were added: a value set again moves to the end of its
+    /// node, a node stays where its first value put it. `config.dump`
+    /// prints in that order, so each variable and each node remembers when.
+    seq: BTreeMap<String, u64>,
+    nodes: BTreeMap<String, u64>,
+    next: u64,
 }
 
 /// Emulations accepted by `-s`, in the order `-s help` lists them.
@@ -17,6 +24,9 @@ pub const PCI_EMULATIONS: &[&str] = &[
     "hostbridge",
     "amd_hostbridge",
     "lpc",
+    "ahci",
+    "ahci-cd",
+    "ahci-hd",
     "passthru",
     "virtio-blk",
     "virtio-console",
@@ -24,8 +34,11 @@ pub const PCI_EMULATIONS: &[&str] = &[
     "virtio-rnd",
 ];
 
+/// Ports of one AHCI controller.
+pub const AHCI_MAX_PORTS: usize = 32;
+
 /// LPC devices accepted by `-l`, in the order `-l help` lists them.
-pub const LPC_DEVICES: &[&str] = &["bootrom", "com1", "com2"];
+pub const LPC_DEVICES: &[&str] = &["bootrom", "com1", "com2", "com3", "com4"];
 
 impl Config {
     /// An empty configuration.
@@ -37,14 +50,54 @@ impl Config {
     pub fn with_defaults() -> Self {
         let mut c = Self::new();
         c.set("acpi_tables", "false");
+        c.set("acpi_tables_in_memory", "true");
         c.set("memory.size", "256M");
         c.set("x86.strictmsr", "true");
+        c.set("lpc.fwcfg", "bhyve");
         c
     }
 
     /// Set `var` to `value`.
     pub fn set(&mut self, var: &str, value: &str) {
+        self.next += 1;
+        let mut at = 0;
+        while let Some(i) = var[at..].find('.') {
+            at += i + 1;
+            self.nodes.entry(var[..at].to_string()).or_insert(self.next);
+        }
+        self.seq.insert(var.to_string(), self.next);
         self.vars.insert(var.to_string(), value.to_string());
+    }
+
+    /// `config.dump`: every variable as `name=value`, in FreeBSD's order.
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        self.dump_node("", &mut out);
+        out
+    }
+
+    fn dump_node(&self, prefix: &str, out: &mut String) {
+        // (order, name, is a node)
+        let mut items: Vec<(u64, &str, bool)> = Vec::new();
+        for (k, n) in self.seq.iter().filter(|(k, _)| k.starts_with(prefix)) {
+            if !k[prefix.len()..].contains('.') {
+                items.push((*n, k, false));
+            }
+        }
+        for (k, n) in self.nodes.iter().filter(|(k, _)| k.starts_with(prefix)) {
+            let rest = &k[prefix.len()..];
+            if !rest.is_empty() && rest.find('.') == Some(rest.len() - 1) {
+                items.push((*n, k, true));
+            }
+        }
+        items.sort();
+        for (_, k, node) in items {
+            if node {
+                self.dump_node(k, out);
+            } else if let Some(v) = self.vars.get(k) {
+                out.push_str(&format!("{k}={v}\n"));
+            }
+        }
     }
 
     /// The value of `var`.
@@ -54,6 +107,7 @@ impl Config {
 
     /// Remove `var`.
     pub fn unset(&mut self, var: &str) {
+        self.seq.remove(var);
         self.vars.remove(var);
     }
 
@@ -147,17 +201,24 @@ impl Config {
         let lower = dev.to_ascii_lowercase();
         match lower.as_str() {
             "bootrom" => {
-                let rest = rest.filter(|r| !r.is_empty()).ok_or_else(bad)?;
-                match rest.split_once(',') {
-                    Some((rom, vars)) => {
-                        self.set("lpc.bootrom", rom);
-                        self.set("lpc.bootvars", vars);
+                // As FreeBSD's lpc_device_parse: ROM, then the variable file
+                // unless it is already a key=value option (fwcfg=qemu), then
+                // options of the lpc node.
+                let mut toks = rest.map(|r| r.split(',')).into_iter().flatten();
+                let rom = toks
+                    .next()
+                    .ok_or_else(|| Error::Config(format!("invalid bootrom option \"{opt}\"")))?;
+                self.set("lpc.bootrom", rom);
+                for (i, t) in toks.enumerate() {
+                    if i == 0 && !t.contains('=') {
+                        self.set("lpc.bootvars", t);
+                    } else if !t.is_empty() {
+                        set_kv(self, "lpc", t);
                     }
-                    None => self.set("lpc.bootrom", rest),
                 }
                 Ok(())
             }
-            "com1" | "com2" => {
+            "com1" | "com2" | "com3" | "com4" => {
                 let path = rest.filter(|r| !r.is_empty()).ok_or_else(bad)?;
                 self.set(&format!("lpc.{lower}.path"), path);
                 Ok(())
@@ -261,12 +322,67 @@ fn legacy_pci_config(cfg: &mut Config, node: &str, emul: &str, conf: &str) -> Re
                 }
             }
         }
+        "ahci" => {
+            // FreeBSD's legacy AHCI syntax: ports in order, each "hd:" or
+            // "cd:" then a block device (path, options) up to the next one.
+            let mut rest = conf;
+            let mut n = 0;
+            while !rest.is_empty() {
+                let (ty, body) = if let Some(b) = rest.strip_prefix("hd:") {
+                    ("hd", b)
+                } else if let Some(b) = rest.strip_prefix("cd:") {
+                    ("cd", b)
+                } else {
+                    ("hd", rest)
+                };
+                let next = [body.find(",hd:"), body.find(",cd:")]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                let (this, after) = match next {
+                    Some(i) => (&body[..i], &body[i + 1..]),
+                    None => (body, ""),
+                };
+                let port = format!("{node}.port.{n}");
+                cfg.set(&format!("{port}.type"), ty);
+                block_config(cfg, &port, this);
+                rest = after;
+                n += 1;
+            }
+            return Ok(());
+        }
+        "ahci-hd" | "ahci-cd" => {
+            let port = format!("{node}.port.0");
+            cfg.set(&format!("{port}.type"), &emul[5..]);
+            block_config(cfg, &port, conf);
+            return Ok(());
+        }
+        "virtio-console" => {
+            // NAME=PATH per port, as FreeBSD's vtcon legacy syntax: port N
+            // becomes port.N.name and port.N.path (port1=... is just a name).
+            for (i, t) in toks.by_ref().enumerate() {
+                let (name, path) = t.split_once('=').ok_or(())?;
+                cfg.set(&format!("{node}.port.{i}.name"), name);
+                cfg.set(&format!("{node}.port.{i}.path"), path);
+            }
+        }
         _ => {}
     }
     for t in toks {
         set_kv(cfg, node, t);
     }
     Ok(())
+}
+
+/// FreeBSD's blockif_legacy_config: a path, then options.
+fn block_config(cfg: &mut Config, node: &str, conf: &str) {
+    let mut toks = conf.split(',');
+    if let Some(path) = toks.next().filter(|p| !p.is_empty()) {
+        cfg.set(&format!("{node}.path"), path);
+    }
+    for t in toks {
+        set_kv(cfg, node, t);
+    }
 }
 
 fn set_kv(cfg: &mut Config, node: &str, tok: &str) {
@@ -328,8 +444,24 @@ mod tests {
         c.parse_lpc("bootrom,rom,vars").unwrap();
         assert_eq!(c.get("lpc.bootvars"), Some("vars"));
         assert!(c.parse_lpc("com1").is_err());
-        assert!(c.parse_lpc("com3,stdio").is_err());
-        assert!(c.parse_lpc("bootrom").is_err());
+        c.parse_lpc("com4,tcp=127.0.0.1:5555").unwrap();
+        assert_eq!(c.get("lpc.com4.path"), Some("tcp=127.0.0.1:5555"));
+        assert!(c.parse_lpc("com5,stdio").is_err());
+        assert_eq!(
+            c.parse_lpc("bootrom").unwrap_err().to_string(),
+            "invalid bootrom option \"bootrom\""
+        );
+        let mut c = Config::new();
+        c.parse_lpc("bootrom,/r,fwcfg=qemu").unwrap();
+        assert_eq!(
+            (c.get("lpc.bootvars"), c.get("lpc.fwcfg")),
+            (None, Some("qemu"))
+        );
+        c.parse_lpc("bootrom,/r,/v,fwcfg=bhyve").unwrap();
+        assert_eq!(
+            (c.get("lpc.bootvars"), c.get("lpc.fwcfg")),
+            (Some("/v"), Some("bhyve"))
+        );
         assert!(c.parse_lpc("").is_err());
     }
 

@@ -181,7 +181,12 @@ pub fn bhyvectl_main(prog: &str, args: &[String]) -> i32 {
         match vm.status() {
             Ok(st) => {
                 for (k, v) in &st.vars {
-                    println!("{k}\t{v}");
+                    // FreeBSD's VMM statistic, which managers grep for.
+                    if k == "resident" {
+                        println!("{:<40}\t{v}", "Resident memory");
+                    } else {
+                        println!("{k}\t{v}");
+                    }
                 }
             }
             Err(e) => {

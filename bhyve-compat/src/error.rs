@@ -84,7 +84,7 @@ pub fn describe(command: &str) -> String {
         "kernel" => "Linux kernel".into(),
         "initrd" => "initial ramdisk".into(),
         "cmdline" => "kernel command line".into(),
-        "com1" | "com2" => format!("serial port {first}"),
+        "com1" | "com2" | "com3" | "com4" => format!("serial port {first}"),
         "device" => {
             let slot = words.next().unwrap_or("?");
             let emulation = words.next().unwrap_or("device");

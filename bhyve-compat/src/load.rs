@@ -9,7 +9,7 @@ use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 use std::os::fd::{AsRawFd, OwnedFd};
-use vmm_protocol::command::{parse_size, Command};
+use vmm_protocol::command::Command;
 
 /// Parsed bhyveload command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,9 +30,20 @@ pub fn load_usage(prog: &str) -> String {
     )
 }
 
+/// What `-d DISK` gets: FreeBSD's bhyveload runs the FreeBSD loader from
+/// the disk; this edition loads Linux kernels only, and a disk boots with
+/// UEFI firmware instead.
+pub fn disk_boot_message(disk: &str) -> String {
+    format!(
+        "-d {disk}: booting a disk through the FreeBSD loader is not supported; \
+         boot it with UEFI firmware instead: bhyve -l bootrom,/usr/share/OVMF/OVMF_CODE_4M.fd,VARS \
+         -s N,virtio-blk,{disk} ... (VARS: your copy of /usr/share/OVMF/OVMF_VARS_4M.fd; see bhyve(8), FIRMWARE)"
+    )
+}
+
 /// Parse bhyveload's arguments. `Err(None)`: usage; `Err(Some(msg))`: message.
 pub fn parse_load_args(args: &[String]) -> Result<LoadArgs, Option<String>> {
-    let (opts, operands) = getopt(args, "c:e:i:k:m:h");
+    let (opts, operands) = getopt(args, "c:d:e:i:k:m:h");
     let mut mem = 256u64 << 20;
     let mut kernel = None;
     let mut initrd = None;
@@ -41,10 +52,10 @@ pub fn parse_load_args(args: &[String]) -> Result<LoadArgs, Option<String>> {
     for o in opts {
         match o {
             Opt::Flag('m', Some(v)) => {
-                mem = parse_size(&v)
-                    .ok()
+                mem = crate::memsize::parse_memsize(&v)
                     .ok_or_else(|| Some(format!("Invalid memsize '{v}'")))?;
             }
+            Opt::Flag('d', Some(v)) => return Err(Some(disk_boot_message(&v))),
             Opt::Flag('k', Some(v)) => kernel = Some(v),
             Opt::Flag('i', Some(v)) => initrd = Some(v),
             Opt::Flag('c', Some(v)) => cmdline = Some(v),
@@ -161,6 +172,25 @@ mod tests {
 
     fn p(a: &[&str]) -> Result<LoadArgs, Option<String>> {
         parse_load_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    /// FreeBSD's `bhyveload -d disk.img vm` (vmrun.sh, vm-bhyve's
+    /// loader=bhyveload) gets a message that points to UEFI boot.
+    #[test]
+    fn disk_boot_points_to_uefi() {
+        let msg = p(&["-m", "1G", "-d", "/vm/disk.img", "vm1"])
+            .unwrap_err()
+            .unwrap();
+        assert!(msg.starts_with(
+            "-d /vm/disk.img: booting a disk through the FreeBSD loader is not supported"
+        ));
+        assert!(msg.contains("bhyve -l bootrom,/usr/share/OVMF/OVMF_CODE_4M.fd,VARS"));
+        // Sizes as FreeBSD's expand_number.
+        assert_eq!(p(&["-m", "1GB", "-k", "k", "vm"]).unwrap().mem, 1 << 30);
+        assert_eq!(
+            p(&["-m", "0x20000000", "-k", "k", "vm"]).unwrap().mem,
+            512 << 20
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 pub use vmm_protocol::command::Topology;
-use vmm_protocol::command::{parse_size, Command, PciSlot};
+use vmm_protocol::command::{Command, PciSlot};
 
 /// Serial port back end (`lpc.comN.path`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +13,9 @@ pub enum Console {
     Stdio,
     /// A tty (or any file) opened read-write as the invoking user.
     Path(String),
+    /// `tcp=[IP:]PORT`: bhyve listens there (loopback unless an address is
+    /// given) and relays one client at a time to the port.
+    Tcp(String),
 }
 
 /// Network back end of a virtio-net device.
@@ -46,6 +49,18 @@ pub enum Backend {
     Passthru { host: String },
     /// A virtio-console port: a UNIX socket bhyve listens on (`port1=PATH`).
     ConsolePort { path: String },
+    /// AHCI ports in order: each a disk or a CD, its image and options.
+    Ahci(Vec<AhciPort>),
+}
+
+/// One AHCI port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AhciPort {
+    pub cd: bool,
+    pub path: String,
+    pub ro: bool,
+    /// Engine options (`sectorsize=`, `ser=`, `nmrr=`, `nocache`...).
+    pub options: Vec<String>,
 }
 
 /// One `-s` device.
@@ -88,9 +103,13 @@ pub struct Plan {
     pub memsize_str: String,
     pub topology: Topology,
     pub bootrom: Option<String>,
+    /// `lpc.bootvars`: the UEFI variable store file.
+    pub bootvars: Option<String>,
     pub linux: Option<LinuxBoot>,
     pub com1: Option<Console>,
     pub com2: Option<Console>,
+    pub com3: Option<Console>,
+    pub com4: Option<Console>,
     pub devices: Vec<Device>,
     pub monitor: bool,
     pub destroy_on_poweroff: bool,
@@ -254,21 +273,95 @@ fn device_from(cfg: &Config, b: u8, s: u8, f: u8, emul: &str) -> Result<Device> 
             }
         }
         "virtio-console" => {
-            // bhyve's ports are port1..port16; this engine has one per device.
-            if let Some((k, _)) = children
+            // FreeBSD's ports are port.N.name/port.N.path (up to 16, with
+            // names the guest sees through the multiport feature); this
+            // engine's device has one port, whatever its name.
+            let mut ports: Vec<&str> = children
                 .iter()
-                .find(|(k, _)| k.starts_with("port") && k != "port1")
-            {
+                .filter_map(|(k, v)| {
+                    let n = k.strip_prefix("port.")?.strip_suffix(".path")?;
+                    n.parse::<u32>().ok().map(|_| v.as_str())
+                })
+                .collect();
+            if ports.len() > 1 {
                 return Err(Error::Config(format!(
-                    "virtio-console: only port1 is supported (pci slot {b}:{s}:{f}, {k})"
+                    "virtio-console: {} ports configured, one per device is supported (pci slot {b}:{s}:{f})",
+                    ports.len()
                 )));
             }
-            if let Some(path) = get("port1") {
+            if let Some(path) = ports.pop() {
                 backend = Backend::ConsolePort {
                     path: path.to_string(),
                 };
             }
-            consumed.push("port1");
+            let port_keys: Vec<&str> = children
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .filter(|k| k.starts_with("port."))
+                .collect();
+            consumed.extend(port_keys);
+        }
+        "ahci" | "ahci-hd" | "ahci-cd" => {
+            let mut ports = Vec::new();
+            for n in 0..crate::config::AHCI_MAX_PORTS {
+                let pn = format!("port.{n}");
+                let pget = |k: &str| get(&format!("{pn}.{k}"));
+                let Some(ty) = pget("type") else { break };
+                let cd = match ty {
+                    "hd" => false,
+                    "cd" => true,
+                    _ => {
+                        return Err(Error::Config(format!(
+                            "ahci: pci slot {b}:{s}:{f} port {n}: unknown type \"{ty}\""
+                        )))
+                    }
+                };
+                let path = pget("path").ok_or_else(|| {
+                    Error::Config(format!(
+                        "ahci: pci slot {b}:{s}:{f} port {n}: backing device required"
+                    ))
+                })?;
+                let ro = cd || cfg.get_bool(&format!("{node}.{pn}.ro"), false)?;
+                let mut options = Vec::new();
+                for (k, v) in children
+                    .iter()
+                    .filter_map(|(k, v)| k.strip_prefix(&format!("{pn}.")).map(|k| (k, v)))
+                {
+                    match k {
+                        "type" | "path" | "ro" => {}
+                        "nocache" | "direct" | "nodelete" | "sync" => options.push(k.to_string()),
+                        "sectorsize" | "ser" | "nmrr" => {
+                            check_token(k, v)?;
+                            options.push(format!("{k}={v}"));
+                        }
+                        // bootindex: UEFI firmware boots in its own order here.
+                        "bootindex" => {}
+                        other => {
+                            return Err(Error::Config(format!(
+                                "ahci: pci slot {b}:{s}:{f} port {n}: unknown option \"{other}\""
+                            )))
+                        }
+                    }
+                }
+                ports.push(AhciPort {
+                    cd,
+                    path: path.to_string(),
+                    ro,
+                    options,
+                });
+            }
+            if ports.is_empty() {
+                return Err(Error::Config(format!(
+                    "ahci: pci slot {b}:{s}:{f}: no ports configured"
+                )));
+            }
+            let keys: Vec<&str> = children
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .filter(|k| k.starts_with("port."))
+                .collect();
+            consumed.extend(keys);
+            backend = Backend::Ahci(ports);
         }
         "passthru" => {
             let host =
@@ -314,6 +407,8 @@ fn console(cfg: &Config, port: &str) -> Option<Console> {
     cfg.get(&format!("lpc.{port}.path")).map(|p| {
         if p == "stdio" {
             Console::Stdio
+        } else if let Some(a) = p.strip_prefix("tcp=") {
+            Console::Tcp(a.to_string())
         } else {
             Console::Path(p.to_string())
         }
@@ -325,10 +420,14 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
     let name = cfg.get("name").ok_or(Error::Usage(None))?.to_string();
     let topology = topology(cfg)?;
     let memsize_str = cfg.get("memory.size").unwrap_or("256M").to_string();
-    let memsize = parse_size(&memsize_str)
-        .ok()
+    let memsize = crate::memsize::parse_memsize(&memsize_str)
+        .filter(|n| *n > 0)
         .ok_or_else(|| Error::BadOption(format!("invalid memsize '{memsize_str}'")))?;
     let bootrom = cfg.get("lpc.bootrom").map(String::from);
+    let bootvars = cfg.get("lpc.bootvars").map(String::from);
+    if bootvars.is_some() && bootrom.is_none() {
+        return Err(Error::Config("lpc.bootvars requires lpc.bootrom".into()));
+    }
     let linux = cfg.get("linux.kernel").map(|k| LinuxBoot {
         kernel: k.to_string(),
         initrd: cfg.get("linux.initrd").map(String::from),
@@ -345,13 +444,18 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
             "lpc.bootrom and linux.kernel are mutually exclusive".into(),
         ));
     }
-    let com1 = console(cfg, "com1");
-    let com2 = console(cfg, "com2");
-    if com1 == Some(Console::Stdio) && com2 == Some(Console::Stdio) {
-        return Err(Error::Config(
-            "Unable to initialize backend 'stdio' for LPC device com2: stdio is already in use"
-                .into(),
-        ));
+    let [com1, com2, com3, com4] = ["com1", "com2", "com3", "com4"].map(|c| console(cfg, c));
+    // One port may have stdio; FreeBSD names the second that asks for it.
+    for (i, c) in [&com2, &com3, &com4].into_iter().enumerate() {
+        let earlier = [&com1, &com2, &com3][..=i]
+            .iter()
+            .any(|e| **e == Some(Console::Stdio));
+        if *c == Some(Console::Stdio) && earlier {
+            return Err(Error::Config(format!(
+                "Unable to initialize backend 'stdio' for LPC device com{}: stdio is already in use",
+                i + 2
+            )));
+        }
     }
     let mut devices = Vec::new();
     for (k, emul) in cfg.children("pci") {
@@ -384,15 +488,24 @@ pub fn plan(cfg: &Config) -> Result<Plan> {
             platform.push((var.to_string(), v.to_string()));
         }
     }
+    // A boot ROM here is UEFI firmware built for QEMU's fw_cfg (OVMF):
+    // the engine has QEMU's interface only, so FreeBSD's default
+    // lpc.fwcfg=bhyve gets it too.
+    if bootrom.is_some() {
+        platform.push(("lpc.fwcfg".into(), "qemu".into()));
+    }
     Ok(Plan {
         name,
         memsize,
         memsize_str,
         topology,
         bootrom,
+        bootvars,
         linux,
         com1,
         com2,
+        com3,
+        com4,
         devices,
         monitor: cfg.get_bool("monitor", false)?,
         destroy_on_poweroff: cfg.get_bool("destroy_on_poweroff", false)?,
@@ -566,6 +679,70 @@ mod tests {
         let mut c = cfg(&[]);
         c.parse_pci_slot("6,virtio-console,port1=/a,port2=/b")
             .unwrap();
+        assert_eq!(plan(&c).unwrap_err().bhyve_status(), 4);
+        // Any name, as FreeBSD's named ports; the -o form too.
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("7,virtio-console,org.qemu.guest_agent.0=/run/qga.sock")
+            .unwrap();
+        assert_eq!(
+            c.get("pci.0.7.0.port.0.name"),
+            Some("org.qemu.guest_agent.0")
+        );
+        let p = plan(&c).unwrap();
+        assert_eq!(
+            p.devices[0].backend,
+            Backend::ConsolePort {
+                path: "/run/qga.sock".into()
+            }
+        );
+        let c = cfg(&[
+            ("pci.0.7.0.device", "virtio-console"),
+            ("pci.0.7.0.port.3.name", "p"),
+            ("pci.0.7.0.port.3.path", "/s"),
+        ]);
+        assert!(matches!(
+            plan(&c).unwrap().devices[0].backend,
+            Backend::ConsolePort { .. }
+        ));
+        // A port without a path is a bad slot.
+        assert!(cfg(&[])
+            .parse_pci_slot("7,virtio-console,justaname")
+            .is_err());
+    }
+
+    /// FreeBSD's AHCI syntaxes: ports in order with their options; the
+    /// one-port emulations.
+    #[test]
+    fn ahci_ports() {
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("4,ahci,hd:/d.img,sectorsize=4096,ser=ABC,cd:/i.iso,hd:/e.img,ro")
+            .unwrap();
+        let p = plan(&c).unwrap();
+        let Backend::Ahci(ports) = &p.devices[0].backend else {
+            panic!("not ahci")
+        };
+        assert_eq!(ports.len(), 3);
+        assert_eq!(
+            (ports[0].cd, ports[0].path.as_str(), ports[0].ro),
+            (false, "/d.img", false)
+        );
+        assert_eq!(ports[0].options, ["sectorsize=4096", "ser=ABC"]);
+        assert!(ports[1].cd && ports[1].ro);
+        assert!(ports[2].ro && !ports[2].cd);
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("5,ahci-cd,/x.iso").unwrap();
+        c.parse_pci_slot("6,ahci-hd,/y.img,nocache,direct").unwrap();
+        let p = plan(&c).unwrap();
+        assert!(matches!(&p.devices[0].backend, Backend::Ahci(v) if v[0].cd));
+        assert!(
+            matches!(&p.devices[1].backend, Backend::Ahci(v) if !v[0].cd && v[0].options == ["direct", "nocache"])
+        );
+        // No path, or an unknown option: bhyve's configuration errors.
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("4,ahci-hd").unwrap();
+        assert_eq!(plan(&c).unwrap_err().bhyve_status(), 4);
+        let mut c = cfg(&[]);
+        c.parse_pci_slot("4,ahci,hd:/d.img,bogus=1").unwrap();
         assert_eq!(plan(&c).unwrap_err().bhyve_status(), 4);
     }
 

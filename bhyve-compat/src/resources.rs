@@ -33,12 +33,18 @@ impl ConsoleFds {
 #[derive(Debug, Default)]
 pub struct Resources {
     pub bootrom: Option<OwnedFd>,
+    /// The UEFI variable store (`-l bootrom,ROM,VARS`), opened read-write.
+    pub bootvars: Option<OwnedFd>,
     pub kernel: Option<OwnedFd>,
     pub initrd: Option<OwnedFd>,
     pub com1: Option<ConsoleFds>,
     pub com2: Option<ConsoleFds>,
+    pub com3: Option<ConsoleFds>,
+    pub com4: Option<ConsoleFds>,
     /// Per device of the plan (same order): its descriptor, if it has one.
     pub devices: Vec<Option<OwnedFd>>,
+    /// Per device: the descriptors of its AHCI ports (none for others).
+    pub ports: Vec<Vec<OwnedFd>>,
     /// Helper processes (passt), ended when bhyve ends.
     pub helpers: Vec<Child>,
     /// virtio-console ports: the socket bhyve listens on and its end of the
@@ -196,6 +202,23 @@ fn console_port(path: &str) -> Result<(OwnedFd, OwnedFd, OwnedFd)> {
     Ok((OwnedFd::from(listener), ours, device))
 }
 
+/// A serial port on TCP (`tcp=[IP:]PORT`): a socket listening at the
+/// address, loopback when only a port is given, opened by bhyve as the
+/// invoking user; like a console port it is relayed to the device's end of
+/// a socket pair, one client at a time.
+fn tcp_console(addr: &str) -> std::result::Result<(OwnedFd, OwnedFd, OwnedFd), String> {
+    let spec = match addr.strip_prefix(':').unwrap_or(addr) {
+        p if p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty() => format!("127.0.0.1:{p}"),
+        _ => addr.to_string(),
+    };
+    let sa: std::net::SocketAddr = spec
+        .parse()
+        .map_err(|_| "expected IP:PORT or PORT".to_string())?;
+    let listener = std::net::TcpListener::bind(sa).map_err(|e| e.to_string())?;
+    let (ours, device) = stream_pair("tcp console").map_err(|e| e.to_string())?;
+    Ok((OwnedFd::from(listener), ours, device))
+}
+
 /// A connected pair of UNIX stream sockets (close-on-exec): bhyve's end and
 /// the end a device or helper gets.
 fn stream_pair(what: &str) -> Result<(OwnedFd, OwnedFd)> {
@@ -227,10 +250,11 @@ pub fn start_console_relays(res: &Resources) {
 fn console_relay(listener: OwnedFd, guest: OwnedFd) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::io::{Read, Write};
-    use std::os::fd::AsFd;
-    let listener = std::os::unix::net::UnixListener::from(listener);
-    let mut guest = std::os::unix::net::UnixStream::from(guest);
-    let mut client: Option<std::os::unix::net::UnixStream> = None;
+    use std::os::fd::{AsFd, FromRawFd};
+    // A UNIX or a TCP listener: accept(2) serves both, and a socket reads
+    // and writes as a file.
+    let mut guest = std::fs::File::from(guest);
+    let mut client: Option<std::fs::File> = None;
     let mut buf = [0u8; 4096];
     loop {
         let other = match &client {
@@ -259,7 +283,15 @@ fn console_relay(listener: OwnedFd, guest: OwnedFd) {
         }
         if o {
             match &mut client {
-                None => client = listener.accept().ok().map(|(c, _)| c),
+                None => {
+                    client = nix::sys::socket::accept4(
+                        listener.as_raw_fd(),
+                        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                    )
+                    .ok()
+                    // SAFETY: accept4 returned a new descriptor we own.
+                    .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) })
+                }
                 Some(c) => match c.read(&mut buf) {
                     Ok(0) | Err(_) => client = None,
                     Ok(n) => {
@@ -315,6 +347,19 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
             ))
         })?);
     }
+    if let Some(vars) = &plan.bootvars {
+        let fd = open(
+            vars.as_str(),
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        );
+        r.bootvars = Some(fd.map_err(|e| {
+            Error::Config(format!(
+                "Error opening bootvars \"{vars}\": {}",
+                crate::error::strerror(e)
+            ))
+        })?);
+    }
     if let Some(l) = &plan.linux {
         r.kernel =
             Some(open_ro(&l.kernel).map_err(|e| Error::sys(format!("open {}", l.kernel), e))?);
@@ -322,16 +367,37 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
             r.initrd = Some(open_ro(i).map_err(|e| Error::sys(format!("open {i}"), e))?);
         }
     }
-    for (port, con) in [(&mut r.com1, &plan.com1), (&mut r.com2, &plan.com2)] {
+    for (name, port, con) in [
+        ("com1", &mut r.com1, &plan.com1),
+        ("com2", &mut r.com2, &plan.com2),
+        ("com3", &mut r.com3, &plan.com3),
+        ("com4", &mut r.com4, &plan.com4),
+    ] {
         *port = match con {
             None => None,
             Some(Console::Stdio) => Some(ConsoleFds::Stdio),
             Some(Console::Path(p)) => Some(ConsoleFds::File(open_console(p)?)),
+            Some(Console::Tcp(a)) => {
+                let (listener, ours, device) = tcp_console(a).map_err(|e| {
+                    Error::Config(format!(
+                        "Unable to initialize backend 'tcp={a}' for LPC device {name}: {e}"
+                    ))
+                })?;
+                r.console_ports.push((listener, ours));
+                Some(ConsoleFds::File(device))
+            }
         };
     }
     for d in &plan.devices {
+        let mut ports = Vec::new();
+        if let Backend::Ahci(ps) = &d.backend {
+            for p in ps {
+                ports.push(open_disk(&p.path, p.ro)?.0);
+            }
+        }
+        r.ports.push(ports);
         let fd = match &d.backend {
-            Backend::None => None,
+            Backend::None | Backend::Ahci(_) => None,
             Backend::Disk { path, ro } => Some(open_disk(path, *ro)?.0),
             Backend::Net(NetBackend::Tap(name)) => Some(open_tap(name)?),
             Backend::Net(NetBackend::Slirp { hostfwd, open }) => {
@@ -378,6 +444,9 @@ pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmComman
     if let Some(fd) = &res.bootrom {
         push(VmmCommand::Bootrom(fd.as_raw_fd()), false);
     }
+    if let Some(fd) = &res.bootvars {
+        push(VmmCommand::BootVars(fd.as_raw_fd()), false);
+    }
     if let Some(fd) = &res.kernel {
         push(VmmCommand::Kernel(fd.as_raw_fd()), false);
     }
@@ -387,7 +456,12 @@ pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmComman
     if let Some(c) = plan.linux.as_ref().and_then(|l| l.cmdline.as_ref()) {
         push(VmmCommand::Cmdline(c.clone()), false);
     }
-    for (port, con) in [(ComPort::Com1, &res.com1), (ComPort::Com2, &res.com2)] {
+    for (port, con) in [
+        (ComPort::Com1, &res.com1),
+        (ComPort::Com2, &res.com2),
+        (ComPort::Com3, &res.com3),
+        (ComPort::Com4, &res.com4),
+    ] {
         if let Some(c) = con {
             let (input, output) = c.pair();
             push(
@@ -400,8 +474,18 @@ pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmComman
             );
         }
     }
-    for (d, fd) in plan.devices.iter().zip(res.devices.iter()) {
+    for (i, (d, fd)) in plan.devices.iter().zip(res.devices.iter()).enumerate() {
         let mut options: Vec<String> = Vec::new();
+        if let (Backend::Ahci(ps), Some(fds)) = (&d.backend, res.ports.get(i)) {
+            for (p, fd) in ps.iter().zip(fds) {
+                options.push(format!("port={}", if p.cd { "cd" } else { "hd" }));
+                options.push(format!("fd={}", fd.as_raw_fd()));
+                if p.ro {
+                    options.push("ro".into());
+                }
+                options.extend(p.options.iter().cloned());
+            }
+        }
         if let Backend::Net(nb) = &d.backend {
             options.push(
                 match nb {
@@ -418,7 +502,12 @@ pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmComman
         push(
             VmmCommand::Device {
                 slot: d.pci_slot(),
-                emulation: d.emulation.clone(),
+                // ahci-hd and ahci-cd are one-port controllers: the engine's
+                // ahci with that port.
+                emulation: match d.backend {
+                    Backend::Ahci(_) => "ahci".into(),
+                    _ => d.emulation.clone(),
+                },
                 options,
             },
             false,

@@ -67,9 +67,7 @@ pub fn bhyve_main(prog: &str, args: &[String]) -> i32 {
             return 0;
         }
         Invocation::Dump(cfg) => {
-            for (k, v) in cfg.iter() {
-                println!("{k}={v}");
-            }
+            print!("{}", cfg.dump());
             return 1;
         }
         Invocation::Run(cfg) => cfg,
@@ -93,6 +91,9 @@ pub fn bhyve_main(prog: &str, args: &[String]) -> i32 {
             return e.bhyve_status();
         }
     };
+    // As FreeBSD's setproctitle: `ps` shows "bhyve: NAME" (prog and the
+    // arguments were read above).
+    crate::proctitle::set(&format!("bhyve: {}", p.name));
     let code = match run(prog, &p) {
         Ok(code) => code,
         Err(e) => {
@@ -283,7 +284,10 @@ fn run(prog: &str, p: &Plan) -> Result<i32> {
     let sig = block_signals()?;
     let ctl = open_ctl(&dev)?;
     let mut vm = create_or_open(prog, &dev, &ctl, p)?;
-    if p.com1 == Some(Console::Stdio) || p.com2 == Some(Console::Stdio) {
+    if [&p.com1, &p.com2, &p.com3, &p.com4]
+        .iter()
+        .any(|c| **c == Some(Console::Stdio))
+    {
         term::enter_stdio().map_err(|e| Error::sys("tcsetattr", e))?;
     }
     let result = if p.monitor {

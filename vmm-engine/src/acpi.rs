@@ -96,10 +96,16 @@ impl Table {
     }
 }
 
-fn fadt() -> Vec<u8> {
+/// FADT offsets of the FACS and DSDT pointers (32-bit, then 64-bit).
+const FADT_FACS32: usize = 36;
+const FADT_DSDT32: usize = 40;
+const FADT_FACS64: usize = 132;
+const FADT_DSDT64: usize = 140;
+
+fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     let mut t = Table::new(b"FACP", 4);
-    t.u32(FACS_ADDR as u32)
-        .u32(DSDT_ADDR as u32)
+    t.u32(facs as u32)
+        .u32(dsdt as u32)
         .u8(0) // reserved (INT_MODEL)
         .u8(0) // preferred PM profile: unspecified
         .u16(SCI_IRQ as u16)
@@ -143,8 +149,8 @@ fn fadt() -> Vec<u8> {
         .u8(0x6) // RESET_VALUE
         .u16(0) // ARM boot arch
         .u8(0) // FADT minor version
-        .u64(FACS_ADDR)
-        .u64(DSDT_ADDR)
+        .u64(facs)
+        .u64(dsdt)
         .gas_io(32, PM1A_EVT)
         .bytes(&[0; 12])
         .gas_io(16, PM1A_CNT)
@@ -200,7 +206,8 @@ impl Aml for Raw {
     }
 }
 
-fn dsdt() -> Vec<u8> {
+/// `coms`: which of COM1-COM4 the guest has.
+fn dsdt(coms: [bool; 4]) -> Vec<u8> {
     let mut t = Table::new(b"DSDT", 2);
     let mut body = Vec::new();
     // SLP_TYP 5 for the PM1a control: S5.
@@ -257,6 +264,7 @@ fn dsdt() -> Vec<u8> {
     let com: Vec<Raw> = COM_PORTS
         .iter()
         .enumerate()
+        .filter(|(i, _)| coms[*i])
         .map(|(i, (port, irq))| {
             isa_device(
                 &format!("COM{}", i + 1),
@@ -416,7 +424,10 @@ fn xsdt(entries: &[u64]) -> Vec<u8> {
     t.finish()
 }
 
-fn rsdp() -> Vec<u8> {
+/// RSDP offset of the XSDT address.
+const RSDP_XSDT: usize = 24;
+
+fn rsdp(xsdt: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(36);
     v.extend_from_slice(b"RSD PTR ");
     v.push(0);
@@ -424,7 +435,7 @@ fn rsdp() -> Vec<u8> {
     v.push(2); // revision: ACPI 2.0+, XSDT valid
     v.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
     v.extend_from_slice(&36u32.to_le_bytes());
-    v.extend_from_slice(&XSDT_ADDR.to_le_bytes());
+    v.extend_from_slice(&xsdt.to_le_bytes());
     v.extend_from_slice(&[0; 4]); // ext checksum + reserved
     v[8] = checksum(&v[..20]);
     v[32] = checksum(&v);
@@ -433,20 +444,126 @@ fn rsdp() -> Vec<u8> {
 
 /// Write the whole table set for `cpus` vCPUs into guest RAM; the MP table
 /// unless `mptable` is false (bhyve -Y).
-pub fn write_tables(mem: &GuestMemory, cpus: u16, mptable: bool) -> Result<()> {
+pub fn write_tables(mem: &GuestMemory, cpus: u16, mptable: bool, coms: [bool; 4]) -> Result<()> {
     mem.zero(RSDP_ADDR, (ACPI_END - RSDP_ADDR) as usize)?;
     if mptable {
         mem.write(MPC_ADDR, &mp_config(cpus))?;
         mem.write(MPFP_ADDR, &mp_floating(MPC_ADDR))?;
     }
     mem.write(FACS_ADDR, &facs())?;
-    mem.write(DSDT_ADDR, &dsdt())?;
-    mem.write(FADT_ADDR, &fadt())?;
+    mem.write(DSDT_ADDR, &dsdt(coms))?;
+    mem.write(FADT_ADDR, &fadt(FACS_ADDR, DSDT_ADDR))?;
     mem.write(MADT_ADDR, &madt(cpus))?;
     mem.write(MCFG_ADDR, &mcfg())?;
     mem.write(XSDT_ADDR, &xsdt(&[FADT_ADDR, MADT_ADDR, MCFG_ADDR]))?;
-    mem.write(RSDP_ADDR, &rsdp())?;
+    mem.write(RSDP_ADDR, &rsdp(XSDT_ADDR))?;
     Ok(())
+}
+
+/// fw_cfg file names of QEMU's ACPI table loader interface.
+pub const LOADER_FILE: &str = "etc/table-loader";
+pub const TABLES_FILE: &str = "etc/acpi/tables";
+pub const RSDP_FILE: &str = "etc/acpi/rsdp";
+
+/// The same tables for firmware that installs them itself (OVMF): one blob
+/// of tables whose pointers are offsets into it, an RSDP blob, and the
+/// loader script of 128-byte commands (ALLOCATE each blob, ADD_POINTER to
+/// relocate every pointer, ADD_CHECKSUM for every table) that OVMF runs.
+/// Checksum fields are zero in the blobs: the script computes them.
+pub struct LoaderFiles {
+    pub tables: Vec<u8>,
+    pub rsdp: Vec<u8>,
+    pub loader: Vec<u8>,
+}
+
+fn loader_name(e: &mut Vec<u8>, name: &str) {
+    let mut n = [0u8; 56];
+    n[..name.len()].copy_from_slice(name.as_bytes());
+    e.extend_from_slice(&n);
+}
+
+fn loader_entry(cmd: u32, body: Vec<u8>) -> Vec<u8> {
+    let mut e = cmd.to_le_bytes().to_vec();
+    e.extend_from_slice(&body);
+    e.resize(128, 0);
+    e
+}
+
+fn loader_allocate(file: &str, align: u32, zone: u8) -> Vec<u8> {
+    let mut b = Vec::new();
+    loader_name(&mut b, file);
+    b.extend_from_slice(&align.to_le_bytes());
+    b.push(zone);
+    loader_entry(1, b)
+}
+
+fn loader_pointer(from: &str, to: &str, offset: usize, size: u8) -> Vec<u8> {
+    let mut b = Vec::new();
+    loader_name(&mut b, from);
+    loader_name(&mut b, to);
+    b.extend_from_slice(&(offset as u32).to_le_bytes());
+    b.push(size);
+    loader_entry(2, b)
+}
+
+fn loader_checksum(file: &str, at: usize, start: usize, len: usize) -> Vec<u8> {
+    let mut b = Vec::new();
+    loader_name(&mut b, file);
+    for v in [at, start, len] {
+        b.extend_from_slice(&(v as u32).to_le_bytes());
+    }
+    loader_entry(3, b)
+}
+
+/// Build the loader files for `cpus` vCPUs.
+pub fn loader_files(cpus: u16, coms: [bool; 4]) -> LoaderFiles {
+    let mut blob: Vec<u8> = Vec::new();
+    let mut place = |t: Vec<u8>, align: usize| -> usize {
+        while !blob.len().is_multiple_of(align) {
+            blob.push(0);
+        }
+        let at = blob.len();
+        blob.extend_from_slice(&t);
+        at
+    };
+    // The FACS wants 64-byte alignment; it has no checksum.
+    let facs_at = place(facs(), 64);
+    let dsdt_at = place(dsdt(coms), 8);
+    let fadt_at = place(fadt(facs_at as u64, dsdt_at as u64), 8);
+    let madt_at = place(madt(cpus), 8);
+    let mcfg_at = place(mcfg(), 8);
+    let entries = [fadt_at as u64, madt_at as u64, mcfg_at as u64];
+    let xsdt_at = place(xsdt(&entries), 8);
+    let mut tables = blob;
+    let mut cmds = vec![
+        loader_allocate(RSDP_FILE, 16, 2),
+        loader_allocate(TABLES_FILE, 64, 1),
+    ];
+    let mut ptr =
+        |at: usize, size: u8| cmds.push(loader_pointer(TABLES_FILE, TABLES_FILE, at, size));
+    ptr(fadt_at + FADT_FACS32, 4);
+    ptr(fadt_at + FADT_DSDT32, 4);
+    ptr(fadt_at + FADT_FACS64, 8);
+    ptr(fadt_at + FADT_DSDT64, 8);
+    for i in 0..entries.len() {
+        ptr(xsdt_at + 36 + 8 * i, 8);
+    }
+    for at in [dsdt_at, fadt_at, madt_at, mcfg_at, xsdt_at] {
+        let len = u32::from_le_bytes(tables[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
+        tables[at + 9] = 0;
+        cmds.push(loader_checksum(TABLES_FILE, at + 9, at, len));
+    }
+    let mut rsdp = rsdp(xsdt_at as u64);
+    rsdp[8] = 0;
+    rsdp[32] = 0;
+    cmds.push(loader_pointer(RSDP_FILE, TABLES_FILE, RSDP_XSDT, 8));
+    cmds.push(loader_checksum(RSDP_FILE, 8, 0, 20));
+    cmds.push(loader_checksum(RSDP_FILE, 32, 0, rsdp.len()));
+    LoaderFiles {
+        tables,
+        rsdp,
+        loader: cmds.concat(),
+    }
 }
 
 #[cfg(test)]
@@ -459,15 +576,21 @@ mod tests {
 
     #[test]
     fn tables_checksum_and_fit() {
-        assert_eq!(fadt().len(), 244);
-        for t in [fadt(), dsdt(), madt(255), xsdt(&[1, 2, 3]), mcfg()] {
+        assert_eq!(fadt(FACS_ADDR, DSDT_ADDR).len(), 244);
+        for t in [
+            fadt(FACS_ADDR, DSDT_ADDR),
+            dsdt([true; 4]),
+            madt(255),
+            xsdt(&[1, 2, 3]),
+            mcfg(),
+        ] {
             assert_eq!(sum(&t), 0);
             assert_eq!(
                 u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
                 t.len()
             );
         }
-        let r = rsdp();
+        let r = rsdp(XSDT_ADDR);
         assert_eq!(sum(&r[..20]), 0);
         assert_eq!(sum(&r), 0);
         let mpc = mp_config(255);
@@ -478,10 +601,92 @@ mod tests {
         assert!(RSDP_ADDR + r.len() as u64 <= MPFP_ADDR);
         assert!(MPFP_ADDR + m.len() as u64 <= XSDT_ADDR);
         assert!(XSDT_ADDR + xsdt(&[1, 2, 3]).len() as u64 <= FADT_ADDR);
-        assert!(FADT_ADDR + fadt().len() as u64 <= FACS_ADDR);
+        assert!(FADT_ADDR + fadt(FACS_ADDR, DSDT_ADDR).len() as u64 <= FACS_ADDR);
         assert!(MADT_ADDR + madt(255).len() as u64 <= MCFG_ADDR);
         assert!(MCFG_ADDR + mcfg().len() as u64 <= MPC_ADDR);
         assert!(MPC_ADDR + mp_config(255).len() as u64 <= DSDT_ADDR);
-        assert!(DSDT_ADDR + dsdt().len() as u64 <= ACPI_END);
+        assert!(DSDT_ADDR + dsdt([true; 4]).len() as u64 <= ACPI_END);
+    }
+
+    /// Run the loader script as firmware would (allocate at made-up
+    /// addresses, relocate, checksum) and check the result is a valid,
+    /// linked table set.
+    #[test]
+    fn loader_script_links_the_tables() {
+        let f = loader_files(2, [true, true, false, false]);
+        assert_eq!(f.loader.len() % 128, 0);
+        let (rsdp_base, tables_base) = (0xf_0000u64, 0x7fe0_0000u64);
+        let mut tables = f.tables.clone();
+        let mut rsdp = f.rsdp.clone();
+        let name = |b: &[u8]| {
+            String::from_utf8(b.iter().take_while(|c| **c != 0).copied().collect()).unwrap()
+        };
+        for e in f.loader.chunks(128) {
+            let cmd = u32::from_le_bytes(e[0..4].try_into().unwrap());
+            match cmd {
+                1 => {}
+                2 => {
+                    let (from, to) = (name(&e[4..60]), name(&e[60..116]));
+                    let off = u32::from_le_bytes(e[116..120].try_into().unwrap()) as usize;
+                    let size = e[120] as usize;
+                    assert_eq!(to, TABLES_FILE);
+                    let buf = if from == RSDP_FILE {
+                        &mut rsdp
+                    } else {
+                        &mut tables
+                    };
+                    let mut v = [0u8; 8];
+                    v[..size].copy_from_slice(&buf[off..off + size]);
+                    let p = u64::from_le_bytes(v) + tables_base;
+                    buf[off..off + size].copy_from_slice(&p.to_le_bytes()[..size]);
+                }
+                3 => {
+                    let file = name(&e[4..60]);
+                    let w = |i: usize| {
+                        u32::from_le_bytes(e[60 + 4 * i..64 + 4 * i].try_into().unwrap()) as usize
+                    };
+                    let buf = if file == RSDP_FILE {
+                        &mut rsdp
+                    } else {
+                        &mut tables
+                    };
+                    buf[w(0)] = checksum(&buf[w(1)..w(1) + w(2)]);
+                }
+                c => panic!("unexpected loader command {c}"),
+            }
+        }
+        let _ = rsdp_base;
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(&rsdp), 0);
+        let xsdt = u64::from_le_bytes(rsdp[24..32].try_into().unwrap()) - tables_base;
+        let at = |a: u64| (a - tables_base) as usize;
+        let x = at(xsdt + tables_base);
+        assert_eq!(&tables[x..x + 4], b"XSDT");
+        let xlen = u32::from_le_bytes(tables[x + 4..x + 8].try_into().unwrap()) as usize;
+        assert_eq!(sum(&tables[x..x + xlen]), 0);
+        let mut sigs = Vec::new();
+        for i in 0..(xlen - 36) / 8 {
+            let p = u64::from_le_bytes(tables[x + 36 + 8 * i..x + 44 + 8 * i].try_into().unwrap());
+            let t = at(p);
+            let len = u32::from_le_bytes(tables[t + 4..t + 8].try_into().unwrap()) as usize;
+            assert_eq!(sum(&tables[t..t + len]), 0);
+            sigs.push(String::from_utf8(tables[t..t + 4].to_vec()).unwrap());
+            if &tables[t..t + 4] == b"FACP" {
+                let dsdt = at(u64::from_le_bytes(
+                    tables[t + FADT_DSDT64..t + FADT_DSDT64 + 8]
+                        .try_into()
+                        .unwrap(),
+                ));
+                assert_eq!(&tables[dsdt..dsdt + 4], b"DSDT");
+                let facs = at(u64::from(u32::from_le_bytes(
+                    tables[t + FADT_FACS32..t + FADT_FACS32 + 4]
+                        .try_into()
+                        .unwrap(),
+                )));
+                assert_eq!(&tables[facs..facs + 4], b"FACS");
+                assert_eq!(facs % 64, 0);
+            }
+        }
+        assert_eq!(sigs, ["FACP", "APIC", "MCFG"]);
     }
 }

@@ -35,6 +35,8 @@ pub const MAX_DEVICES: usize = 32;
 const SLOT_LOW: u32 = 0;
 const SLOT_HIGH: u32 = 1;
 const SLOT_BOOTROM: u32 = 2;
+/// The UEFI variable store's flash (mapped and unmapped by the device).
+const SLOT_VARS: u32 = 3;
 /// KVM's real-mode helpers (Intel) live in the PCI hole, below a 16 MiB bootrom.
 const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
 const TSS_ADDR: usize = 0xfeff_d000;
@@ -124,10 +126,11 @@ struct Control {
     memory: u64,
     ram: Option<Mapping>,
     bootrom: Option<(Mapping, u64)>,
+    vars: Option<crate::firmware::BootVars>,
     kernel: Option<Vec<u8>>,
     initrd: Option<Vec<u8>>,
     cmdline: String,
-    serial: [Option<SerialFds>; 2],
+    serial: [Option<SerialFds>; 4],
     pci: Vec<(PciSlot, PciEmulation)>,
     options: PlatformOptions,
 }
@@ -139,6 +142,8 @@ struct PlatformOptions {
     rtc_localtime: bool,
     /// `x86.mptable`: write an MP table (`-Y` turns it off).
     mptable: bool,
+    /// `lpc.fwcfg=qemu`: the platform UEFI firmware (OVMF) expects.
+    fwcfg: bool,
 }
 
 impl Default for PlatformOptions {
@@ -146,6 +151,7 @@ impl Default for PlatformOptions {
         PlatformOptions {
             rtc_localtime: true,
             mptable: true,
+            fwcfg: false,
         }
     }
 }
@@ -153,6 +159,20 @@ impl Default for PlatformOptions {
 impl PlatformOptions {
     /// Apply one `set`; keys this engine has no use for are EOPNOTSUPP.
     fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        if key == "lpc.fwcfg" {
+            // bhyve's own firmware interface ("bhyve") is not provided:
+            // that value means no fw_cfg at all.
+            self.fwcfg = match value {
+                "qemu" => true,
+                "bhyve" => false,
+                _ => {
+                    return Err(Error::InvalidCommand(format!(
+                        "lpc.fwcfg: '{value}' is neither qemu nor bhyve"
+                    )))
+                }
+            };
+            return Ok(());
+        }
         let slot = match key {
             "rtc.use_localtime" => &mut self.rtc_localtime,
             "x86.mptable" => &mut self.mptable,
@@ -278,10 +298,11 @@ impl Vm {
             memory: 0,
             ram: None,
             bootrom: None,
+            vars: None,
             kernel: None,
             initrd: None,
             cmdline: String::new(),
-            serial: [None, None],
+            serial: [None, None, None, None],
             pci: Vec::new(),
             options: PlatformOptions::default(),
         };
@@ -386,6 +407,10 @@ impl Vm {
                 boot::check_bootrom(&img)?;
                 let mut st = core.st.lock();
                 ctl.set_bootrom(&mut st, &img)?;
+            }
+            Command::BootVars(n) => {
+                configuring()?;
+                ctl.vars = Some(crate::firmware::load_vars(take(fds, n)?)?);
             }
             Command::Kernel(n) => {
                 configuring()?;
@@ -493,6 +518,18 @@ impl Vm {
     /// [`vmm_protocol::status::Status`].
     pub fn status(&self) -> String {
         let st = self.core.st.lock();
+        // Guest memory the host has actually allocated (bhyvectl's
+        // "Resident memory"): the segments' memfds, by allocated blocks.
+        let resident: u64 = st
+            .segments
+            .iter()
+            .filter_map(|seg| {
+                // SAFETY: fstat on a descriptor the segment owns.
+                let mut sb: libc::stat = unsafe { std::mem::zeroed() };
+                (unsafe { libc::fstat(seg.fd.as_raw_fd(), &mut sb) } == 0)
+                    .then(|| sb.st_blocks as u64 * 512)
+            })
+            .sum();
         let status = vmm_protocol::status::Status {
             state: st.state.clone(),
             cpus: st.cpus,
@@ -506,6 +543,7 @@ impl Vm {
                 .boot_io_exits
                 .load(Ordering::Acquire)
                 .checked_sub(1),
+            resident: Some(resident),
         };
         format!("name={}\n{status}", self.name)
     }
@@ -521,7 +559,7 @@ impl Vm {
             return;
         }
         let stopped = ctl.stop_threads();
-        ctl.serial = [None, None];
+        ctl.serial = [None, None, None, None];
         ctl.pci.clear();
         if stopped {
             self.core.set_state(VmState::Exited(ExitReason::Error(
@@ -666,6 +704,7 @@ impl Control {
             };
             vm.create_pit2(pit)
                 .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+            crate::devices::pit_drop_lost_ticks(&vm);
             let mut chips = Vec::new();
             for id in 0..3 {
                 let mut c = kvm_irqchip {
@@ -720,8 +759,9 @@ impl Control {
         self.ensure_vcpus()?;
         let cpus = usize::from(self.topology.cpus);
         let mem = self.guest_memory();
+        let coms = crate::devices::com_present(&self.serial.each_ref().map(|s| s.is_some()));
         if mem.low_end() >= 0x10_0000 {
-            crate::acpi::write_tables(&mem, self.topology.cpus, self.options.mptable)?;
+            crate::acpi::write_tables(&mem, self.topology.cpus, self.options.mptable, coms)?;
         }
         let mut entry = None;
         if let Some(k) = &self.kernel {
@@ -740,16 +780,34 @@ impl Control {
                 .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
         }
         let vm = self.vm()?.clone();
+        let firmware = match (&self.bootrom, self.options.fwcfg) {
+            (Some((_, rom_size)), true) => Some(crate::firmware::config(
+                &vm,
+                &mem,
+                self.topology.cpus,
+                *rom_size,
+                self.vars.as_ref(),
+                SLOT_VARS,
+                coms,
+            )?),
+            _ => None,
+        };
+        if self.vars.is_some() && firmware.is_none() {
+            return Err(Error::InvalidCommand(
+                "a variable store needs a boot ROM and lpc.fwcfg=qemu".into(),
+            ));
+        }
         let platform = Arc::new(Platform::new(
             vm.clone(),
             PlatformConfig {
-                serial_out: [
-                    self.serial[0].as_ref().map(|s| s.output.clone()),
-                    self.serial[1].as_ref().map(|s| s.output.clone()),
-                ],
+                serial_out: self
+                    .serial
+                    .each_ref()
+                    .map(|s| s.as_ref().map(|s| s.output.clone())),
                 pci: self.pci.clone(),
                 ram: mem.regions().to_vec(),
                 rtc_utc: !self.options.rtc_localtime,
+                firmware,
             },
             core.counters.clone(),
         )?);
@@ -809,7 +867,7 @@ impl Control {
             let Some(s) = s else { continue };
             let c = ctx.clone();
             let input = s.input.clone();
-            let port = if i == 0 { ComPort::Com1 } else { ComPort::Com2 };
+            let port = ComPort::ALL[i];
             match std::thread::Builder::new()
                 .name(format!("com{}-in", i + 1))
                 .spawn(move || {
@@ -858,7 +916,7 @@ impl Control {
     fn release(&mut self) {
         self.stop_threads();
         self.vcpus.clear();
-        self.serial = [None, None];
+        self.serial = [None, None, None, None];
         // Device descriptors (disks, passt sockets, taps) go with the VM:
         // passt then sees its socket close and exits.
         self.pci.clear();
@@ -869,6 +927,7 @@ impl Control {
         self.irqchip = None;
         self.ram = None;
         self.bootrom = None;
+        self.vars = None;
     }
 }
 

@@ -96,6 +96,18 @@ pub struct Topology {
 pub enum ComPort {
     Com1,
     Com2,
+    Com3,
+    Com4,
+}
+
+impl ComPort {
+    /// Every port, in order.
+    pub const ALL: [ComPort; 4] = [ComPort::Com1, ComPort::Com2, ComPort::Com3, ComPort::Com4];
+
+    /// 1 for COM1 and so on.
+    pub fn number(self) -> usize {
+        self as usize + 1
+    }
 }
 
 /// One parsed command. Descriptor fields hold the client's descriptor numbers.
@@ -107,6 +119,9 @@ pub enum Command {
     Cpus(Topology),
     /// `bootrom FD`: a flat image mapped just below 4 GiB.
     Bootrom(i32),
+    /// `bootvars FD`: UEFI variable store (bhyve's VARS file), a writable
+    /// flash mapped just below the boot ROM; guest writes go back to it.
+    BootVars(i32),
     /// `kernel FD`: bzImage or ELF vmlinux for direct Linux boot.
     Kernel(i32),
     /// `initrd FD`.
@@ -258,7 +273,10 @@ impl Command {
     /// are left for the device to refuse.
     pub fn descriptors(&self) -> Vec<i32> {
         match self {
-            Command::Bootrom(n) | Command::Kernel(n) | Command::Initrd(n) => vec![*n],
+            Command::Bootrom(n)
+            | Command::BootVars(n)
+            | Command::Kernel(n)
+            | Command::Initrd(n) => vec![*n],
             Command::Serial { input, output, .. } => {
                 if input == output {
                     vec![*input]
@@ -286,7 +304,7 @@ impl Command {
     pub fn is_image(&self) -> bool {
         matches!(
             self,
-            Command::Bootrom(_) | Command::Kernel(_) | Command::Initrd(_)
+            Command::Bootrom(_) | Command::BootVars(_) | Command::Kernel(_) | Command::Initrd(_)
         )
     }
 }
@@ -325,6 +343,10 @@ impl Command {
                 arity(1)?;
                 Command::Bootrom(parse_fd(args.first().copied())?)
             }
+            "bootvars" => {
+                arity(1)?;
+                Command::BootVars(parse_fd(args.first().copied())?)
+            }
             "kernel" => {
                 arity(1)?;
                 Command::Kernel(parse_fd(args.first().copied())?)
@@ -334,14 +356,10 @@ impl Command {
                 Command::Initrd(parse_fd(args.first().copied())?)
             }
             "cmdline" => Command::Cmdline(rest.to_string()),
-            "com1" | "com2" => {
+            "com1" | "com2" | "com3" | "com4" => {
                 arity(2)?;
                 Command::Serial {
-                    port: if verb == "com1" {
-                        ComPort::Com1
-                    } else {
-                        ComPort::Com2
-                    },
+                    port: ComPort::ALL[usize::from(verb.as_bytes()[3] - b'1')],
                     input: parse_fd(args.first().copied())?,
                     output: parse_fd(args.get(1).copied())?,
                 }
@@ -413,6 +431,7 @@ impl fmt::Display for Command {
                 )
             }
             Command::Bootrom(fd) => write!(f, "bootrom {fd}"),
+            Command::BootVars(fd) => write!(f, "bootvars {fd}"),
             Command::Kernel(fd) => write!(f, "kernel {fd}"),
             Command::Initrd(fd) => write!(f, "initrd {fd}"),
             Command::Cmdline(text) => write!(f, "cmdline {text}"),
@@ -421,8 +440,7 @@ impl fmt::Display for Command {
                 input,
                 output,
             } => {
-                let n = if *port == ComPort::Com1 { 1 } else { 2 };
-                write!(f, "com{n} {input} {output}")
+                write!(f, "com{} {input} {output}", port.number())
             }
             Command::Device {
                 slot,
@@ -492,6 +510,8 @@ mod tests {
             Command::Memory(512 << 20)
         );
         assert_eq!(Command::parse("bootrom 5").unwrap(), Command::Bootrom(5));
+        assert_eq!(Command::parse("bootvars 6").unwrap(), Command::BootVars(6));
+        assert_eq!(Command::parse("bootvars 6").unwrap().descriptors(), vec![6]);
         assert_eq!(
             Command::parse("com1 0 1").unwrap(),
             Command::Serial {
@@ -556,11 +576,13 @@ mod tests {
             "memory 4096",
             "cpus 4 sockets=2 cores=2 threads=1",
             "bootrom 5",
+            "bootvars 6",
             "kernel 6",
             "initrd 7",
             "cmdline console=ttyS0 root=/dev/vda",
             "com1 0 1",
             "com2 3 4",
+            "com4 3 4",
             "device 0:3:0 virtio-blk fd=7,ro",
             "device 0:0:0 hostbridge",
             "set x86.x2apic=true",

@@ -95,6 +95,9 @@ pub struct Status {
     pub boot_time_us: Option<u64>,
     /// Port and MMIO exits until that write.
     pub boot_io_exits: Option<u64>,
+    /// Bytes of guest memory the host has actually allocated (bhyvectl's
+    /// "Resident memory"); absent where the engine cannot tell.
+    pub resident: Option<u64>,
 }
 
 impl fmt::Display for Status {
@@ -121,6 +124,9 @@ impl fmt::Display for Status {
         }
         if let Some(n) = self.boot_io_exits {
             writeln!(f, "boot_io_exits={n}")?;
+        }
+        if let Some(n) = self.resident {
+            writeln!(f, "resident={n}")?;
         }
         Ok(())
     }
@@ -199,6 +205,7 @@ impl Status {
         };
         let boot_time_us = optional("boot_time_us")?;
         let boot_io_exits = optional("boot_io_exits")?;
+        let resident = optional("resident")?;
         if let Some(l) = rest.next() {
             return Err(bad(&format!("unexpected '{l}'")));
         }
@@ -210,6 +217,7 @@ impl Status {
             io_exits,
             boot_time_us,
             boot_io_exits,
+            resident,
         })
     }
 }
@@ -250,8 +258,9 @@ mod tests {
             io_exits: u64,
             boot_time_us: Option<u64>,
             boot_io_exits: Option<u64>,
+            resident: Option<u64>,
         ) {
-            let s = Status { state, cpus, memory, exits, io_exits, boot_time_us, boot_io_exits };
+            let s = Status { state, cpus, memory, exits, io_exits, boot_time_us, boot_io_exits, resident };
             prop_assert_eq!(Status::parse(&s.to_string()), Ok(s));
         }
 
@@ -306,6 +315,7 @@ mod tests {
             io_exits: 0,
             boot_time_us: None,
             boot_io_exits: None,
+            resident: Some(4096),
         };
         let back = Status::parse(&s.to_string()).unwrap();
         assert!(

@@ -542,6 +542,7 @@ mod tests {
                 io_exits: 1,
                 boot_time_us: Some(5),
                 boot_io_exits: None,
+                resident: None,
             })),
             proptest::collection::vec(("[a-z_]{1,8}", any::<u64>()), 0..3).prop_map(|v| {
                 let mut segs: Vec<SegmentInfo> = Vec::new();

@@ -27,6 +27,7 @@ pub enum ChargeKind {
     Bootrom,
     Kernel,
     Initrd,
+    BootVars,
 }
 
 struct Entry<V> {
@@ -36,7 +37,7 @@ struct Entry<V> {
     /// Segment nodes in order of first use: the index is part of their inode number.
     segments: Vec<(String, NodeAttrs)>,
     /// Bytes charged per kind; `rec.memory` is their sum.
-    charges: [u64; 4],
+    charges: [u64; 5],
 }
 
 impl<V> AsRef<VmRecord> for Entry<V> {
@@ -142,7 +143,7 @@ impl<V> Registry<V> {
                         rt: None,
                         node,
                         segments: Vec::new(),
-                        charges: [initial_memory, 0, 0, 0],
+                        charges: [initial_memory, 0, 0, 0, 0],
                     },
                 );
                 Ok(Created::Reserved(id))

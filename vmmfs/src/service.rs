@@ -692,6 +692,7 @@ impl<E: Engine> Service<E> {
             };
             let (what, max) = match cmd {
                 Command::Bootrom(_) => (ChargeKind::Bootrom, MAX_BOOTROM),
+                Command::BootVars(_) => (ChargeKind::BootVars, MAX_BOOTROM),
                 Command::Kernel(_) => (ChargeKind::Kernel, MAX_KERNEL),
                 _ => (ChargeKind::Initrd, u64::MAX),
             };

@@ -555,6 +555,7 @@ impl WorkerVm {
                     io_exits: 0,
                     boot_time_us: None,
                     boot_io_exits: None,
+                    resident: None,
                 },
                 segments: Vec::new(),
                 failed: None,

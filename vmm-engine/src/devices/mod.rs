@@ -4,6 +4,9 @@
 //! Everything here faces the guest: ports, sizes and values are guest
 //! controlled and are decoded without trusting any of them.
 
+pub mod ahci;
+pub mod flash;
+pub mod fwcfg;
 pub mod pci;
 pub mod pm;
 pub mod rtc;
@@ -23,8 +26,16 @@ use std::time::Instant;
 
 pub use pm::{PM1A_CNT, PM1A_EVT, PM_TMR, SCI_IRQ};
 
-/// COM1/COM2 I/O bases and ISA IRQs.
-pub const COM_PORTS: [(u16, u32); 2] = [(0x3f8, 4), (0x2f8, 3)];
+/// COM1-COM4 I/O bases and ISA IRQs (COM3 shares IRQ 4 with COM1, COM4
+/// IRQ 3 with COM2, as on a PC).
+pub const COM_PORTS: [(u16, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
+
+/// Which serial ports a guest has: COM1 and COM2 always, COM3 and COM4
+/// when configured (otherwise their ports stay empty, as Linux's probes
+/// expect on a PC without them).
+pub fn com_present(configured: &[bool; 4]) -> [bool; 4] {
+    [true, true, configured[2], configured[3]]
+}
 /// Firecracker-style boot-timer port: a write marks "booted".
 pub const BOOT_TIMER_PORT: u16 = 0x440;
 /// Reset control register (PIIX).
@@ -53,6 +64,7 @@ pub enum PciEmulation {
     VirtioNet(virtio::net::NetConfig),
     VirtioRnd,
     VirtioConsole(virtio::console::ConsoleConfig),
+    Ahci(ahci::AhciConfig),
 }
 
 /// First address of the window BARs are placed in before the guest moves
@@ -193,6 +205,9 @@ impl PciEmulation {
                 };
                 PciEmulation::VirtioConsole(virtio::console::ConsoleConfig { input, output })
             }
+            "ahci" | "ahci-hd" | "ahci-cd" => {
+                PciEmulation::Ahci(ahci::AhciConfig::configure(emulation, options, take)?)
+            }
             "passthru" => {
                 return Err(Error::Unsupported(
                     "PCI passthrough needs an IOMMU; this engine cannot assign devices".into(),
@@ -200,6 +215,36 @@ impl PciEmulation {
             }
             other => return Err(Error::Unsupported(format!("device emulation '{other}'"))),
         })
+    }
+}
+
+/// Make KVM's PIT drop the ticks a guest could not take in time instead of
+/// delivering them later in a burst (its default "reinject" policy); bhyve's
+/// PIT does not catch up either. A guest whose timer handler runs slowly
+/// (UEFI firmware with interrupts off, on a slow or nested host) otherwise
+/// finds a new tick pending every time it returns from the last one.
+pub fn pit_drop_lost_ticks(vm: &VmFd) {
+    /// KVM_REINJECT_CONTROL = _IO(KVMIO, 0x71); struct kvm_reinject_control.
+    const KVM_REINJECT_CONTROL: libc::c_ulong = 0xae71;
+    #[repr(C)]
+    struct ReinjectControl {
+        pit_reinject: u8,
+        reserved: [u8; 31],
+    }
+    let ctl = ReinjectControl {
+        pit_reinject: 0,
+        reserved: [0; 31],
+    };
+    // SAFETY: the ioctl reads a kvm_reinject_control from a valid pointer.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(vm),
+            KVM_REINJECT_CONTROL as _,
+            &ctl,
+        )
+    };
+    if r < 0 {
+        log::debug!("KVM_REINJECT_CONTROL: {}", std::io::Error::last_os_error());
     }
 }
 
@@ -223,19 +268,33 @@ fn is_absent_probe(port: u16) -> bool {
 
 /// What the platform is built from at `run`.
 pub struct PlatformConfig {
-    pub serial_out: [Option<Arc<OwnedFd>>; 2],
+    pub serial_out: [Option<Arc<OwnedFd>>; 4],
     pub pci: Vec<(PciSlot, PciEmulation)>,
     /// Guest RAM, for device threads.
     pub ram: Vec<Region>,
     /// The RTC keeps UTC (bhyve -u) rather than local time.
     pub rtc_utc: bool,
+    /// UEFI firmware's platform (bhyve's `lpc.fwcfg=qemu`), if asked for.
+    pub firmware: Option<FirmwareConfig>,
+}
+
+/// What OVMF finds besides the common platform: fw_cfg with its items, the
+/// variable store's flash, and the PCI functions it identifies the machine
+/// by (an i440FX host bridge, the PIIX4 PM function at 0:1.3, a PIIX3 ISA
+/// bridge, which its boot manager puts the serial console behind).
+pub struct FirmwareConfig {
+    pub fwcfg: fwcfg::FwCfgItems,
+    pub flash: Option<flash::FlashConfig>,
 }
 
 struct Devices {
-    com: [serial::Serial; 2],
+    com: [serial::Serial; 4],
+    com_present: [bool; 4],
     pci: pci::PciBus,
     pm: pm::Pm,
     rtc: rtc::Rtc,
+    fwcfg: Option<fwcfg::FwCfg>,
+    flash: Option<flash::Flash>,
 }
 
 /// All emulated devices of one run of a VM.
@@ -257,7 +316,8 @@ fn size_mask(size: usize) -> u32 {
 
 impl Platform {
     pub fn new(vm: Arc<VmFd>, cfg: PlatformConfig, counters: Arc<Counters>) -> Result<Platform> {
-        let [o1, o2] = cfg.serial_out;
+        let com_present = com_present(&cfg.serial_out.each_ref().map(|o| o.is_some()));
+        let [o1, o2, o3, o4] = cfg.serial_out;
         let stopping = Arc::new(AtomicBool::new(false));
         let mut pci = pci::PciBus::new();
         let router = Arc::new(virtio::GsiRouter::new(vm.clone()));
@@ -270,6 +330,18 @@ impl Platform {
                 }
                 PciEmulation::Lpc => {
                     pci.add(slot, pci::PciFunction::lpc());
+                    continue;
+                }
+                PciEmulation::Ahci(c) => {
+                    // Placed like a virtio device's BAR; 8 KiB fits the stride.
+                    let bar = PCI_MMIO_BASE + n as u64 * virtio::pci::BAR_SIZE;
+                    let (pin, line) = intx_route(slot.slot, slot.func);
+                    let irq = Box::new(ahci::KvmIrq {
+                        vm: vm.clone(),
+                        line,
+                    });
+                    let mem = crate::memory::GuestMemory::new(cfg.ram.clone());
+                    pci.add(slot, ahci::function(c, mem, irq, bar as u32, pin, line));
                     continue;
                 }
                 PciEmulation::VirtioBlk(c) => {
@@ -303,6 +375,47 @@ impl Platform {
             )?;
             pci.add(slot, f);
         }
+        let (fwcfg, flash) = match cfg.firmware {
+            Some(fw) => {
+                pci.add(
+                    PciSlot {
+                        bus: 0,
+                        slot: 0,
+                        func: 0,
+                    },
+                    pci::PciFunction::i440fx(),
+                );
+                let pm_at = (0, 1, 3);
+                if pci.has(pm_at) {
+                    log::warn!("0:1.3 is taken: UEFI firmware will not find its PM timer");
+                } else {
+                    pci.add(
+                        PciSlot {
+                            bus: 0,
+                            slot: 1,
+                            func: 3,
+                        },
+                        pci::PciFunction::piix4_pm(),
+                    );
+                }
+                if !pci.has_id(0x8086, 0x7000) && !pci.has((0, 1, 0)) {
+                    pci.add(
+                        PciSlot {
+                            bus: 0,
+                            slot: 1,
+                            func: 0,
+                        },
+                        pci::PciFunction::lpc(),
+                    );
+                }
+                let mem = crate::memory::GuestMemory::new(cfg.ram.clone());
+                (
+                    Some(fwcfg::FwCfg::new(fw.fwcfg, mem)),
+                    fw.flash.map(flash::Flash::new),
+                )
+            }
+            None => (None, None),
+        };
         let low: u64 = cfg
             .ram
             .iter()
@@ -321,10 +434,15 @@ impl Platform {
                 com: [
                     serial::Serial::new(o1, stopping.clone()),
                     serial::Serial::new(o2, stopping.clone()),
+                    serial::Serial::new(o3, stopping.clone()),
+                    serial::Serial::new(o4, stopping.clone()),
                 ],
+                com_present,
                 pci,
                 pm: pm::Pm::new(),
                 rtc: rtc::Rtc::new(cfg.rtc_utc, low, high),
+                fwcfg,
+                flash,
             }),
             counters,
             started: Instant::now(),
@@ -350,11 +468,16 @@ impl Platform {
     }
 
     /// Re-drive a UART's IRQ line if its interrupt state changed.
+    /// The line is shared with the other port on the same IRQ: its level
+    /// is theirs together.
     fn update_serial_irq(&self, d: &mut Devices, i: usize) {
         let want = d.com[i].interrupt();
         if want != d.com[i].irq_level {
             d.com[i].irq_level = want;
-            self.set_irq(COM_PORTS[i].1, want);
+            let irq = COM_PORTS[i].1;
+            let level =
+                (0..4).any(|j| d.com_present[j] && COM_PORTS[j].1 == irq && d.com[j].irq_level);
+            self.set_irq(irq, level);
         }
     }
 
@@ -403,7 +526,7 @@ impl Platform {
     fn read_port(&self, port: u16, size: usize) -> u32 {
         let mut d = self.devs.lock();
         for (i, &(base, _)) in COM_PORTS.iter().enumerate() {
-            if (base..base + 8).contains(&port) {
+            if d.com_present[i] && (base..base + 8).contains(&port) {
                 // A wider access touches consecutive registers, as on ISA.
                 let mut v = 0u32;
                 for k in 0..size as u16 {
@@ -427,6 +550,12 @@ impl Platform {
                 }
                 v
             }
+            fwcfg::PORT_SELECTOR..=fwcfg::PORT_DMA_END if d.fwcfg.is_some() => {
+                d.fwcfg.as_mut().map_or(0, |f| f.io_read(port, size))
+            }
+            // No i8042 under UEFI firmware: the port floats, so OVMF's PS/2
+            // driver gives up at once instead of timing out on each command.
+            0x60 | 0x64 if d.fwcfg.is_some() => size_mask(size),
             // i8042: status "no data, input buffer empty"; data reads 0. The
             // FADT does not announce an 8042, so OSes do not probe it; boot
             // ROMs may still poll the status.
@@ -452,7 +581,7 @@ impl Platform {
         }
         let mut d = self.devs.lock();
         for (i, &(base, _)) in COM_PORTS.iter().enumerate() {
-            if (base..base + 8).contains(&port) {
+            if d.com_present[i] && (base..base + 8).contains(&port) {
                 for k in 0..size as u16 {
                     let off = port - base + k;
                     if off < 8 {
@@ -482,6 +611,11 @@ impl Platform {
                 }
             }
             0x64 if v & 0xff == 0xfe => return Some(ExitReason::Reboot),
+            fwcfg::PORT_SELECTOR..=fwcfg::PORT_DMA_END if d.fwcfg.is_some() => {
+                if let Some(f) = d.fwcfg.as_mut() {
+                    f.io_write(port, size, v);
+                }
+            }
             BOOT_TIMER_PORT => {
                 let us = self.started.elapsed().as_micros() as u64;
                 if self
@@ -506,6 +640,10 @@ impl Platform {
     /// MMIO outside RAM: the ECAM window and PCI memory BARs; elsewhere
     /// reads return ones and writes are dropped.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some(f) = self.devs.lock().flash.as_mut().filter(|f| f.contains(addr)) {
+            f.read(addr, data);
+            return;
+        }
         if let Some(off) = addr.checked_sub(ECAM_BASE).filter(|o| *o < ECAM_SIZE) {
             self.devs.lock().pci.ecam(off, data, false);
             return;
@@ -520,6 +658,10 @@ impl Platform {
         let mut buf = [0u8; 8];
         let n = data.len().min(8);
         buf[..n].copy_from_slice(&data[..n]);
+        if let Some(f) = self.devs.lock().flash.as_mut().filter(|f| f.contains(addr)) {
+            f.write(addr, &buf[..n]);
+            return;
+        }
         if let Some(off) = addr.checked_sub(ECAM_BASE).filter(|o| *o < ECAM_SIZE) {
             self.devs.lock().pci.ecam(off, &mut buf[..n], true);
             return;

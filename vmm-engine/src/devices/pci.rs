@@ -32,6 +32,16 @@ pub struct PciFunction {
     cap_next: usize,
     /// The virtio transport behind this function, if it is one.
     pub(crate) virtio: Option<Box<VirtioPci>>,
+    /// Any other device with memory BARs (AHCI).
+    pub(crate) bar_dev: Option<Box<dyn BarDevice>>,
+}
+
+/// A device behind a function's memory BARs, told of configuration writes
+/// (MSI, INTx disable). Offsets are inside the BAR; sizes 1 to 8.
+pub trait BarDevice: Send {
+    fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]);
+    fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]);
+    fn config_written(&mut self, cfg: &[u8; 256]);
 }
 
 impl PciFunction {
@@ -42,6 +52,7 @@ impl PciFunction {
             bar_sizes: [0; 6],
             cap_next: CAP_START,
             virtio: None,
+            bar_dev: None,
         };
         f.cfg[0..2].copy_from_slice(&vendor.to_le_bytes());
         f.cfg[2..4].copy_from_slice(&device.to_le_bytes());
@@ -63,6 +74,24 @@ impl PciFunction {
     /// An LPC/ISA bridge as bhyve's `lpc` (Intel 82371SB PIIX3 ids).
     pub fn lpc() -> PciFunction {
         PciFunction::new(0x8086, 0x7000, 0x06, 0x01)
+    }
+
+    /// The Intel 82441FX (i440FX) host bridge: OVMF identifies the
+    /// platform by this id at 0:0.0 and stops on any it does not know.
+    pub fn i440fx() -> PciFunction {
+        PciFunction::new(0x8086, 0x1237, 0x06, 0x00)
+    }
+
+    /// The PIIX4 power-management function OVMF looks for at 0:1.3: its
+    /// PM base (0x40) already holds the engine's fixed ACPI block and
+    /// PMIOSE (0x80 bit 0) is set, read-only, so firmware keeps using
+    /// ports 0x400-0x40b (the PM timer at 0x408) instead of moving them.
+    pub fn piix4_pm() -> PciFunction {
+        let mut f = PciFunction::new(0x8086, 0x7113, 0x06, 0x80);
+        let pmba = u32::from(super::PM1A_EVT) | 1;
+        f.cfg[0x40..0x44].copy_from_slice(&pmba.to_le_bytes());
+        f.cfg[0x80] = 1;
+        f
     }
 
     /// A 32-bit, non-prefetchable memory BAR of `size` bytes (a power of two,
@@ -146,6 +175,24 @@ impl PciBus {
         PciBus { addr: 0, functions }
     }
 
+    /// Whether a function sits at `bdf`.
+    pub fn has(&self, bdf: (u8, u8, u8)) -> bool {
+        self.functions.contains_key(&bdf)
+    }
+
+    /// Whether any function has the given vendor and device id.
+    pub fn has_id(&self, vendor: u16, device: u16) -> bool {
+        self.functions.values().any(|f| {
+            f.cfg[0..4]
+                == [
+                    vendor as u8,
+                    (vendor >> 8) as u8,
+                    device as u8,
+                    (device >> 8) as u8,
+                ]
+        })
+    }
+
     /// Place `f` at `slot`, replacing what was there.
     pub fn add(&mut self, slot: PciSlot, f: PciFunction) {
         self.functions.insert((slot.bus, slot.slot, slot.func), f);
@@ -190,6 +237,9 @@ impl PciBus {
             let (cfg, bar, en) = (f.cfg, f.bar_addr(0), f.mem_enabled());
             if let Some(v) = f.virtio.as_mut() {
                 v.config_written(&cfg, bar, en);
+            }
+            if let Some(d) = f.bar_dev.as_mut() {
+                d.config_written(&cfg);
             }
         }
     }
@@ -277,6 +327,14 @@ impl PciBus {
                         v.bar_write(idx, off, data);
                     } else {
                         v.bar_read(idx, off, data);
+                    }
+                    return true;
+                }
+                if let Some(d) = f.bar_dev.as_mut() {
+                    if write {
+                        d.bar_write(idx, off, data);
+                    } else {
+                        d.bar_read(idx, off, data);
                     }
                     return true;
                 }

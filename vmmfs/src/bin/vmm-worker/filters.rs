@@ -87,6 +87,9 @@ const DEVICE_IO: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
+    // Rust's File::metadata (the UEFI variable file's size); the worker's
+    // root is empty, so a path names nothing of the host's.
+    libc::SYS_statx,
     libc::SYS_fallocate,
     libc::SYS_fdatasync,
     libc::SYS_fsync,
@@ -112,8 +115,9 @@ const MAIN_ONLY: &[i64] = &[
     libc::SYS_socketpair,
 ];
 
-/// Status reports go to the daemon from whichever thread saw the change.
-const REPORT: &[i64] = &[libc::SYS_sendmsg];
+/// Status reports go to the daemon from whichever thread saw the change;
+/// a status counts the guest memory's allocated blocks (fstat of its memfds).
+const REPORT: &[i64] = &[libc::SYS_sendmsg, libc::SYS_fstat, libc::SYS_newfstatat];
 
 /// KVM's ioctl type.
 const KVMIO: u64 = 0xAE;
