@@ -12,6 +12,7 @@ pub mod acpi;
 pub mod boot;
 pub mod devices;
 pub mod error;
+pub mod events;
 pub mod firmware;
 pub mod memory;
 pub mod threads;

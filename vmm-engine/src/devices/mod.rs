@@ -15,12 +15,12 @@ pub mod virtio;
 
 use crate::command::{ComPort, PciSlot};
 use crate::error::{Error, Result};
+use crate::events::{ExitReason, VmEvents};
 use crate::memory::Region;
-use crate::vm::ExitReason;
 use kvm_ioctls::VmFd;
 use parking_lot::Mutex;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -303,7 +303,8 @@ pub struct Platform {
     devs: Mutex<Devices>,
     counters: Arc<Counters>,
     started: Instant,
-    stopping: Arc<AtomicBool>,
+    /// Stop requests of the devices; "the run is stopping" for them.
+    events: VmEvents,
 }
 
 fn size_mask(size: usize) -> u32 {
@@ -318,7 +319,7 @@ impl Platform {
     pub fn new(vm: Arc<VmFd>, cfg: PlatformConfig, counters: Arc<Counters>) -> Result<Platform> {
         let com_present = com_present(&cfg.serial_out.each_ref().map(|o| o.is_some()));
         let [o1, o2, o3, o4] = cfg.serial_out;
-        let stopping = Arc::new(AtomicBool::new(false));
+        let events = VmEvents::new();
         let mut pci = pci::PciBus::new();
         let router = Arc::new(virtio::GsiRouter::new(vm.clone()));
         let mut ram = None;
@@ -432,21 +433,21 @@ impl Platform {
             vm,
             devs: Mutex::new(Devices {
                 com: [
-                    serial::Serial::new(o1, stopping.clone()),
-                    serial::Serial::new(o2, stopping.clone()),
-                    serial::Serial::new(o3, stopping.clone()),
-                    serial::Serial::new(o4, stopping.clone()),
+                    serial::Serial::new(o1, events.clone()),
+                    serial::Serial::new(o2, events.clone()),
+                    serial::Serial::new(o3, events.clone()),
+                    serial::Serial::new(o4, events.clone()),
                 ],
                 com_present,
                 pci,
-                pm: pm::Pm::new(),
+                pm: pm::Pm::new(events.clone()),
                 rtc: rtc::Rtc::new(cfg.rtc_utc, low, high),
                 fwcfg,
                 flash,
             }),
             counters,
             started: Instant::now(),
-            stopping,
+            events,
         })
     }
 
@@ -458,7 +459,7 @@ impl Platform {
     /// The run is stopping: device output that would block is dropped.
     /// Lock-free: a vCPU may hold the device lock while blocked in a write.
     pub fn set_stopping(&self) {
-        self.stopping.store(true, Ordering::Release);
+        self.events.set_stopping();
     }
 
     fn set_irq(&self, irq: u32, level: bool) {
@@ -568,7 +569,8 @@ impl Platform {
         }
     }
 
-    /// A port write; returns an exit reason when the write stops the VM.
+    /// A port write; returns an exit reason when the write stops the VM
+    /// (a device asked for it through the events handle).
     pub fn io_out(&self, port: u16, data: &[u8]) -> Option<ExitReason> {
         let size = data.len();
         if !matches!(size, 1 | 2 | 4) {
@@ -579,6 +581,11 @@ impl Platform {
         for (i, b) in data.iter().enumerate() {
             v |= u32::from(*b) << (8 * i);
         }
+        self.write_port(port, size, v);
+        self.events.take_stop()
+    }
+
+    fn write_port(&self, port: u16, size: usize, v: u32) {
         let mut d = self.devs.lock();
         for (i, &(base, _)) in COM_PORTS.iter().enumerate() {
             if d.com_present[i] && (base..base + 8).contains(&port) {
@@ -589,28 +596,27 @@ impl Platform {
                     }
                 }
                 self.update_serial_irq(&mut d, i);
-                return None;
+                return;
             }
         }
         match port {
             RESET_PORT if size == 1 => {
                 // Bit 2 starts the reset (0x6 = hard, 0xe = full).
                 if v & 0x4 != 0 {
-                    return Some(ExitReason::Reboot);
+                    self.events.request_stop(ExitReason::Reboot);
                 }
             }
             0xcf8..=0xcff => d.pci.io_write(port, size, v),
             PM1A_EVT..=0x407 => {
-                let r = d.pm.write(port, size, v);
+                d.pm.write(port, size, v);
                 self.update_sci(&mut d);
-                return r;
             }
             rtc::RTC_INDEX | rtc::RTC_DATA => {
                 for k in 0..size as u16 {
                     d.rtc.write(port + k, (v >> (8 * k)) as u8);
                 }
             }
-            0x64 if v & 0xff == 0xfe => return Some(ExitReason::Reboot),
+            0x64 if v & 0xff == 0xfe => self.events.request_stop(ExitReason::Reboot),
             fwcfg::PORT_SELECTOR..=fwcfg::PORT_DMA_END if d.fwcfg.is_some() => {
                 if let Some(f) = d.fwcfg.as_mut() {
                     f.io_write(port, size, v);
@@ -634,7 +640,6 @@ impl Platform {
             p if is_absent_probe(p) => {}
             _ => log::debug!("unhandled write of port {port:#x} size {size} value {v:#x}"),
         }
-        None
     }
 
     /// MMIO outside RAM: the ECAM window and PCI memory BARs; elsewhere

@@ -3,9 +3,9 @@
 //! pushed in by a reader thread. Register offsets come from the guest, so
 //! every access is decoded defensively.
 
+use crate::events::VmEvents;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Receive FIFO depth of a 16550A.
@@ -36,14 +36,14 @@ pub struct Serial {
     rx: VecDeque<u8>,
     out: Option<Arc<OwnedFd>>,
     /// Set when the run stops: a write blocked on a full pipe gives up.
-    stopping: Arc<AtomicBool>,
+    events: VmEvents,
     /// The level last driven on the IRQ line.
     pub irq_level: bool,
     out_broken: bool,
 }
 
 impl Serial {
-    pub fn new(out: Option<Arc<OwnedFd>>, stopping: Arc<AtomicBool>) -> Serial {
+    pub fn new(out: Option<Arc<OwnedFd>>, events: VmEvents) -> Serial {
         Serial {
             dll: 12, // 9600 baud, as firmware leaves it
             dlm: 0,
@@ -55,7 +55,7 @@ impl Serial {
             thr_pending: false,
             rx: VecDeque::with_capacity(RX_FIFO),
             out,
-            stopping,
+            events,
             irq_level: false,
             out_broken: false,
         }
@@ -110,7 +110,7 @@ impl Serial {
             match e.raw_os_error() {
                 // A vCPU kick interrupts a blocked write; the byte is retried
                 // unless the VM is stopping (nobody may ever read the pipe).
-                Some(libc::EINTR) if !self.stopping.load(Ordering::Acquire) => continue,
+                Some(libc::EINTR) if !self.events.stopping() => continue,
                 Some(libc::EINTR) => return,
                 // Non-blocking output that is full: drop, as a real line would.
                 Some(libc::EAGAIN) => return,
@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn loopback_and_fifo() {
-        let mut s = Serial::new(None, Arc::default());
+        let mut s = Serial::new(None, VmEvents::new());
         s.write(4, MCR_LOOP);
         for b in 0..40u8 {
             s.write(0, b);
@@ -214,7 +214,7 @@ mod tests {
 
     #[test]
     fn interrupts_follow_ier() {
-        let mut s = Serial::new(None, Arc::default());
+        let mut s = Serial::new(None, VmEvents::new());
         assert!(!s.interrupt());
         s.push_input(b"x");
         assert!(!s.interrupt());
