@@ -4,12 +4,25 @@
 //! them at construction and never import the VM.
 
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Why a guest stopped, with bhyve's exit status: the protocol crate's
 /// type, so that what the engine reports and what vmmfs serves are one.
 pub use vmm_protocol::status::Exit as ExitReason;
+
+/// Counters visible in status text, shared with the VM.
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// Total vCPU exits to user space.
+    pub exits: AtomicU64,
+    /// Microseconds from `run` to the first boot-timer write, plus one (0 = not marked).
+    pub boot_time: AtomicU64,
+    /// Port-I/O exits (each costs a round trip to user space; a boot should make few).
+    pub io_exits: AtomicU64,
+    /// `io_exits` when the boot timer was first written, plus one (0 = not marked).
+    pub boot_io_exits: AtomicU64,
+}
 
 #[derive(Default)]
 struct Inner {

@@ -10,6 +10,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod bus;
 pub mod devices;
 pub mod error;
 pub mod events;
