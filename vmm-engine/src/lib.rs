@@ -10,8 +10,10 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod bus;
 pub mod devices;
 pub mod error;
+pub mod events;
 pub mod firmware;
 pub mod memory;
 pub mod threads;

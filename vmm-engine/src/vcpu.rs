@@ -11,7 +11,7 @@
 use crate::command::Topology;
 use crate::devices::{Counters, Platform};
 use crate::error::{Error, Result};
-use crate::vm::ExitReason;
+use crate::events::ExitReason;
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs,
     kvm_vcpu_events, CpuId, Msrs, KVM_EXIT_DEBUG, KVM_EXIT_EXCEPTION, KVM_EXIT_FAIL_ENTRY,

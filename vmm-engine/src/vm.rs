@@ -44,7 +44,8 @@ const TSS_ADDR: usize = 0xfeff_d000;
 /// Why a guest stopped, with bhyve's exit status; the life cycle of a VM.
 /// Both are the status types of the protocol crate, so that what the engine
 /// reports and what vmmfs serves (or receives from a VM worker) are one.
-pub use vmm_protocol::status::{Exit as ExitReason, State as VmState};
+pub use crate::events::ExitReason;
+pub use vmm_protocol::status::State as VmState;
 
 /// A memory segment: memfd-backed, shareable through vmmfs (`vmm.io/NAME.SEG`).
 #[derive(Debug, Clone)]

@@ -77,6 +77,11 @@ impl Flash {
         self.cfg.map.len() as u64
     }
 
+    /// The guest range of the store: (address, length).
+    pub fn range(&self) -> (u64, u64) {
+        (self.cfg.gpa, self.len())
+    }
+
     /// The guest range of the store.
     pub fn contains(&self, addr: u64) -> bool {
         addr >= self.cfg.gpa && addr - self.cfg.gpa < self.len()

@@ -7,23 +7,27 @@
 pub mod ahci;
 pub mod flash;
 pub mod fwcfg;
+pub mod legacy;
 pub mod pci;
 pub mod pm;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;
 
+use crate::bus::{Bus, SharedDevice};
 use crate::command::{ComPort, PciSlot};
 use crate::error::{Error, Result};
+use crate::events::{ExitReason, VmEvents};
 use crate::memory::Region;
-use crate::vm::ExitReason;
 use kvm_ioctls::VmFd;
+use legacy::{BootTimer, IrqLine, PciConfigIo, PciEcam, PmBlock, SerialPort, I8042};
 use parking_lot::Mutex;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use crate::events::Counters;
+pub use legacy::RESET_PORT;
 pub use pm::{PM1A_CNT, PM1A_EVT, PM_TMR, SCI_IRQ};
 
 /// COM1-COM4 I/O bases and ISA IRQs (COM3 shares IRQ 4 with COM1, COM4
@@ -38,21 +42,6 @@ pub fn com_present(configured: &[bool; 4]) -> [bool; 4] {
 }
 /// Firecracker-style boot-timer port: a write marks "booted".
 pub const BOOT_TIMER_PORT: u16 = 0x440;
-/// Reset control register (PIIX).
-pub const RESET_PORT: u16 = 0xcf9;
-
-/// Counters visible in status text, shared with the VM.
-#[derive(Default, Debug)]
-pub struct Counters {
-    /// Total vCPU exits to user space.
-    pub exits: AtomicU64,
-    /// Microseconds from `run` to the first boot-timer write, plus one (0 = not marked).
-    pub boot_time: AtomicU64,
-    /// Port-I/O exits (each costs a round trip to user space; a boot should make few).
-    pub io_exits: AtomicU64,
-    /// `io_exits` when the boot timer was first written, plus one (0 = not marked).
-    pub boot_io_exits: AtomicU64,
-}
 
 /// Emulation a `device` command may name, resolved at configuration time
 /// (descriptors are taken then and kept across runs).
@@ -287,23 +276,19 @@ pub struct FirmwareConfig {
     pub flash: Option<flash::FlashConfig>,
 }
 
-struct Devices {
-    com: [serial::Serial; 4],
-    com_present: [bool; 4],
-    pci: pci::PciBus,
-    pm: pm::Pm,
-    rtc: rtc::Rtc,
-    fwcfg: Option<fwcfg::FwCfg>,
-    flash: Option<flash::Flash>,
-}
-
-/// All emulated devices of one run of a VM.
+/// All emulated devices of one run of a VM: a port-I/O bus and an MMIO bus
+/// of [`crate::bus::BusDevice`]s, each device behind its own lock, plus the
+/// handles the VM drives devices through (serial input, power button).
 pub struct Platform {
-    vm: Arc<VmFd>,
-    devs: Mutex<Devices>,
-    counters: Arc<Counters>,
-    started: Instant,
-    stopping: Arc<AtomicBool>,
+    pio: Bus,
+    mmio: Bus,
+    /// PCI functions (configuration space and BARs); the BARs move where the
+    /// guest puts them, so MMIO the bus does not hold comes here.
+    pci: Arc<Mutex<pci::PciBus>>,
+    com: [Arc<Mutex<SerialPort>>; 4],
+    pm: Arc<Mutex<PmBlock>>,
+    /// Stop requests of the devices; "the run is stopping" for them.
+    events: VmEvents,
 }
 
 fn size_mask(size: usize) -> u32 {
@@ -314,341 +299,252 @@ fn size_mask(size: usize) -> u32 {
     }
 }
 
+/// The PCI functions: the `device`s in slot order, then what UEFI firmware
+/// looks for. BARs start out one per 16 KiB in the PCI hole, in slot order;
+/// INTx as the DSDT's _PRT routes it (see intx_route).
+fn build_pci(
+    vm: &Arc<VmFd>,
+    devices: Vec<(PciSlot, PciEmulation)>,
+    ram: &[Region],
+    firmware: bool,
+) -> Result<pci::PciBus> {
+    let mut pci = pci::PciBus::new();
+    let router = Arc::new(virtio::GsiRouter::new(vm.clone()));
+    let mut shared_ram = None;
+    for (n, (slot, e)) in devices.into_iter().enumerate() {
+        let bar = PCI_MMIO_BASE + n as u64 * virtio::pci::BAR_SIZE;
+        let (pin, line) = intx_route(slot.slot, slot.func);
+        let dev: Box<dyn virtio::VirtioDevice> = match e {
+            PciEmulation::HostBridge => {
+                pci.add(slot, pci::PciFunction::host_bridge());
+                continue;
+            }
+            PciEmulation::Lpc => {
+                pci.add(slot, pci::PciFunction::lpc());
+                continue;
+            }
+            PciEmulation::Ahci(c) => {
+                // Placed like a virtio device's BAR; 8 KiB fits the stride.
+                let irq = Box::new(ahci::KvmIrq {
+                    vm: vm.clone(),
+                    line,
+                });
+                let mem = crate::memory::GuestMemory::new(ram.to_vec());
+                pci.add(slot, ahci::function(c, mem, irq, bar as u32, pin, line));
+                continue;
+            }
+            PciEmulation::VirtioBlk(c) => {
+                Box::new(virtio::blk::Blk::new(c).map_err(|e| Error::io("virtio-blk disk", e))?)
+            }
+            PciEmulation::VirtioNet(c) => Box::new(virtio::net::Net::new(c)),
+            PciEmulation::VirtioRnd => Box::new(virtio::rng::Rng),
+            PciEmulation::VirtioConsole(c) => Box::new(virtio::console::Console::new(c)),
+        };
+        let ram = match &shared_ram {
+            Some(r) => Arc::clone(r),
+            None => shared_ram.insert(Arc::new(virtio::Ram::new(ram)?)).clone(),
+        };
+        let name = format!("virtio@{}:{}.{}", slot.bus, slot.slot, slot.func);
+        let placement = virtio::pci::Placement {
+            bar_addr: bar as u32,
+            intx_pin: pin,
+            intx_line: line,
+            source: n as u32,
+        };
+        let f = virtio::pci::VirtioPci::function(
+            dev,
+            name,
+            vm.clone(),
+            router.clone(),
+            ram,
+            placement,
+        )?;
+        pci.add(slot, f);
+    }
+    if firmware {
+        add_firmware_functions(&mut pci);
+    }
+    Ok(pci)
+}
+
+/// The functions OVMF identifies the machine by: an i440FX host bridge, the
+/// PIIX4 PM function at 0:1.3, a PIIX3 ISA bridge.
+fn add_firmware_functions(pci: &mut pci::PciBus) {
+    let at = |bus, slot, func| PciSlot { bus, slot, func };
+    pci.add(at(0, 0, 0), pci::PciFunction::i440fx());
+    if pci.has((0, 1, 3)) {
+        log::warn!("0:1.3 is taken: UEFI firmware will not find its PM timer");
+    } else {
+        pci.add(at(0, 1, 3), pci::PciFunction::piix4_pm());
+    }
+    if !pci.has_id(0x8086, 0x7000) && !pci.has((0, 1, 0)) {
+        pci.add(at(0, 1, 0), pci::PciFunction::lpc());
+    }
+}
+
+/// COM1-COM4, on the bus where present; ports sharing an IRQ share its line.
+fn serial_ports(
+    vm: &Arc<VmFd>,
+    outs: &[Option<Arc<OwnedFd>>; 4],
+    events: &VmEvents,
+    pio: &mut Bus,
+) -> Result<[Arc<Mutex<SerialPort>>; 4]> {
+    let present = com_present(&outs.each_ref().map(|o| o.is_some()));
+    let lines: [Arc<IrqLine>; 4] =
+        std::array::from_fn(|i| IrqLine::new(Some(vm.clone()), COM_PORTS[i].1));
+    let com: [Arc<Mutex<SerialPort>>; 4] = std::array::from_fn(|i| {
+        let first = COM_PORTS.iter().position(|p| p.1 == COM_PORTS[i].1);
+        let line = lines[first.unwrap_or(i)].clone();
+        let uart = serial::Serial::new(outs[i].clone(), events.clone());
+        Arc::new(Mutex::new(SerialPort::new(uart, line, i as u32)))
+    });
+    for (i, port) in com.iter().enumerate() {
+        if present[i] {
+            insert(pio, port.clone(), u64::from(COM_PORTS[i].0), 8)?;
+        }
+    }
+    Ok(com)
+}
+
+fn insert(bus: &mut Bus, dev: SharedDevice, base: u64, len: u64) -> Result<()> {
+    bus.insert(dev, base, len)
+        .map_err(|e| Error::Unsupported(format!("device layout: {e}")))
+}
+
 impl Platform {
     pub fn new(vm: Arc<VmFd>, cfg: PlatformConfig, counters: Arc<Counters>) -> Result<Platform> {
-        let com_present = com_present(&cfg.serial_out.each_ref().map(|o| o.is_some()));
-        let [o1, o2, o3, o4] = cfg.serial_out;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let mut pci = pci::PciBus::new();
-        let router = Arc::new(virtio::GsiRouter::new(vm.clone()));
-        let mut ram = None;
-        for (n, (slot, e)) in cfg.pci.into_iter().enumerate() {
-            let dev: Box<dyn virtio::VirtioDevice> = match e {
-                PciEmulation::HostBridge => {
-                    pci.add(slot, pci::PciFunction::host_bridge());
-                    continue;
-                }
-                PciEmulation::Lpc => {
-                    pci.add(slot, pci::PciFunction::lpc());
-                    continue;
-                }
-                PciEmulation::Ahci(c) => {
-                    // Placed like a virtio device's BAR; 8 KiB fits the stride.
-                    let bar = PCI_MMIO_BASE + n as u64 * virtio::pci::BAR_SIZE;
-                    let (pin, line) = intx_route(slot.slot, slot.func);
-                    let irq = Box::new(ahci::KvmIrq {
-                        vm: vm.clone(),
-                        line,
-                    });
-                    let mem = crate::memory::GuestMemory::new(cfg.ram.clone());
-                    pci.add(slot, ahci::function(c, mem, irq, bar as u32, pin, line));
-                    continue;
-                }
-                PciEmulation::VirtioBlk(c) => {
-                    Box::new(virtio::blk::Blk::new(c).map_err(|e| Error::io("virtio-blk disk", e))?)
-                }
-                PciEmulation::VirtioNet(c) => Box::new(virtio::net::Net::new(c)),
-                PciEmulation::VirtioRnd => Box::new(virtio::rng::Rng),
-                PciEmulation::VirtioConsole(c) => Box::new(virtio::console::Console::new(c)),
-            };
-            let ram = match &ram {
-                Some(r) => Arc::clone(r),
-                None => ram.insert(Arc::new(virtio::Ram::new(&cfg.ram)?)).clone(),
-            };
-            // BARs start out one per 16 KiB in the PCI hole, in slot order;
-            // INTx as the DSDT's _PRT routes it (see intx_route).
-            let bar = PCI_MMIO_BASE + n as u64 * virtio::pci::BAR_SIZE;
-            let (pin, line) = intx_route(slot.slot, slot.func);
-            let name = format!("virtio@{}:{}.{}", slot.bus, slot.slot, slot.func);
-            let f = virtio::pci::VirtioPci::function(
-                dev,
-                name,
-                vm.clone(),
-                router.clone(),
-                ram,
-                virtio::pci::Placement {
-                    bar_addr: bar as u32,
-                    intx_pin: pin,
-                    intx_line: line,
-                    source: n as u32,
-                },
-            )?;
-            pci.add(slot, f);
-        }
-        let (fwcfg, flash) = match cfg.firmware {
-            Some(fw) => {
-                pci.add(
-                    PciSlot {
-                        bus: 0,
-                        slot: 0,
-                        func: 0,
-                    },
-                    pci::PciFunction::i440fx(),
-                );
-                let pm_at = (0, 1, 3);
-                if pci.has(pm_at) {
-                    log::warn!("0:1.3 is taken: UEFI firmware will not find its PM timer");
-                } else {
-                    pci.add(
-                        PciSlot {
-                            bus: 0,
-                            slot: 1,
-                            func: 3,
-                        },
-                        pci::PciFunction::piix4_pm(),
-                    );
-                }
-                if !pci.has_id(0x8086, 0x7000) && !pci.has((0, 1, 0)) {
-                    pci.add(
-                        PciSlot {
-                            bus: 0,
-                            slot: 1,
-                            func: 0,
-                        },
-                        pci::PciFunction::lpc(),
-                    );
-                }
-                let mem = crate::memory::GuestMemory::new(cfg.ram.clone());
-                (
-                    Some(fwcfg::FwCfg::new(fw.fwcfg, mem)),
-                    fw.flash.map(flash::Flash::new),
-                )
-            }
-            None => (None, None),
+        let started = Instant::now();
+        let events = VmEvents::new();
+        let pci = Arc::new(Mutex::new(build_pci(
+            &vm,
+            cfg.pci,
+            &cfg.ram,
+            cfg.firmware.is_some(),
+        )?));
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+
+        let com = serial_ports(&vm, &cfg.serial_out, &events, &mut pio)?;
+        let sci = IrqLine::new(Some(vm.clone()), SCI_IRQ);
+        let pm = Arc::new(Mutex::new(PmBlock::new(
+            pm::Pm::new(events.clone()),
+            sci,
+            started,
+        )));
+        insert(&mut pio, pm.clone(), u64::from(PM1A_EVT), 12)?;
+        let pci_io = PciConfigIo {
+            pci: pci.clone(),
+            events: events.clone(),
         };
-        let low: u64 = cfg
-            .ram
-            .iter()
-            .filter(|r| r.gpa < 1 << 32)
-            .map(|r| r.len)
-            .sum();
-        let high: u64 = cfg
-            .ram
-            .iter()
-            .filter(|r| r.gpa >= 1 << 32)
-            .map(|r| r.len)
-            .sum();
+        insert(&mut pio, Arc::new(Mutex::new(pci_io)), 0xcf8, 8)?;
+        let (low, high) = ram_below_above_4g(&cfg.ram);
+        let rtc = rtc::Rtc::new(cfg.rtc_utc, low, high);
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(rtc)),
+            u64::from(rtc::RTC_INDEX),
+            2,
+        )?;
+        let kbd: SharedDevice = Arc::new(Mutex::new(I8042 {
+            floating: cfg.firmware.is_some(),
+            events: events.clone(),
+        }));
+        insert(&mut pio, kbd.clone(), 0x60, 1)?;
+        insert(&mut pio, kbd, 0x64, 1)?;
+        let timer = BootTimer { counters, started };
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(timer)),
+            u64::from(BOOT_TIMER_PORT),
+            1,
+        )?;
+
+        let ecam = PciEcam { pci: pci.clone() };
+        insert(&mut mmio, Arc::new(Mutex::new(ecam)), ECAM_BASE, ECAM_SIZE)?;
+        if let Some(fw) = cfg.firmware {
+            let mem = crate::memory::GuestMemory::new(cfg.ram.clone());
+            let fwcfg = fwcfg::FwCfg::new(fw.fwcfg, mem);
+            let (base, end) = (fwcfg::PORT_SELECTOR, fwcfg::PORT_DMA_END);
+            let len = u64::from(end - base) + 1;
+            insert(&mut pio, Arc::new(Mutex::new(fwcfg)), u64::from(base), len)?;
+            if let Some(f) = fw.flash.map(flash::Flash::new) {
+                let (gpa, len) = f.range();
+                insert(&mut mmio, Arc::new(Mutex::new(f)), gpa, len)?;
+            }
+        }
         Ok(Platform {
-            vm,
-            devs: Mutex::new(Devices {
-                com: [
-                    serial::Serial::new(o1, stopping.clone()),
-                    serial::Serial::new(o2, stopping.clone()),
-                    serial::Serial::new(o3, stopping.clone()),
-                    serial::Serial::new(o4, stopping.clone()),
-                ],
-                com_present,
-                pci,
-                pm: pm::Pm::new(),
-                rtc: rtc::Rtc::new(cfg.rtc_utc, low, high),
-                fwcfg,
-                flash,
-            }),
-            counters,
-            started: Instant::now(),
-            stopping,
+            pio,
+            mmio,
+            pci,
+            com,
+            pm,
+            events,
         })
     }
 
     /// Stop device threads (end of the run; vCPUs are already stopped).
     pub fn shutdown_devices(&self) {
-        self.devs.lock().pci.shutdown();
+        self.pci.lock().shutdown();
     }
 
     /// The run is stopping: device output that would block is dropped.
-    /// Lock-free: a vCPU may hold the device lock while blocked in a write.
+    /// Lock-free: a vCPU may hold a device lock while blocked in a write.
     pub fn set_stopping(&self) {
-        self.stopping.store(true, Ordering::Release);
-    }
-
-    fn set_irq(&self, irq: u32, level: bool) {
-        if let Err(e) = self.vm.set_irq_line(irq, level) {
-            log::debug!("KVM_IRQ_LINE {irq}={level}: {e}");
-        }
-    }
-
-    /// Re-drive a UART's IRQ line if its interrupt state changed.
-    /// The line is shared with the other port on the same IRQ: its level
-    /// is theirs together.
-    fn update_serial_irq(&self, d: &mut Devices, i: usize) {
-        let want = d.com[i].interrupt();
-        if want != d.com[i].irq_level {
-            d.com[i].irq_level = want;
-            let irq = COM_PORTS[i].1;
-            let level =
-                (0..4).any(|j| d.com_present[j] && COM_PORTS[j].1 == irq && d.com[j].irq_level);
-            self.set_irq(irq, level);
-        }
-    }
-
-    fn update_sci(&self, d: &mut Devices) {
-        let want = d.pm.sci();
-        if want != d.pm.sci_level {
-            d.pm.sci_level = want;
-            self.set_irq(SCI_IRQ, want);
-        }
+        self.events.set_stopping();
     }
 
     /// Room in a UART's receive FIFO.
     pub fn serial_space(&self, port: ComPort) -> usize {
-        self.devs.lock().com[port as usize].rx_space()
+        self.com[port as usize].lock().uart.rx_space()
     }
 
     /// Bytes arriving on a serial input descriptor.
     pub fn serial_input(&self, port: ComPort, bytes: &[u8]) -> usize {
-        let mut d = self.devs.lock();
-        let i = port as usize;
-        let n = d.com[i].push_input(bytes);
-        self.update_serial_irq(&mut d, i);
-        n
+        self.com[port as usize].lock().input(bytes)
     }
 
     /// The ACPI power button (the `poweroff` command).
     pub fn power_button(&self) {
-        let mut d = self.devs.lock();
-        d.pm.press_power_button();
-        self.update_sci(&mut d);
+        let mut pm = self.pm.lock();
+        pm.pm.press_power_button();
+        pm.update_sci();
     }
 
     /// A port read of `data.len()` bytes (1, 2 or 4; anything else reads ones).
     pub fn io_in(&self, port: u16, data: &mut [u8]) {
         let size = data.len();
-        let v = if matches!(size, 1 | 2 | 4) {
-            self.read_port(port, size)
-        } else {
-            u32::MAX
-        };
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = if i < 4 { (v >> (8 * i)) as u8 } else { 0xff };
+        if !matches!(size, 1 | 2 | 4) {
+            data.fill(0xff);
+            return;
         }
-    }
-
-    fn read_port(&self, port: u16, size: usize) -> u32 {
-        let mut d = self.devs.lock();
-        for (i, &(base, _)) in COM_PORTS.iter().enumerate() {
-            if d.com_present[i] && (base..base + 8).contains(&port) {
-                // A wider access touches consecutive registers, as on ISA.
-                let mut v = 0u32;
-                for k in 0..size as u16 {
-                    let off = port - base + k;
-                    let b = if off < 8 { d.com[i].read(off) } else { 0xff };
-                    v |= u32::from(b) << (8 * k);
-                }
-                self.update_serial_irq(&mut d, i);
-                return v;
-            }
-        }
-        match port {
-            0xcf8..=0xcff => d.pci.io_read(port, size),
-            PM1A_EVT..=0x407 => d.pm.read(port, size, self.started),
-            PM_TMR..=0x40b => d.pm.read(port, size, self.started),
-            rtc::RTC_INDEX | rtc::RTC_DATA => {
-                // Byte-wise, as on ISA; only single-byte accesses occur in practice.
-                let mut v = 0u32;
-                for k in 0..size as u16 {
-                    v |= u32::from(d.rtc.read(port + k)) << (8 * k);
-                }
-                v
-            }
-            fwcfg::PORT_SELECTOR..=fwcfg::PORT_DMA_END if d.fwcfg.is_some() => {
-                d.fwcfg.as_mut().map_or(0, |f| f.io_read(port, size))
-            }
-            // No i8042 under UEFI firmware: the port floats, so OVMF's PS/2
-            // driver gives up at once instead of timing out on each command.
-            0x60 | 0x64 if d.fwcfg.is_some() => size_mask(size),
-            // i8042: status "no data, input buffer empty"; data reads 0. The
-            // FADT does not announce an 8042, so OSes do not probe it; boot
-            // ROMs may still poll the status.
-            0x60 | 0x64 => 0,
-            p if is_absent_probe(p) => size_mask(size),
-            _ => {
+        if !self.pio.read(u64::from(port), data) {
+            if !is_absent_probe(port) {
                 log::debug!("unhandled read of port {port:#x} size {size}");
-                size_mask(size)
             }
+            crate::bus::put_le(data, size_mask(size));
         }
     }
 
-    /// A port write; returns an exit reason when the write stops the VM.
+    /// A port write; returns an exit reason when the write stops the VM
+    /// (a device asked for it through the events handle).
     pub fn io_out(&self, port: u16, data: &[u8]) -> Option<ExitReason> {
         let size = data.len();
         if !matches!(size, 1 | 2 | 4) {
             log::debug!("ignored {size}-byte write to port {port:#x}");
             return None;
         }
-        let mut v = 0u32;
-        for (i, b) in data.iter().enumerate() {
-            v |= u32::from(*b) << (8 * i);
+        // 0x80: POST codes; absent hardware: writes go nowhere.
+        if !self.pio.write(u64::from(port), data) && port != 0x80 && !is_absent_probe(port) {
+            let v = crate::bus::le_value(data);
+            log::debug!("unhandled write of port {port:#x} size {size} value {v:#x}");
         }
-        let mut d = self.devs.lock();
-        for (i, &(base, _)) in COM_PORTS.iter().enumerate() {
-            if d.com_present[i] && (base..base + 8).contains(&port) {
-                for k in 0..size as u16 {
-                    let off = port - base + k;
-                    if off < 8 {
-                        d.com[i].write(off, (v >> (8 * k)) as u8);
-                    }
-                }
-                self.update_serial_irq(&mut d, i);
-                return None;
-            }
-        }
-        match port {
-            RESET_PORT if size == 1 => {
-                // Bit 2 starts the reset (0x6 = hard, 0xe = full).
-                if v & 0x4 != 0 {
-                    return Some(ExitReason::Reboot);
-                }
-            }
-            0xcf8..=0xcff => d.pci.io_write(port, size, v),
-            PM1A_EVT..=0x407 => {
-                let r = d.pm.write(port, size, v);
-                self.update_sci(&mut d);
-                return r;
-            }
-            rtc::RTC_INDEX | rtc::RTC_DATA => {
-                for k in 0..size as u16 {
-                    d.rtc.write(port + k, (v >> (8 * k)) as u8);
-                }
-            }
-            0x64 if v & 0xff == 0xfe => return Some(ExitReason::Reboot),
-            fwcfg::PORT_SELECTOR..=fwcfg::PORT_DMA_END if d.fwcfg.is_some() => {
-                if let Some(f) = d.fwcfg.as_mut() {
-                    f.io_write(port, size, v);
-                }
-            }
-            BOOT_TIMER_PORT => {
-                let us = self.started.elapsed().as_micros() as u64;
-                if self
-                    .counters
-                    .boot_time
-                    .compare_exchange(0, us + 1, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    let exits = self.counters.io_exits.load(Ordering::Relaxed);
-                    self.counters
-                        .boot_io_exits
-                        .store(exits + 1, Ordering::Release);
-                }
-            }
-            0x80 => {} // POST codes
-            p if is_absent_probe(p) => {}
-            _ => log::debug!("unhandled write of port {port:#x} size {size} value {v:#x}"),
-        }
-        None
+        self.events.take_stop()
     }
 
-    /// MMIO outside RAM: the ECAM window and PCI memory BARs; elsewhere
-    /// reads return ones and writes are dropped.
+    /// MMIO outside RAM: the ECAM window, the firmware's flash and PCI
+    /// memory BARs; elsewhere reads return ones and writes are dropped.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        if let Some(f) = self.devs.lock().flash.as_mut().filter(|f| f.contains(addr)) {
-            f.read(addr, data);
-            return;
-        }
-        if let Some(off) = addr.checked_sub(ECAM_BASE).filter(|o| *o < ECAM_SIZE) {
-            self.devs.lock().pci.ecam(off, data, false);
-            return;
-        }
-        if !self.devs.lock().pci.mmio(addr, data, false) {
+        if !self.mmio.read(addr, data) && !self.pci.lock().mmio(addr, data, false) {
             log::debug!("unhandled MMIO read {addr:#x} size {}", data.len());
             data.fill(0xff);
         }
@@ -658,18 +554,17 @@ impl Platform {
         let mut buf = [0u8; 8];
         let n = data.len().min(8);
         buf[..n].copy_from_slice(&data[..n]);
-        if let Some(f) = self.devs.lock().flash.as_mut().filter(|f| f.contains(addr)) {
-            f.write(addr, &buf[..n]);
-            return;
-        }
-        if let Some(off) = addr.checked_sub(ECAM_BASE).filter(|o| *o < ECAM_SIZE) {
-            self.devs.lock().pci.ecam(off, &mut buf[..n], true);
-            return;
-        }
-        if !self.devs.lock().pci.mmio(addr, &mut buf[..n], true) {
+        if !self.mmio.write(addr, &buf[..n]) && !self.pci.lock().mmio(addr, &mut buf[..n], true) {
             log::debug!("unhandled MMIO write {addr:#x} size {}", data.len());
         }
     }
+}
+
+/// Guest RAM below and above 4 GiB, in bytes (for the RTC's CMOS).
+fn ram_below_above_4g(ram: &[Region]) -> (u64, u64) {
+    let low = ram.iter().filter(|r| r.gpa < 1 << 32).map(|r| r.len).sum();
+    let high = ram.iter().filter(|r| r.gpa >= 1 << 32).map(|r| r.len).sum();
+    (low, high)
 }
 
 #[cfg(test)]
@@ -687,5 +582,101 @@ mod tests {
             Some(PciEmulation::Lpc)
         ));
         assert!(PciEmulation::parse("virtio-blk").is_none());
+    }
+
+    /// A pipe whose write end is full: a blocking write on it waits.
+    fn full_pipe() -> (OwnedFd, OwnedFd) {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two descriptors we then own.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both were just created and are owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let fd = w.as_raw_fd();
+        // SAFETY: flag changes and writes on a descriptor we own.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
+            let buf = [0u8; 4096];
+            while libc::write(fd, buf.as_ptr().cast(), buf.len()) > 0 {}
+            libc::fcntl(fd, libc::F_SETFL, 0);
+        }
+        (r, w)
+    }
+
+    #[test]
+    fn a_uart_blocked_on_a_full_pipe_does_not_stall_other_devices() {
+        use std::os::fd::AsRawFd;
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipping: no /dev/kvm");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let (r, w) = full_pipe();
+        let cfg = PlatformConfig {
+            serial_out: [Some(Arc::new(w)), None, None, None],
+            pci: Vec::new(),
+            ram: Vec::new(),
+            rtc_utc: true,
+            firmware: None,
+        };
+        let p = Arc::new(Platform::new(vm, cfg, Arc::default()).unwrap());
+        // A vCPU writes COM1's THR and blocks in write(2), holding COM1.
+        let (tx, blocked) = mpsc::channel();
+        let p1 = p.clone();
+        let writer = std::thread::spawn(move || {
+            let r = p1.io_out(0x3f8, b"x");
+            tx.send(()).unwrap();
+            r
+        });
+        assert!(blocked.recv_timeout(Duration::from_millis(200)).is_err());
+        // Another vCPU reaches PCI configuration space, COM2 and the RTC.
+        let (tx, rx) = mpsc::channel();
+        let p2 = p.clone();
+        std::thread::spawn(move || {
+            p2.io_out(0xcf8, &0x8000_0000u32.to_le_bytes());
+            let mut id = [0u8; 4];
+            p2.io_in(0xcfc, &mut id);
+            let mut lsr = [0u8];
+            p2.io_in(0x2f8 + 5, &mut lsr);
+            p2.io_out(0x70, &[0x0a]);
+            tx.send((u32::from_le_bytes(id), lsr[0])).unwrap();
+        });
+        let (id, lsr) = rx.recv_timeout(Duration::from_secs(5)).expect("stalled");
+        assert_eq!(id, 0x1275_1275);
+        assert_eq!(lsr & 0x60, 0x60, "COM2's transmitter is empty");
+        // Room in the pipe lets the blocked write finish.
+        let mut buf = [0u8; 4096];
+        // SAFETY: reading into a local buffer from a descriptor we own.
+        unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        blocked
+            .recv_timeout(Duration::from_secs(5))
+            .expect("write done");
+        assert_eq!(writer.join().unwrap(), None);
+    }
+
+    #[test]
+    fn stop_requests_come_back_from_the_write_that_made_them() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipping: no /dev/kvm");
+            return;
+        };
+        let cfg = PlatformConfig {
+            serial_out: [None, None, None, None],
+            pci: Vec::new(),
+            ram: Vec::new(),
+            rtc_utc: true,
+            firmware: None,
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let p = Platform::new(vm, cfg, Arc::default()).unwrap();
+        assert_eq!(p.io_out(RESET_PORT, &[0x2]), None);
+        assert_eq!(p.io_out(RESET_PORT, &[0x6]), Some(ExitReason::Reboot));
+        assert_eq!(p.io_out(0x64, &[0xfe]), Some(ExitReason::Reboot));
+        // SLP_TYP 5 with SLP_EN: S5.
+        let s5 = ((5u16 << 10) | (1 << 13)).to_le_bytes();
+        assert_eq!(p.io_out(PM1A_CNT, &s5), Some(ExitReason::PowerOff));
+        assert_eq!(p.io_out(0x80, &[1]), None);
     }
 }

@@ -4,7 +4,6 @@
 //! `device` added. Offsets and sizes come from the guest and are checked on
 //! every access.
 
-use super::virtio::pci::VirtioPci;
 use crate::command::PciSlot;
 use std::collections::BTreeMap;
 
@@ -30,18 +29,34 @@ pub struct PciFunction {
     bar_sizes: [u64; 6],
     /// Where the next capability goes.
     cap_next: usize,
-    /// The virtio transport behind this function, if it is one.
-    pub(crate) virtio: Option<Box<VirtioPci>>,
-    /// Any other device with memory BARs (AHCI).
-    pub(crate) bar_dev: Option<Box<dyn BarDevice>>,
+    /// The device behind this function's BARs (virtio transport, AHCI), if any.
+    pub(crate) dev: Option<Box<dyn PciDevice>>,
 }
 
-/// A device behind a function's memory BARs, told of configuration writes
-/// (MSI, INTx disable). Offsets are inside the BAR; sizes 1 to 8.
-pub trait BarDevice: Send {
+/// A device behind a function: its memory BARs, and the configuration
+/// space it follows (BAR placement, memory decoding, MSI/MSI-X control,
+/// INTx disable). The bus knows devices only as `dyn PciDevice`.
+/// Offsets are inside the BAR; sizes 1 to 8.
+pub trait PciDevice: Send {
     fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]);
+    /// The guest wrote configuration space, which is now `cfg`.
     fn config_written(&mut self, cfg: &[u8; 256]);
+    /// End of a run: stop the device's threads.
+    fn shutdown(&mut self) {}
+}
+
+/// Guest-programmed address of 32-bit memory BAR `idx` in `cfg`.
+pub fn cfg_bar_addr(cfg: &[u8; 256], idx: usize) -> u64 {
+    let off = BAR0 + 4 * idx;
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&cfg[off..off + 4]);
+    u64::from(u32::from_le_bytes(b) & 0xffff_fff0)
+}
+
+/// Memory decoding on in `cfg` (command register bit 1).
+pub fn cfg_mem_enabled(cfg: &[u8; 256]) -> bool {
+    cfg[4] & 2 != 0
 }
 
 impl PciFunction {
@@ -51,8 +66,7 @@ impl PciFunction {
             wmask: [0; 256],
             bar_sizes: [0; 6],
             cap_next: CAP_START,
-            virtio: None,
-            bar_dev: None,
+            dev: None,
         };
         f.cfg[0..2].copy_from_slice(&vendor.to_le_bytes());
         f.cfg[2..4].copy_from_slice(&device.to_le_bytes());
@@ -88,7 +102,7 @@ impl PciFunction {
     /// ports 0x400-0x40b (the PM timer at 0x408) instead of moving them.
     pub fn piix4_pm() -> PciFunction {
         let mut f = PciFunction::new(0x8086, 0x7113, 0x06, 0x80);
-        let pmba = u32::from(super::PM1A_EVT) | 1;
+        let pmba = u32::from(super::pm::PM1A_EVT) | 1;
         f.cfg[0x40..0x44].copy_from_slice(&pmba.to_le_bytes());
         f.cfg[0x80] = 1;
         f
@@ -107,8 +121,7 @@ impl PciFunction {
 
     /// Guest-programmed address of memory BAR `idx`.
     pub(crate) fn bar_addr(&self, idx: usize) -> u64 {
-        let off = BAR0 + 4 * idx;
-        u64::from(self.read(off, 4) & 0xffff_fff0)
+        cfg_bar_addr(&self.cfg, idx)
     }
 
     pub(crate) fn bar_size(&self, idx: usize) -> u64 {
@@ -117,7 +130,7 @@ impl PciFunction {
 
     /// Memory decoding on (command register bit 1).
     pub(crate) fn mem_enabled(&self) -> bool {
-        self.cfg[4] & 2 != 0
+        cfg_mem_enabled(&self.cfg)
     }
 
     /// Append a capability (its first byte is the id; the next-pointer byte
@@ -234,12 +247,8 @@ impl PciBus {
         }
         if let Some(f) = self.functions.get_mut(&bdf) {
             f.write(off, size, val);
-            let (cfg, bar, en) = (f.cfg, f.bar_addr(0), f.mem_enabled());
-            if let Some(v) = f.virtio.as_mut() {
-                v.config_written(&cfg, bar, en);
-            }
-            if let Some(d) = f.bar_dev.as_mut() {
-                d.config_written(&cfg);
+            if let Some(d) = f.dev.as_mut() {
+                d.config_written(&f.cfg);
             }
         }
     }
@@ -322,15 +331,7 @@ impl PciBus {
                     // Straddles the BAR's end: decode nothing.
                     return false;
                 }
-                if let Some(v) = f.virtio.as_mut() {
-                    if write {
-                        v.bar_write(idx, off, data);
-                    } else {
-                        v.bar_read(idx, off, data);
-                    }
-                    return true;
-                }
-                if let Some(d) = f.bar_dev.as_mut() {
+                if let Some(d) = f.dev.as_mut() {
                     if write {
                         d.bar_write(idx, off, data);
                     } else {
@@ -346,8 +347,8 @@ impl PciBus {
     /// Stop every device thread (end of a run).
     pub fn shutdown(&mut self) {
         for f in self.functions.values_mut() {
-            if let Some(v) = f.virtio.as_mut() {
-                v.shutdown();
+            if let Some(d) = f.dev.as_mut() {
+                d.shutdown();
             }
         }
     }

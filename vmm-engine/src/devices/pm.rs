@@ -1,7 +1,7 @@
 //! ACPI fixed hardware at bhyve's addresses: PM1a event block 0x400
 //! (status, enable), PM1a control 0x404, PM timer 0x408; the SCI is IRQ 9.
 
-use crate::vm::ExitReason;
+use crate::events::{ExitReason, VmEvents};
 use std::time::Instant;
 
 pub const PM1A_EVT: u16 = 0x400;
@@ -22,16 +22,19 @@ pub struct Pm {
     en: u16,
     cnt: u16,
     pub sci_level: bool,
+    events: VmEvents,
 }
 
 impl Pm {
-    pub fn new() -> Pm {
+    /// A PM block whose S5 sleep requests go to `events`.
+    pub fn new(events: VmEvents) -> Pm {
         // SCI_EN set: there is no SMI command port, the OS owns ACPI from boot.
         Pm {
             sts: 0,
             en: 0,
             cnt: SCI_EN,
             sci_level: false,
+            events,
         }
     }
 
@@ -62,8 +65,9 @@ impl Pm {
         v
     }
 
-    /// Write inside 0x400..0x408; a sleep request for S5 powers off.
-    pub fn write(&mut self, port: u16, size: usize, v: u32) -> Option<ExitReason> {
+    /// Write inside 0x400..0x408; a sleep request for S5 powers off
+    /// (reported to the events handle).
+    pub fn write(&mut self, port: u16, size: usize, v: u32) {
         let mut touched_cnt = false;
         for k in 0..size as u16 {
             let p = port + k;
@@ -87,17 +91,11 @@ impl Pm {
             // SLP_EN is write-only: it triggers and reads back as 0.
             self.cnt &= !SLP_EN;
             if (self.cnt >> 10) & 7 == SLP_TYP_S5 {
-                return Some(ExitReason::PowerOff);
+                self.events.request_stop(ExitReason::PowerOff);
+                return;
             }
             log::debug!("ignored sleep request SLP_TYP={}", (self.cnt >> 10) & 7);
         }
-        None
-    }
-}
-
-impl Default for Pm {
-    fn default() -> Self {
-        Pm::new()
     }
 }
 
@@ -107,19 +105,20 @@ mod tests {
 
     #[test]
     fn s5_powers_off() {
-        let mut pm = Pm::new();
-        assert_eq!(
-            pm.write(0x404, 2, (5 << 10) | (1 << 13)),
-            Some(ExitReason::PowerOff)
-        );
-        assert_eq!(pm.write(0x404, 2, (3 << 10) | (1 << 13)), None);
+        let events = VmEvents::new();
+        let mut pm = Pm::new(events.clone());
+        pm.write(0x404, 2, (5 << 10) | (1 << 13));
+        assert_eq!(events.take_stop(), Some(ExitReason::PowerOff));
+        pm.write(0x404, 2, (3 << 10) | (1 << 13));
+        assert_eq!(events.take_stop(), None);
         // Byte writes: the high byte carries SLP_EN and SLP_TYP.
-        assert_eq!(pm.write(0x405, 1, 0x34), Some(ExitReason::PowerOff));
+        pm.write(0x405, 1, 0x34);
+        assert_eq!(events.take_stop(), Some(ExitReason::PowerOff));
     }
 
     #[test]
     fn power_button_raises_sci() {
-        let mut pm = Pm::new();
+        let mut pm = Pm::new(VmEvents::new());
         pm.press_power_button();
         assert!(!pm.sci());
         pm.write(0x402, 2, 0x100);

@@ -17,7 +17,8 @@
 pub mod ata;
 
 use crate::memory::GuestMemory;
-use ata::{Disk, Outcome};
+use ata::{Disk, Outcome, ST_ERR, ST_READY};
+pub use ata::{PortConfig, Prdt};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -74,24 +75,9 @@ const IS_DHRS: u32 = 1 << 0;
 const IS_PSS: u32 = 1 << 1;
 const IS_TFES: u32 = 1 << 30;
 
-/// ATA status: ready, seek complete; error.
-pub const ST_READY: u8 = 0x50;
-pub const ST_ERR: u8 = 0x01;
+/// ATA status: busy; data request.
 const ST_BSY: u8 = 0x80;
 const ST_DRQ: u8 = 0x08;
-
-/// What a port has attached.
-#[derive(Debug, Clone)]
-pub struct PortConfig {
-    pub file: Arc<OwnedFd>,
-    pub cd: bool,
-    pub ro: bool,
-    /// Logical and physical sector size of a disk (512 unless `sectorsize`).
-    pub sector_size: (u32, u32),
-    pub serial: String,
-    /// Nominal media rotation rate (IDENTIFY word 217; 1 = solid state).
-    pub nmrr: u16,
-}
 
 /// The ports of one controller, in port order.
 #[derive(Debug, Clone)]
@@ -642,47 +628,7 @@ impl Ahci {
     }
 }
 
-/// A command's physical region descriptor table, read entry by entry.
-pub struct Prdt<'a> {
-    pub mem: &'a GuestMemory,
-    pub base: u64,
-    pub entries: usize,
-}
-
-impl Prdt<'_> {
-    /// Entry `n`: (guest address, byte count); None outside RAM.
-    fn entry(&self, n: usize) -> Option<(u64, usize)> {
-        let mut e = [0u8; 16];
-        self.mem.read(self.base + 16 * n as u64, &mut e).ok()?;
-        let dba = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes")) & !1;
-        let dbc =
-            (u32::from_le_bytes(e[12..16].try_into().expect("4 bytes")) & 0x3f_ffff) as usize + 1;
-        Some((dba, dbc))
-    }
-
-    /// Visit the guest buffers covering `len` bytes, in order: `f(addr,
-    /// offset in the transfer, bytes)`. Stops at the table's end, a bad
-    /// entry, or an error from `f`; returns the bytes visited.
-    pub fn walk(&self, len: usize, f: &mut dyn FnMut(u64, usize, usize) -> bool) -> usize {
-        let mut done = 0;
-        for n in 0..self.entries {
-            if done >= len {
-                break;
-            }
-            let Some((addr, count)) = self.entry(n) else {
-                break;
-            };
-            let take = count.min(len - done);
-            if !f(addr, done, take) {
-                break;
-            }
-            done += take;
-        }
-        done
-    }
-}
-
-impl crate::devices::pci::BarDevice for Ahci {
+impl crate::devices::pci::PciDevice for Ahci {
     fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]) {
         if bar == 5 {
             self.read(off, data);
@@ -752,7 +698,7 @@ pub fn function(
         f.wmask[o] = 0xff;
     }
     f.wmask[at + 4] = 0xfc; // dword-aligned address
-    f.bar_dev = Some(Box::new(Ahci::new(cfg, mem, irq)));
+    f.dev = Some(Box::new(Ahci::new(cfg, mem, irq)));
     f
 }
 

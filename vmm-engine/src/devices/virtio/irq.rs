@@ -208,7 +208,7 @@ impl Interrupt {
         for i in 0..vectors {
             // Without irqfd (or GSIs) vectors are sent with KVM_SIGNAL_MSI.
             let fd = gsi_base.and_then(|b| {
-                let e = super::eventfd().ok()?;
+                let e = super::host::eventfd().ok()?;
                 match vm.register_irqfd(&e, b + u32::from(i)) {
                     Ok(()) => Some(e),
                     Err(err) => {

@@ -6,6 +6,8 @@
 //!   activation and reset. Runs on vCPU threads (MMIO exits).
 //! - [`irq`]: interrupt delivery (MSI-X through KVM irqfd + GSI routes,
 //!   INTx through the IOAPIC) shared by the transport and the device thread.
+//! - [`host`]: what device threads hold of the host: the guest-RAM view,
+//!   eventfds, poll(2).
 //! - [`queue`]: split virtqueues (the rust-vmm `virtio-queue` crate) over the
 //!   guest RAM, with the bounds checks device code relies on.
 //! - [`blk`], [`net`], [`rng`], [`console`]: device back ends. Each runs on its own
@@ -24,6 +26,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod host;
 pub mod irq;
 pub mod net;
 pub mod pci;
@@ -34,14 +37,11 @@ pub mod rng;
 #[cfg(test)]
 pub mod test_utils;
 
-use crate::error::{Error, Result};
-use crate::memory::Region;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use host::{drain, eventfd, poll_fds, Ram};
 pub use irq::{GsiRouter, Interrupt, VirtioInterrupt};
 pub use queue::{Chain, QueueError, VirtQueue};
 
@@ -66,83 +66,6 @@ pub const S_DRIVER_OK: u8 = 4;
 pub const S_FEATURES_OK: u8 = 8;
 pub const S_NEEDS_RESET: u8 = 0x40;
 pub const S_FAILED: u8 = 0x80;
-
-/// Guest RAM as device threads see it: the rust-vmm view for the queue crate
-/// plus the engine's regions for zero-copy I/O straight into guest pages.
-pub struct Ram {
-    pub mem: GuestMemoryMmap,
-    regions: Vec<Region>,
-}
-
-impl Ram {
-    /// Build from the engine's RAM regions.
-    ///
-    /// The host mappings belong to the VM's `Control` and outlive every run:
-    /// device threads are joined before the mappings can change.
-    pub fn new(regions: &[Region]) -> Result<Ram> {
-        let mut rs = Vec::new();
-        for r in regions {
-            let len = usize::try_from(r.len).map_err(|_| Error::NoMemory("RAM region".into()))?;
-            // SAFETY: [host, host+len) is a live shared RW mapping made by
-            // memory::Mapping::shared; build_raw does not take ownership (no
-            // munmap on drop).
-            let m = unsafe {
-                MmapRegion::build_raw(
-                    r.host as *mut u8,
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_NORESERVE,
-                )
-            }
-            .map_err(|e| Error::io("RAM view", std::io::Error::other(e.to_string())))?;
-            let g = GuestRegionMmap::new(m, GuestAddress(r.gpa))
-                .ok_or_else(|| Error::io("RAM view", std::io::Error::other("bad region")))?;
-            rs.push(g);
-        }
-        let mem = GuestMemoryMmap::from_regions(rs)
-            .map_err(|e| Error::io("RAM view", std::io::Error::other(e.to_string())))?;
-        Ok(Ram {
-            mem,
-            regions: regions.to_vec(),
-        })
-    }
-
-    /// Host address of guest range [gpa, gpa+len), if it lies entirely in one
-    /// RAM region. Every guest-supplied buffer goes through here.
-    pub fn host(&self, gpa: u64, len: usize) -> Option<*mut u8> {
-        let end = gpa.checked_add(len as u64)?;
-        let r = self
-            .regions
-            .iter()
-            .find(|r| gpa >= r.gpa && end <= r.gpa + r.len)?;
-        Some((r.host + (gpa - r.gpa) as usize) as *mut u8)
-    }
-
-    /// Copy guest bytes out (bounds-checked).
-    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        match self.host(gpa, buf.len()) {
-            Some(p) => {
-                // SAFETY: host() checked the range lies in live guest RAM. The
-                // guest may change it concurrently; we only copy bytes.
-                unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Copy bytes into the guest (bounds-checked).
-    pub fn write(&self, gpa: u64, data: &[u8]) -> bool {
-        match self.host(gpa, data.len()) {
-            Some(p) => {
-                // SAFETY: as in read.
-                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
-                true
-            }
-            None => false,
-        }
-    }
-}
 
 /// What a device thread gets at DRIVER_OK.
 pub struct Activation {
@@ -267,35 +190,4 @@ pub fn service_rx_tx(dev: &mut impl RxTx, act: &mut Activation, broken: &mut boo
             *broken = true;
         }
     }
-}
-
-/// Wait on `fds` (plus nothing else) with poll(2); returns revents per fd.
-/// EINTR counts as "nothing ready".
-pub fn poll_fds(fds: &[(RawFd, i16)], timeout_ms: i32) -> Vec<i16> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&(fd, events)| libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: p is a valid array of pollfds of the given length.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
-    if r <= 0 {
-        return vec![0; fds.len()];
-    }
-    p.iter().map(|x| x.revents).collect()
-}
-
-/// Read an eventfd's counter without blocking (it is only a wake-up).
-pub fn drain(e: &EventFd) {
-    let mut v = 0u64;
-    // SAFETY: reading 8 bytes into v; the eventfd is non-blocking.
-    unsafe { libc::read(e.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-}
-
-/// A non-blocking eventfd.
-pub fn eventfd() -> Result<EventFd> {
-    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| Error::io("eventfd", e))
 }

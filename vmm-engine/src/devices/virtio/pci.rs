@@ -16,7 +16,7 @@ use super::{
     drain, Activation, Ram, VirtioDevice, F_VERSION_1, S_DRIVER_OK, S_FEATURES_OK,
     VIRTIO_PCI_DEVICE_BASE, VIRTIO_VENDOR,
 };
-use crate::devices::pci::PciFunction;
+use crate::devices::pci::{cfg_bar_addr, cfg_mem_enabled, PciDevice, PciFunction};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -106,6 +106,20 @@ impl VirtioPci {
         ram: Arc<Ram>,
         place: Placement,
     ) -> crate::error::Result<PciFunction> {
+        let (mut f, v) = VirtioPci::build(dev, name, vm, router, ram, place)?;
+        f.dev = Some(Box::new(v));
+        Ok(f)
+    }
+
+    /// The function's configuration space and the transport, apart.
+    fn build(
+        dev: Box<dyn VirtioDevice>,
+        name: String,
+        vm: Arc<VmFd>,
+        router: Arc<GsiRouter>,
+        ram: Arc<Ram>,
+        place: Placement,
+    ) -> crate::error::Result<(PciFunction, VirtioPci)> {
         let Placement {
             bar_addr,
             intx_pin,
@@ -184,8 +198,7 @@ impl VirtioPci {
         };
         let cfg = f.cfg;
         v.config_written(&cfg, f.bar_addr(0), f.mem_enabled());
-        f.virtio = Some(Box::new(v));
-        Ok(f)
+        Ok((f, v))
     }
 
     /// The guest wrote configuration space: follow MSI-X control and the BAR.
@@ -463,6 +476,24 @@ impl VirtioPci {
     }
 }
 
+impl PciDevice for VirtioPci {
+    fn bar_read(&mut self, bar: usize, off: u64, data: &mut [u8]) {
+        VirtioPci::bar_read(self, bar, off, data);
+    }
+
+    fn bar_write(&mut self, bar: usize, off: u64, data: &[u8]) {
+        VirtioPci::bar_write(self, bar, off, data);
+    }
+
+    fn config_written(&mut self, cfg: &[u8; 256]) {
+        VirtioPci::config_written(self, cfg, cfg_bar_addr(cfg, 0), cfg_mem_enabled(cfg));
+    }
+
+    fn shutdown(&mut self) {
+        VirtioPci::shutdown(self);
+    }
+}
+
 impl Drop for VirtioPci {
     fn drop(&mut self) {
         self.stop_worker();
@@ -511,7 +542,7 @@ mod tests {
             .unwrap(),
         );
         let router = Arc::new(GsiRouter::new(vm.clone()));
-        let mut f = VirtioPci::function(
+        let (f, mut v) = VirtioPci::build(
             Box::new(crate::devices::virtio::rng::Rng),
             "fuzz".into(),
             vm,
@@ -525,7 +556,6 @@ mod tests {
             },
         )
         .unwrap();
-        let mut v = f.virtio.take().unwrap();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
             x ^= x << 13;

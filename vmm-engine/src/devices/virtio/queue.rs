@@ -16,7 +16,7 @@
 //! same guest page: each device bounds what it copies or allocates per
 //! chain itself, before copying.
 
-use super::Ram;
+use super::host::Ram;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};

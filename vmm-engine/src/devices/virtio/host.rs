@@ -1,0 +1,116 @@
+//! What virtio device threads use of the host: the guest-RAM view, eventfds
+//! and poll(2). A leaf: the transport, queues and interrupts build on it.
+
+use crate::error::{Error, Result};
+use crate::memory::Region;
+use std::os::fd::{AsRawFd, RawFd};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest RAM as device threads see it: the rust-vmm view for the queue crate
+/// plus the engine's regions for zero-copy I/O straight into guest pages.
+pub struct Ram {
+    pub mem: GuestMemoryMmap,
+    regions: Vec<Region>,
+}
+
+impl Ram {
+    /// Build from the engine's RAM regions.
+    ///
+    /// The host mappings belong to the VM's `Control` and outlive every run:
+    /// device threads are joined before the mappings can change.
+    pub fn new(regions: &[Region]) -> Result<Ram> {
+        let mut rs = Vec::new();
+        for r in regions {
+            let len = usize::try_from(r.len).map_err(|_| Error::NoMemory("RAM region".into()))?;
+            // SAFETY: [host, host+len) is a live shared RW mapping made by
+            // memory::Mapping::shared; build_raw does not take ownership (no
+            // munmap on drop).
+            let m = unsafe {
+                MmapRegion::build_raw(
+                    r.host as *mut u8,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_NORESERVE,
+                )
+            }
+            .map_err(|e| Error::io("RAM view", std::io::Error::other(e.to_string())))?;
+            let g = GuestRegionMmap::new(m, GuestAddress(r.gpa))
+                .ok_or_else(|| Error::io("RAM view", std::io::Error::other("bad region")))?;
+            rs.push(g);
+        }
+        let mem = GuestMemoryMmap::from_regions(rs)
+            .map_err(|e| Error::io("RAM view", std::io::Error::other(e.to_string())))?;
+        Ok(Ram {
+            mem,
+            regions: regions.to_vec(),
+        })
+    }
+
+    /// Host address of guest range [gpa, gpa+len), if it lies entirely in one
+    /// RAM region. Every guest-supplied buffer goes through here.
+    pub fn host(&self, gpa: u64, len: usize) -> Option<*mut u8> {
+        let end = gpa.checked_add(len as u64)?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && end <= r.gpa + r.len)?;
+        Some((r.host + (gpa - r.gpa) as usize) as *mut u8)
+    }
+
+    /// Copy guest bytes out (bounds-checked).
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        match self.host(gpa, buf.len()) {
+            Some(p) => {
+                // SAFETY: host() checked the range lies in live guest RAM. The
+                // guest may change it concurrently; we only copy bytes.
+                unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Copy bytes into the guest (bounds-checked).
+    pub fn write(&self, gpa: u64, data: &[u8]) -> bool {
+        match self.host(gpa, data.len()) {
+            Some(p) => {
+                // SAFETY: as in read.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Wait on `fds` (plus nothing else) with poll(2); returns revents per fd.
+/// EINTR counts as "nothing ready".
+pub fn poll_fds(fds: &[(RawFd, i16)], timeout_ms: i32) -> Vec<i16> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, events)| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: p is a valid array of pollfds of the given length.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    if r <= 0 {
+        return vec![0; fds.len()];
+    }
+    p.iter().map(|x| x.revents).collect()
+}
+
+/// Read an eventfd's counter without blocking (it is only a wake-up).
+pub fn drain(e: &EventFd) {
+    let mut v = 0u64;
+    // SAFETY: reading 8 bytes into v; the eventfd is non-blocking.
+    unsafe { libc::read(e.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+}
+
+/// A non-blocking eventfd.
+pub fn eventfd() -> Result<EventFd> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| Error::io("eventfd", e))
+}
