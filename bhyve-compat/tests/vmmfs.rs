@@ -284,6 +284,8 @@ struct Bhyve {
     child: Child,
     out: Arc<Mutex<Vec<u8>>>,
     err: Arc<Mutex<Vec<u8>>>,
+    /// Set by each reader thread at end of file: stdout's, stderr's.
+    eof: [Arc<std::sync::atomic::AtomicBool>; 2],
 }
 
 impl Bhyve {
@@ -294,7 +296,8 @@ impl Bhyve {
         let mut child = c.spawn().expect("spawn bhyve");
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
-        for (mut pipe, buf) in [
+        let eof: [Arc<std::sync::atomic::AtomicBool>; 2] = Default::default();
+        for ((mut pipe, buf), done) in [
             (
                 Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
                 out.clone(),
@@ -303,7 +306,10 @@ impl Bhyve {
                 Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
                 err.clone(),
             ),
-        ] {
+        ]
+        .into_iter()
+        .zip(eof.clone())
+        {
             std::thread::spawn(move || {
                 let mut b = [0u8; 4096];
                 while let Ok(n) = pipe.read(&mut b) {
@@ -312,9 +318,15 @@ impl Bhyve {
                     }
                     buf.lock().unwrap().extend_from_slice(&b[..n]);
                 }
+                done.store(true, std::sync::atomic::Ordering::Release);
             });
         }
-        Bhyve { child, out, err }
+        Bhyve {
+            child,
+            out,
+            err,
+            eof,
+        }
     }
 
     fn stdout(&self) -> String {
@@ -349,8 +361,7 @@ impl Bhyve {
         let t = Instant::now();
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
-                // Let the reader threads drain.
-                std::thread::sleep(Duration::from_millis(50));
+                self.drain();
                 return s.code();
             }
             if t.elapsed() > Duration::from_secs(secs) {
@@ -367,6 +378,22 @@ impl Bhyve {
 
     fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// After exit, let the reader threads take what is left: stderr to its
+    /// end (nobody else holds it; a loaded machine may schedule the reader
+    /// late), stdout a moment longer or to its end, whichever comes first
+    /// (a persistent VM's worker may keep the console's copy open).
+    fn drain(&self) {
+        use std::sync::atomic::Ordering::Acquire;
+        let t = Instant::now();
+        while !self.eof[1].load(Acquire) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t = Instant::now();
+        while !self.eof[0].load(Acquire) && t.elapsed() < Duration::from_millis(200) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
