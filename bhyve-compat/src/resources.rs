@@ -432,7 +432,13 @@ pub fn commands(plan: &Plan, res: &Resources, with_memory: bool) -> Vec<VmComman
         push(VmmCommand::Memory(plan.memsize), false);
     }
     push(plan.cpus_command(), false);
-    for (k, v) in &plan.platform {
+    // Only keys the engine acts on; bhyve's others have no effect here and
+    // are not worth a refused round trip each.
+    for (k, v) in plan
+        .platform
+        .iter()
+        .filter(|(k, _)| vmm_protocol::command::SET_KEYS.contains(&k.as_str()))
+    {
         push(
             VmmCommand::Set {
                 key: k.clone(),
@@ -528,6 +534,7 @@ mod tests {
         c.set("memory.size", "64M");
         c.set("lpc.com1.path", "stdio");
         c.set("acpi_tables", "true");
+        c.set("rtc.use_localtime", "false");
         c.parse_pci_slot("0,hostbridge").unwrap();
         c.parse_pci_slot("4,virtio-rnd").unwrap();
         let plan = crate::plan::plan(&c).unwrap();
@@ -543,8 +550,9 @@ mod tests {
             vec![
                 "memory 64M".to_string(),
                 "cpus 1 sockets=1 cores=1 threads=1".into(),
-                "set acpi_tables=true".into(),
-                "set x86.strictmsr=true".into(),
+                // acpi_tables and the default x86.strictmsr: the engine has
+                // no use for them, so they are not sent.
+                "set rtc.use_localtime=false".into(),
                 format!("bootrom {fd}"),
                 "com1 0 1".into(),
                 "device 0:0:0 hostbridge".into(),

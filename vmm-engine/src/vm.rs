@@ -1007,6 +1007,18 @@ mod tests {
     use crate::command::OwnedFds as NoFds;
 
     #[test]
+    fn every_protocol_set_key_is_accepted() {
+        for key in vmm_protocol::command::SET_KEYS {
+            let value = if *key == "lpc.fwcfg" { "qemu" } else { "true" };
+            PlatformOptions::default().set(key, value).unwrap();
+        }
+        assert!(matches!(
+            PlatformOptions::default().set("x86.strictmsr", "true"),
+            Err(Error::Unsupported(_))
+        ));
+    }
+
+    #[test]
     fn create_configure_destroy() {
         let vm = Vm::create("t").expect("KVM must be available for engine tests");
         assert_eq!(vm.segments()[0].size, DEFAULT_MEMORY);

@@ -110,6 +110,11 @@ impl ComPort {
     }
 }
 
+/// The `set` keys the engine acts on. A client does not send others: each
+/// would cost a round trip to be refused (EOPNOTSUPP). bhyve's other
+/// configuration variables are accepted by bhyve-compat and have no effect.
+pub const SET_KEYS: &[&str] = &["lpc.fwcfg", "rtc.use_localtime", "x86.mptable"];
+
 /// One parsed command. Descriptor fields hold the client's descriptor numbers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -141,7 +146,8 @@ pub enum Command {
         emulation: String,
         options: Vec<String>,
     },
-    /// `set KEY=VALUE`: a platform option (bhyve -o style).
+    /// `set KEY=VALUE`: a platform option (bhyve -o style); the engine
+    /// accepts the keys of [`SET_KEYS`].
     Set { key: String, value: String },
     /// `run`: start the vCPUs.
     Run,
