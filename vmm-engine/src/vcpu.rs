@@ -524,7 +524,11 @@ pub fn vcpu_thread(mut vcpu: Vcpu, index: usize, run_size: usize, ctx: Arc<RunCt
                         vcpu.fd.set_kvm_immediate_exit(0);
                         check_halt(&vcpu, index, &ctx, &mut checked_round);
                     }
-                    KVM_EXIT_SHUTDOWN => break Some(ExitReason::TripleFault),
+                    KVM_EXIT_SHUTDOWN => {
+                        // Rare and timing-dependent in CI: say where.
+                        log::warn!("triple fault on vCPU {index}: {}", describe_state(&vcpu));
+                        break Some(ExitReason::TripleFault);
+                    }
                     KVM_EXIT_HLT => {
                         // Only without an in-kernel irqchip; treat like a kick.
                         check_halt(&vcpu, index, &ctx, &mut checked_round);
@@ -596,6 +600,30 @@ pub fn vcpu_thread(mut vcpu: Vcpu, index: usize, run_size: usize, ctx: Arc<RunCt
     vcpu
 }
 
+/// A vCPU's registers in one line, for the log when a guest dies.
+fn describe_state(vcpu: &Vcpu) -> String {
+    let mut out = String::new();
+    if let Ok(r) = vcpu.fd.get_regs() {
+        out.push_str(&format!(
+            "rip {:#x} rsp {:#x} rflags {:#x}",
+            r.rip, r.rsp, r.rflags
+        ));
+    }
+    if let Ok(s) = vcpu.fd.get_sregs() {
+        out.push_str(&format!(
+            " cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}/{:#x}",
+            s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+        ));
+    }
+    if let Ok(e) = vcpu.fd.get_vcpu_events() {
+        out.push_str(&format!(
+            " exception {}/{} vector {} error {:#x}",
+            e.exception.injected, e.exception.pending, e.exception.nr, e.exception.error_code
+        ));
+    }
+    out
+}
+
 fn check_halt(vcpu: &Vcpu, index: usize, ctx: &RunCtx, checked: &mut u64) {
     let round = ctx.round.load(Ordering::Acquire);
     if round > *checked {
@@ -641,6 +669,7 @@ pub fn watchdog_thread(ctx: Arc<RunCtx>) {
             };
             rips = now;
             if consecutive >= HALT_ROUNDS {
+                log::warn!("halted: every vCPU in HLT with interrupts off, at {rips:#x?} (0: never started)");
                 ctx.finish(ExitReason::Halt);
                 return;
             }
