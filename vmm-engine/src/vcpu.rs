@@ -155,6 +155,42 @@ fn boot_msrs() -> Vec<kvm_msr_entry> {
     ]
 }
 
+/// KVM's paravirtual MSRs that point KVM at guest memory, and their
+/// power-on values. KVM clears them itself only when a vCPU takes an INIT
+/// (an AP being started); a VMM-driven reset of the boot vCPU leaves them
+/// set, and KVM then keeps writing the kvmclock page, the steal-time record
+/// and PV EOI flags into the previous kernel's addresses, which the next
+/// kernel has put to other use (QEMU clears them on reset too). The wall
+/// clock MSRs are left alone: KVM writes that page once, when the MSR is
+/// written, so there is nothing to turn off.
+fn pv_reset_msrs() -> [(u32, u64); 7] {
+    [
+        (0x12, 0),        // MSR_KVM_SYSTEM_TIME (kvmclock, old)
+        (0x4b56_4d01, 0), // MSR_KVM_SYSTEM_TIME_NEW (kvmclock)
+        (0x4b56_4d02, 0), // MSR_KVM_ASYNC_PF_EN
+        (0x4b56_4d06, 0), // MSR_KVM_ASYNC_PF_INT
+        (0x4b56_4d03, 0), // MSR_KVM_STEAL_TIME
+        (0x4b56_4d04, 0), // MSR_KVM_PV_EOI_EN
+        (0x4b56_4d05, 1), // MSR_KVM_POLL_CONTROL: host polling allowed
+    ]
+}
+
+/// Write each MSR on its own: a KVM without the paravirtual interface
+/// refuses them, and KVM_SET_MSRS stops at the first refusal.
+fn clear_pv_msrs(fd: &VcpuFd) {
+    for (index, data) in pv_reset_msrs() {
+        let e = [kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }];
+        match Msrs::from_entries(&e).map(|m| fd.set_msrs(&m)) {
+            Ok(Ok(1)) => {}
+            other => log::debug!("reset MSR {index:#x}: {other:?}"),
+        }
+    }
+}
+
 /// Power-on state of a vCPU, restored by `reinit`.
 pub struct Snapshot {
     regs: kvm_regs,
@@ -228,6 +264,7 @@ impl Vcpu {
             .set_lapic(&s.lapic)
             .map_err(|e| Error::kvm("KVM_SET_LAPIC", e))?;
         set_boot_msrs(&self.fd);
+        clear_pv_msrs(&self.fd);
         if let Some(ev) = &s.events {
             if let Err(e) = self.fd.set_vcpu_events(ev) {
                 log::debug!("KVM_SET_VCPU_EVENTS: {e}");
@@ -487,7 +524,11 @@ pub fn vcpu_thread(mut vcpu: Vcpu, index: usize, run_size: usize, ctx: Arc<RunCt
                         vcpu.fd.set_kvm_immediate_exit(0);
                         check_halt(&vcpu, index, &ctx, &mut checked_round);
                     }
-                    KVM_EXIT_SHUTDOWN => break Some(ExitReason::TripleFault),
+                    KVM_EXIT_SHUTDOWN => {
+                        // Rare and timing-dependent in CI: say where.
+                        log::warn!("triple fault on vCPU {index}: {}", describe_state(&vcpu));
+                        break Some(ExitReason::TripleFault);
+                    }
                     KVM_EXIT_HLT => {
                         // Only without an in-kernel irqchip; treat like a kick.
                         check_halt(&vcpu, index, &ctx, &mut checked_round);
@@ -559,6 +600,30 @@ pub fn vcpu_thread(mut vcpu: Vcpu, index: usize, run_size: usize, ctx: Arc<RunCt
     vcpu
 }
 
+/// A vCPU's registers in one line, for the log when a guest dies.
+fn describe_state(vcpu: &Vcpu) -> String {
+    let mut out = String::new();
+    if let Ok(r) = vcpu.fd.get_regs() {
+        out.push_str(&format!(
+            "rip {:#x} rsp {:#x} rflags {:#x}",
+            r.rip, r.rsp, r.rflags
+        ));
+    }
+    if let Ok(s) = vcpu.fd.get_sregs() {
+        out.push_str(&format!(
+            " cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}/{:#x}",
+            s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+        ));
+    }
+    if let Ok(e) = vcpu.fd.get_vcpu_events() {
+        out.push_str(&format!(
+            " exception {}/{} vector {} error {:#x}",
+            e.exception.injected, e.exception.pending, e.exception.nr, e.exception.error_code
+        ));
+    }
+    out
+}
+
 fn check_halt(vcpu: &Vcpu, index: usize, ctx: &RunCtx, checked: &mut u64) {
     let round = ctx.round.load(Ordering::Acquire);
     if round > *checked {
@@ -604,6 +669,7 @@ pub fn watchdog_thread(ctx: Arc<RunCtx>) {
             };
             rips = now;
             if consecutive >= HALT_ROUNDS {
+                log::warn!("halted: every vCPU in HLT with interrupts off, at {rips:#x?} (0: never started)");
                 ctx.finish(ExitReason::Halt);
                 return;
             }
@@ -624,5 +690,62 @@ mod tests {
         assert_eq!(bits_for(3), 2);
         assert_eq!(bits_for(4), 2);
         assert_eq!(bits_for(5), 3);
+    }
+
+    #[test]
+    fn reset_disables_pv_areas_but_not_the_wall_clock() {
+        let m = pv_reset_msrs();
+        let val = |i: u32| m.iter().find(|e| e.0 == i).map(|e| e.1);
+        // kvmclock (both generations), async PF, steal time, PV EOI: off.
+        for i in [0x12, 0x4b56_4d01, 0x4b56_4d02, 0x4b56_4d03, 0x4b56_4d04] {
+            assert_eq!(val(i), Some(0), "MSR {i:#x}");
+        }
+        assert_eq!(val(0x4b56_4d05), Some(1), "poll control powers on as 1");
+        // Writing a wall clock MSR makes KVM write at that address.
+        assert_eq!(val(0x11), None);
+        assert_eq!(val(0x4b56_4d00), None);
+    }
+
+    fn get_msr(fd: &VcpuFd, index: u32) -> Option<u64> {
+        let mut m = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .ok()?;
+        (fd.get_msrs(&mut m).ok()? == 1).then(|| m.as_slice()[0].data)
+    }
+
+    /// A guest that registered a steal-time area, then a reset: KVM must no
+    /// longer write there (the next kernel owns that memory).
+    #[test]
+    fn reset_clears_steal_time_and_kvmclock() {
+        let kvm = kvm_ioctls::Kvm::new().expect("KVM must be available for engine tests");
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        let mut v = Vcpu::new(vm.create_vcpu(0).unwrap(), 0, &cpuid).unwrap();
+        let armed: Vec<u32> = [(0x4b56_4d03u32, 0x10_0001u64), (0x4b56_4d01, 0x20_0001)]
+            .into_iter()
+            .filter(|&(i, d)| {
+                let e = [kvm_msr_entry {
+                    index: i,
+                    data: d,
+                    ..Default::default()
+                }];
+                v.fd.set_msrs(&Msrs::from_entries(&e).unwrap()) == Ok(1)
+                    && get_msr(&v.fd, i) == Some(d)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if armed.is_empty() {
+            eprintln!("this KVM has no steal-time or kvmclock MSRs: nothing to check");
+            return;
+        }
+        v.reset().unwrap();
+        for i in armed {
+            assert_eq!(get_msr(&v.fd, i), Some(0), "MSR {i:#x} after reset");
+        }
     }
 }
