@@ -19,6 +19,7 @@ mod service;
 #[cfg(test)]
 mod service_tests;
 mod state;
+mod vmstate;
 mod worker;
 
 use clap::{Args, Parser, Subcommand};
@@ -350,9 +351,17 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
             service::Service::new(engine::Kvm, config, store, jails).map_err(|e| e.to_string())?;
         return serve(service, daemon);
     }
-    let workers = start_workers(&args, max_cpus)?;
+    let vms = vmstate::VmStore::open(&args.state_dir)
+        .map_err(|e| format!("{}/vms: {e}", args.state_dir.display()))?;
+    let workers = start_workers(&args, max_cpus, vms.dir())?;
     let service =
         service::Service::new(workers, config, store, jails).map_err(|e| e.to_string())?;
+    // Before the mount: a VM left by an earlier daemon is back (or, if it
+    // was destroy-on-close, gone) when its node can first be seen.
+    let adopted = service.adopt_all(vms);
+    if adopted > 0 {
+        log::info!("adopted {adopted} VM(s) left running by an earlier daemon");
+    }
     serve(service, daemon)
 }
 
@@ -370,7 +379,11 @@ struct Daemon {
 }
 
 /// The worker engine, after checking its uid range and executable.
-fn start_workers(args: &DaemonArgs, max_cpus: u16) -> Result<worker::Workers, String> {
+fn start_workers(
+    args: &DaemonArgs,
+    max_cpus: u16,
+    sockets: &Path,
+) -> Result<worker::Workers, String> {
     let taken = args.worker_uids.collisions();
     if let Some((name, uid)) = taken.first() {
         return Err(format!(
@@ -413,6 +426,7 @@ fn start_workers(args: &DaemonArgs, max_cpus: u16) -> Result<worker::Workers, St
             max_cpus,
             test_hooks: args.test_hooks,
             prefork: args.worker_spares,
+            sockets: Some(sockets.to_path_buf()),
         },
         cgroups,
     )

@@ -49,6 +49,7 @@ fn engine(test_hooks: bool) -> Workers {
             max_cpus: 2,
             test_hooks,
             prefork: 1,
+            sockets: None,
         },
         None,
     )
