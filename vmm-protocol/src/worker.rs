@@ -125,7 +125,11 @@ impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Request::Create { name, adoptable } => {
-                write!(f, "create {name}{}", if *adoptable { " adoptable" } else { "" })
+                write!(
+                    f,
+                    "create {name}{}",
+                    if *adoptable { " adoptable" } else { "" }
+                )
             }
             Request::Exec { labels, command } => {
                 if labels.is_empty() {

@@ -114,7 +114,9 @@ fn leaf_of(mount: &Path, text: &str, uid: u32) -> Option<Leaf> {
     let own = text.lines().find_map(|l| l.strip_prefix("0::"))?;
     let own = Path::new(own.trim_start_matches('/'));
     if own.file_name()?.to_str()? != format!("vmm-worker-{uid}")
-        || own.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        || own
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
         return None;
     }

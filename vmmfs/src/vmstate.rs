@@ -26,7 +26,10 @@ const MAX_RECORD: u64 = 4096;
 pub enum JailRef {
     Host,
     /// A PID namespace, recognised again by its init process.
-    Jail { ns: u64, init: ProcessId },
+    Jail {
+        ns: u64,
+        init: ProcessId,
+    },
 }
 
 /// One VM as a restarted daemon needs it.
@@ -247,7 +250,12 @@ impl VmStore {
         let mut out = Vec::new();
         for ent in dir.flatten() {
             let path = ent.path();
-            let Some(stem) = ent.file_name().to_str().and_then(|n| n.strip_suffix(".vm")).map(str::to_string) else {
+            let Some(stem) = ent
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".vm"))
+                .map(str::to_string)
+            else {
                 continue;
             };
             let read = fs::symlink_metadata(&path)
@@ -335,7 +343,10 @@ mod tests {
             good.replace("owner=1000:1001", "owner=4294967296:1"),
             good.replace("worker=31337:", "worker=1:"),
             good.replace(":2147483650\n", ":0\n"),
-            good.replace("worker=31337:123456789:2147483650", "worker=31337::2147483650"),
+            good.replace(
+                "worker=31337:123456789:2147483650",
+                "worker=31337::2147483650",
+            ),
             good.replace("jail=4026532001:4242:987654", "jail=4026532001:0:987654"),
             good.replace("jail=4026532001:4242:987654", "jail=jail"),
             good.replace("charges=268435456,65536,0,0,131072", "charges=1,2,3"),
@@ -343,7 +354,10 @@ mod tests {
             good.clone() + "name=again\n",
             good.clone() + "extra=1\n",
             good.clone() + "no equals sign\n",
-            good.lines().filter(|l| !l.starts_with("jail=")).collect::<Vec<_>>().join("\n"),
+            good.lines()
+                .filter(|l| !l.starts_with("jail="))
+                .collect::<Vec<_>>()
+                .join("\n"),
             good.replace('\n', "\r\n"),
         ];
         for b in bad {

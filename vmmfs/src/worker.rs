@@ -128,6 +128,8 @@ impl UidRange {
 struct Uids {
     range: UidRange,
     used: BTreeSet<u32>,
+    /// uids of workers an earlier daemon left, until they are adopted.
+    reserved: BTreeSet<u32>,
     next: u32,
 }
 
@@ -136,7 +138,11 @@ impl Uids {
     fn take(&mut self, avoid: &[u32]) -> Option<u32> {
         for i in 0..self.range.count {
             let uid = self.range.first + (self.next.wrapping_add(i) % self.range.count);
-            if !self.used.contains(&uid) && !avoid.contains(&uid) && uid != 0 {
+            if !self.used.contains(&uid)
+                && !self.reserved.contains(&uid)
+                && !avoid.contains(&uid)
+                && uid != 0
+            {
                 self.used.insert(uid);
                 self.next = uid - self.range.first + 1;
                 return Some(uid);
@@ -162,6 +168,8 @@ pub struct WorkerConfig {
     /// Where each VM's adoption socket is bound (a root-only directory);
     /// without one, VMs end with the daemon.
     pub sockets: Option<PathBuf>,
+    /// uids of the workers to be adopted: no new worker gets one.
+    pub reserved: Vec<u32>,
 }
 
 /// The worker engine.
@@ -195,6 +203,7 @@ impl Workers {
             uids: Arc::new(Mutex::new(Uids {
                 range: config.uids,
                 used: BTreeSet::new(),
+                reserved: config.reserved.iter().copied().collect(),
                 next: 0,
             })),
             zygote: Mutex::new(Some(start_zygote(&config, &kvm)?)),
@@ -331,6 +340,7 @@ impl Engine for Workers {
                 id.uid
             )));
         }
+        sp.uids.lock().reserved.remove(&id.uid);
         // The pidfd pins the process: checked after it is taken, the start
         // time proves that the pid names the recorded worker, not a reuse.
         let pidfd = pidfd_open(id.pid).map_err(|e| EngineError::io("pidfd_open", e))?;
@@ -338,9 +348,34 @@ impl Engine for Workers {
             Ok(p) if p.start == id.start => {}
             _ => return Err(refuse(format!("process {} is gone", id.pid))),
         }
+        // From here on the process is the recorded worker: one that cannot
+        // be taken over is ended, never left running unmanaged.
+        let r = self.take_over(name, id, dir, pidfd);
+        if let Err(e) = &r {
+            log::warn!("VM {name}: worker pid {} is ended: {e}", id.pid);
+        }
+        r
+    }
+}
+
+impl Workers {
+    fn take_over(
+        &self,
+        name: &str,
+        id: &WorkerId,
+        dir: &std::path::Path,
+        pidfd: OwnedFd,
+    ) -> Result<WorkerVm, EngineError> {
+        let sp = &self.spawner;
+        let refuse = |why: String| {
+            kill(&pidfd);
+            EngineError::Unsupported(why)
+        };
         let path = socket_path(dir, id.pid);
-        let sock = connect_adoption_socket(&path)
-            .map_err(|e| EngineError::io(format!("connecting to {}", path.display()), e))?;
+        let sock = match connect_adoption_socket(&path) {
+            Ok(s) => s,
+            Err(e) => return Err(refuse(format!("connecting to {}: {e}", path.display()))),
+        };
         match peer_cred(&sock) {
             Some((pid, uid)) if pid == id.pid && uid == id.uid => {}
             other => {
@@ -362,6 +397,7 @@ impl Engine for Workers {
         };
         if let Err(e) = wait_ready(&child) {
             sp.uids.lock().used.remove(&id.uid);
+            kill(&child.pidfd);
             return Err(EngineError::io("the worker did not answer", e));
         }
         let leaf = self.cgroups.as_ref().and_then(|c| c.adopt(id.pid, id.uid));
@@ -384,13 +420,7 @@ fn socket_path(dir: &std::path::Path, pid: u32) -> PathBuf {
 
 fn unix_socket() -> std::io::Result<OwnedFd> {
     // SAFETY: socket with constant arguments.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -1165,6 +1195,7 @@ mod tests {
                 count: 3,
             },
             used: BTreeSet::new(),
+            reserved: BTreeSet::new(),
             next: 0,
         };
         assert_eq!(u.take(&[1000]), Some(1001));

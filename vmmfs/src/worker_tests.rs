@@ -50,6 +50,7 @@ fn engine(test_hooks: bool) -> Workers {
             test_hooks,
             prefork: 1,
             sockets: None,
+            reserved: Vec::new(),
         },
         None,
     )
