@@ -13,6 +13,11 @@
 //!   along: the daemon serves `vmm.io` from them without mapping them), and a
 //!   [`Event::Reply`] per request.
 //!
+//! When the daemon dies, a worker whose VM was created `adoptable` keeps it
+//! and accepts a connection from the next daemon on its listening socket;
+//! the new connection starts with [`Event::Ready`], then the status and the
+//! segments, as a new worker's would.
+//!
 //! The daemon trusts nothing a worker says beyond its own VM: every message
 //! is parsed strictly, and a malformed one ends the worker.
 
