@@ -13,6 +13,11 @@
 //!   along: the daemon serves `vmm.io` from them without mapping them), and a
 //!   [`Event::Reply`] per request.
 //!
+//! When the daemon dies, a worker whose VM was created `adoptable` keeps it
+//! and accepts a connection from the next daemon on its listening socket;
+//! the new connection starts with [`Event::Ready`], then the status and the
+//! segments, as a new worker's would.
+//!
 //! The daemon trusts nothing a worker says beyond its own VM: every message
 //! is parsed strictly, and a malformed one ends the worker.
 
@@ -33,8 +38,11 @@ pub const MAX_SEGMENT_NAME: usize = 32;
 /// What the daemon asks of a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// `create NAME`: make the VM (the worker's first request).
-    Create { name: String },
+    /// `create NAME [adoptable]`: make the VM (the worker's first request).
+    /// With `adoptable`, a listening `SOCK_SEQPACKET` socket rides along:
+    /// when the daemon's connection ends, the worker keeps its VM and waits
+    /// on that socket for a restarted daemon to adopt it.
+    Create { name: String, adoptable: bool },
     /// `exec LABELS COMMAND`: run a `vmm/NAME` command. `labels` are the
     /// client's descriptor labels the command names (`-` for none), in the
     /// order the descriptors are attached.
@@ -121,7 +129,13 @@ fn one_line(s: &str) -> String {
 impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Request::Create { name } => write!(f, "create {name}"),
+            Request::Create { name, adoptable } => {
+                write!(
+                    f,
+                    "create {name}{}",
+                    if *adoptable { " adoptable" } else { "" }
+                )
+            }
             Request::Exec { labels, command } => {
                 if labels.is_empty() {
                     write!(f, "exec - {command}")
@@ -140,6 +154,9 @@ impl Request {
     pub fn fds(&self) -> usize {
         match self {
             Request::Exec { labels, .. } => labels.len(),
+            Request::Create {
+                adoptable: true, ..
+            } => 1,
             _ => 0,
         }
     }
@@ -149,8 +166,16 @@ impl Request {
         let (verb, rest) = text.split_once(' ').unwrap_or((text, ""));
         match verb {
             "create" => {
-                crate::vmmctl::validate_name(rest)?;
-                Ok(Request::Create { name: rest.into() })
+                let (name, adoptable) = match rest.split_once(' ') {
+                    Some((name, "adoptable")) => (name, true),
+                    Some(_) => return Err(bad("create NAME [adoptable]")),
+                    None => (rest, false),
+                };
+                crate::vmmctl::validate_name(name)?;
+                Ok(Request::Create {
+                    name: name.into(),
+                    adoptable,
+                })
             }
             "detach" if rest.is_empty() => Ok(Request::Detach),
             "exec" => {
@@ -505,7 +530,8 @@ mod tests {
 
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            "[a-z0-9_-]{1,20}".prop_map(|name| Request::Create { name }),
+            ("[a-z0-9_-]{1,20}", any::<bool>())
+                .prop_map(|(name, adoptable)| Request::Create { name, adoptable }),
             Just(Request::Detach),
             (
                 proptest::collection::vec(0..100_000i32, 0..MAX_FDS),

@@ -100,6 +100,31 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// The leaf an earlier daemon made for worker `pid` (uid `uid`), found
+    /// from the worker's own /proc/PID/cgroup: only a group named as this
+    /// daemon names leaves counts.
+    pub fn adopt(&self, pid: u32, uid: u32) -> Option<Leaf> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        leaf_of(&self.mount, &text, uid)
+    }
+}
+
+fn leaf_of(mount: &Path, text: &str, uid: u32) -> Option<Leaf> {
+    let own = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let own = Path::new(own.trim_start_matches('/'));
+    if own.file_name()?.to_str()? != format!("vmm-worker-{uid}")
+        || own
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return None;
+    }
+    Some(Leaf {
+        path: mount.join(own),
+    })
+}
+
 /// Where a leaf goes for a process whose /proc/PID/cgroup reads `text`:
 /// beside the process's own cgroup v2 group, in its parent, since a cgroup
 /// with processes cannot have children with controllers.
@@ -116,6 +141,13 @@ impl Leaf {
         if let Err(e) = write(&self.path.join("memory.max"), &max.to_string()) {
             log::warn!("{}/memory.max: {e}", self.path.display());
         }
+    }
+
+    /// Guest memory and images the leaf's memory.max allows (see
+    /// [`Leaf::set_memory`]).
+    pub fn memory(&self) -> Option<u64> {
+        let max = std::fs::read_to_string(self.path.join("memory.max")).ok()?;
+        Some(max.trim().parse::<u64>().ok()?.saturating_sub(OVERHEAD))
     }
 
     /// Whether the kernel's OOM killer ended a process of this leaf.
@@ -159,5 +191,19 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup"))
         );
         assert_eq!(parent_of(m, "4:memory:/x\n"), None, "no cgroup v2 line");
+    }
+
+    #[test]
+    fn adopted_leaves_are_only_ours() {
+        let m = Path::new("/sys/fs/cgroup");
+        let ours = "0::/user.slice/vmm-worker-7\n";
+        assert_eq!(
+            leaf_of(m, ours, 7).map(|l| l.path),
+            Some(PathBuf::from("/sys/fs/cgroup/user.slice/vmm-worker-7"))
+        );
+        assert!(leaf_of(m, ours, 8).is_none(), "another uid's leaf");
+        assert!(leaf_of(m, "0::/system.slice/vmmfs.service\n", 7).is_none());
+        assert!(leaf_of(m, "0::/a/../vmm-worker-7\n", 7).is_none());
+        assert!(leaf_of(m, "0::/\n", 7).is_none());
     }
 }

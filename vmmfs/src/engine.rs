@@ -18,11 +18,27 @@ pub struct Creator {
     pub pid: u32,
 }
 
+/// The process that runs a VM, as recorded for a restarted daemon: its pid,
+/// its start time (so that a reused pid is never taken for it) and its uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerId {
+    pub pid: u32,
+    pub start: u64,
+    pub uid: u32,
+}
+
 /// Makes VMs.
 pub trait Engine: Send + Sync + 'static {
     type Vm: EngineVm;
     /// Create a VM (no vCPU runs yet, no client descriptor is held).
     fn create(&self, name: &str, creator: &Creator) -> Result<Self::Vm, EngineError>;
+    /// Take over the VM `name` that an earlier daemon left running in
+    /// process `id` (see [`EngineVm::worker`]).
+    fn adopt(&self, _name: &str, _id: &WorkerId) -> Result<Self::Vm, EngineError> {
+        Err(EngineError::Unsupported(
+            "this engine's VMs end with the daemon".into(),
+        ))
+    }
 }
 
 /// One VM. `execute`, `detach` and `destroy` may block on client descriptors
@@ -46,6 +62,11 @@ pub trait EngineVm: Send + Sync + 'static {
     /// must destroy it. Its status already shows the cause.
     fn failed(&self) -> bool {
         false
+    }
+    /// The process that runs this VM and outlives the daemon, if any: a
+    /// restarted daemon adopts it ([`Engine::adopt`]).
+    fn worker(&self) -> Option<WorkerId> {
+        None
     }
 }
 
@@ -114,6 +135,9 @@ impl<T: EngineVm> EngineVm for Arc<T> {
     }
     fn failed(&self) -> bool {
         (**self).failed()
+    }
+    fn worker(&self) -> Option<WorkerId> {
+        (**self).worker()
     }
 }
 

@@ -26,6 +26,10 @@ struct Inner {
     /// The nsfs descriptor that pins the namespace (None for the host, which
     /// lives as long as the daemon, and for test jails).
     _hold: Option<OwnedFd>,
+    /// A jail that ended while no daemon held it (a VM adopted after a
+    /// restart): its number may name a new namespace by now, so it equals
+    /// no other jail.
+    orphan: bool,
 }
 
 impl Jail {
@@ -46,6 +50,18 @@ impl Jail {
             ns,
             host,
             _hold: None,
+            orphan: false,
+        }))
+    }
+
+    /// The jail `ns` that ended while no daemon held it: no process is in
+    /// it, and it is equal to no other jail.
+    pub fn orphan(ns: u64) -> Jail {
+        Jail(Arc::new(Inner {
+            ns,
+            host: false,
+            _hold: None,
+            orphan: true,
         }))
     }
 }
@@ -53,7 +69,8 @@ impl Jail {
 impl PartialEq for Jail {
     /// Sound because every live `Jail` pins its namespace (see the module doc).
     fn eq(&self, other: &Jail) -> bool {
-        self.0.ns == other.0.ns
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.ns == other.0.ns && !self.0.orphan && !other.0.orphan)
     }
 }
 
@@ -63,6 +80,8 @@ impl std::fmt::Debug for Jail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.0.host {
             write!(f, "host")
+        } else if self.0.orphan {
+            write!(f, "ended jail {}", self.0.ns)
         } else {
             write!(f, "jail {}", self.0.ns)
         }
@@ -88,6 +107,7 @@ impl Jails {
                 ns,
                 host: true,
                 _hold: None,
+                orphan: false,
             })),
             live: Mutex::new(HashMap::new()),
         })
@@ -100,6 +120,11 @@ impl Jails {
             host,
             live: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The host: prison0.
+    pub fn host(&self) -> Jail {
+        self.host.clone()
     }
 
     /// The jail of thread or process `pid` (in the daemon's PID namespace).
@@ -127,6 +152,7 @@ impl Jails {
             ns,
             host: false,
             _hold: Some(OwnedFd::from(file)),
+            orphan: false,
         });
         live.insert(ns, Arc::downgrade(&inner));
         Ok(Jail(inner))

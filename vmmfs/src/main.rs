@@ -19,6 +19,7 @@ mod service;
 #[cfg(test)]
 mod service_tests;
 mod state;
+mod vmstate;
 mod worker;
 
 use clap::{Args, Parser, Subcommand};
@@ -194,6 +195,21 @@ fn check_mountpoint(path: &Path) -> Result<(), String> {
             && fstype.starts_with("fuse")
             && (source == "vmmfs" || fstype == "fuse.vmmfs")
     });
+    // A dead daemon's mount may still answer stat from cached attributes;
+    // listing it asks the daemon, and a dead connection says ENOTCONN.
+    if ours
+        && std::fs::read_dir(&canonical)
+            .err()
+            .and_then(|e| e.raw_os_error())
+            == Some(libc::ENOTCONN)
+    {
+        log::warn!(
+            "{}: stale vmmfs mount of a dead daemon; detaching it",
+            canonical.display()
+        );
+        return nix::mount::umount2(&canonical, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| format!("cannot detach stale mount {}: {e}", canonical.display()));
+    }
     if ours {
         return Err(format!(
             "{} is already a vmmfs mount of a running daemon (stop it first)",
@@ -350,9 +366,22 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
             service::Service::new(engine::Kvm, config, store, jails).map_err(|e| e.to_string())?;
         return serve(service, daemon);
     }
-    let workers = start_workers(&args, max_cpus)?;
+    let vms = vmstate::VmStore::open(&args.state_dir)
+        .map_err(|e| format!("{}/vms: {e}", args.state_dir.display()))?;
+    let reserved = vms
+        .load_all()
+        .into_iter()
+        .filter_map(|(_, r)| r.ok().map(|r| r.worker.uid))
+        .collect();
+    let workers = start_workers(&args, max_cpus, vms.dir(), reserved)?;
     let service =
         service::Service::new(workers, config, store, jails).map_err(|e| e.to_string())?;
+    // Before the mount: a VM left by an earlier daemon is back (or, if it
+    // was destroy-on-close, gone) when its node can first be seen.
+    let adopted = service.adopt_all(vms);
+    if adopted > 0 {
+        log::info!("adopted {adopted} VM(s) left running by an earlier daemon");
+    }
     serve(service, daemon)
 }
 
@@ -370,7 +399,12 @@ struct Daemon {
 }
 
 /// The worker engine, after checking its uid range and executable.
-fn start_workers(args: &DaemonArgs, max_cpus: u16) -> Result<worker::Workers, String> {
+fn start_workers(
+    args: &DaemonArgs,
+    max_cpus: u16,
+    sockets: &Path,
+    reserved: Vec<u32>,
+) -> Result<worker::Workers, String> {
     let taken = args.worker_uids.collisions();
     if let Some((name, uid)) = taken.first() {
         return Err(format!(
@@ -413,6 +447,8 @@ fn start_workers(args: &DaemonArgs, max_cpus: u16) -> Result<worker::Workers, St
             max_cpus,
             test_hooks: args.test_hooks,
             prefork: args.worker_spares,
+            sockets: Some(sockets.to_path_buf()),
+            reserved,
         },
         cgroups,
     )

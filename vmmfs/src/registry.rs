@@ -180,6 +180,49 @@ impl<V> Registry<V> {
         );
     }
 
+    /// Enter a VM an earlier daemon created (adopted after a restart), alive.
+    /// Refused if its name is taken: names are unambiguous in every view.
+    pub fn adopt(
+        &self,
+        rec: VmRecord,
+        node: NodeAttrs,
+        charges: [u64; 5],
+        rt: Arc<Runtime<V>>,
+    ) -> Result<VmId, String> {
+        let mut t = self.t.lock();
+        if t.vms.values().any(|e| e.rec.name == rec.name) {
+            return Err(format!("a VM named {} exists already", rec.name));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut rec = rec;
+        rec.phase = Phase::Alive;
+        rec.memory = charges.iter().sum();
+        log::info!(
+            "adopted VM {} (id {id}) of uid {} ({:?})",
+            rec.name,
+            rec.owner_euid,
+            rec.jail
+        );
+        t.vms.insert(
+            id,
+            Entry {
+                rec,
+                rt: Some(rt),
+                node,
+                segments: Vec::new(),
+                charges,
+            },
+        );
+        Ok(id)
+    }
+
+    /// What a live VM's record needs: its table entry, node and charges.
+    pub fn snapshot(&self, id: VmId) -> Option<(VmRecord, NodeAttrs, [u64; 5])> {
+        let t = self.t.lock();
+        let e = t.vms.get(&id).filter(|e| e.rec.phase == Phase::Alive)?;
+        Some((e.rec.clone(), e.node, e.charges))
+    }
+
     /// Building the VM reserved as `id` failed.
     pub fn abort(&self, id: VmId) {
         self.finish(id);

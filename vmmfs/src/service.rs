@@ -17,6 +17,7 @@ use crate::received::{Kind, Labelled, Received};
 use crate::registry::{ChargeKind, Created, Registry, Runtime};
 use crate::sched::{Closer, Executor, FairPool, Refused, Timer};
 use crate::state::{Grants, JailGrant, NodeAttrs, State, StateStore};
+use crate::vmstate::{JailRef, VmFile, VmStore};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -222,6 +223,12 @@ pub struct Service<E: Engine> {
     timer: Arc<Timer>,
     closer: Arc<Closer>,
     handover: Arc<Handover>,
+    /// Records of the VMs that outlive the daemon (worker engine only).
+    vm_store: std::sync::OnceLock<VmStore>,
+    /// Serialises record writes and removals.
+    records: Mutex<()>,
+    /// Each jailed VM's jail init, as its record names it.
+    vm_jails: Mutex<HashMap<VmId, ProcessId>>,
 }
 
 impl<E: Engine> Service<E> {
@@ -263,6 +270,9 @@ impl<E: Engine> Service<E> {
             timer: Timer::start(),
             closer,
             handover,
+            vm_store: std::sync::OnceLock::new(),
+            records: Mutex::new(()),
+            vm_jails: Mutex::new(HashMap::new()),
         };
         if let Err(e) = svc.store.save(&state) {
             log::warn!("saving state after dropping stale grants: {e}");
@@ -467,6 +477,7 @@ impl<E: Engine> Service<E> {
         match node {
             Node::Vm(id) => {
                 self.registry.set_node(id, apply)?;
+                self.persist(id);
             }
             Node::Segment(id, idx) => {
                 let name = self.registry.segment_name(id, idx)?;
@@ -764,6 +775,7 @@ impl<E: Engine> Service<E> {
                 Ok(()) if run => {
                     svc.runners.lock().insert(id, fh);
                 }
+                Ok(()) if old.is_some() => svc.persist(id),
                 Err(_) => {
                     if let Some((k, old)) = old {
                         svc.registry.uncharge(id, k, old);
@@ -936,6 +948,7 @@ impl<E: Engine> Service<E> {
                         exec: Executor::new(&name, MAX_QUEUED_PER_VM),
                     });
                     self.registry.commit(id, rt);
+                    self.persist(id);
                     done.call(Ok(()))
                 }
                 Err(err) => {
@@ -979,6 +992,10 @@ impl<E: Engine> Service<E> {
         let job: Box<dyn FnOnce() + Send> = Box::new(move || {
             let segments = rt2.vm.segments();
             rt2.vm.destroy();
+            // Only once the worker is told to end: a record whose worker
+            // is gone is dropped at the next start, a worker without a
+            // record would be lost.
+            svc.forget(id, &rt2.vm);
             // Open vmm.io handles pass through to the memfds and keep them
             // alive: empty them so the memory is freed now and stale mappings
             // fault instead of reading a dead guest's memory.
@@ -1188,6 +1205,149 @@ impl<E: Engine> Service<E> {
             .collect();
         v.sort_by_key(|(ns, _)| *ns);
         v
+    }
+
+    /// Write the record of VM `id` (if its engine's VMs outlive the daemon).
+    fn persist(&self, id: VmId) {
+        let Some(store) = self.vm_store.get() else {
+            return;
+        };
+        let _one = self.records.lock();
+        let (Some((rec, node, charges)), Ok(rt)) =
+            (self.registry.snapshot(id), self.registry.runtime(id))
+        else {
+            return;
+        };
+        let Some(worker) = rt.vm.worker() else {
+            return;
+        };
+        let jail = if rec.jail.is_host() {
+            JailRef::Host
+        } else {
+            let known = self.vm_jails.lock().get(&id).copied();
+            let init = known
+                .or_else(|| self.grants.lock().get(&rec.jail.ns()).map(|g| g.init))
+                .or_else(|| jails::init_of(&rec.jail).ok());
+            let Some(init) = init else {
+                log::error!(
+                    "VM {}: its jail's init is unknown: no record, the VM will not be \
+                     adopted after a restart",
+                    rec.name
+                );
+                return;
+            };
+            self.vm_jails.lock().insert(id, init);
+            JailRef::Jail {
+                ns: rec.jail.ns(),
+                init,
+            }
+        };
+        let file = VmFile {
+            name: rec.name,
+            jail,
+            owner_euid: rec.owner_euid,
+            owner_ruid: rec.owner_ruid,
+            node,
+            transient: rec.transient.is_some(),
+            worker,
+            charges,
+        };
+        if let Err(e) = store.save(&file) {
+            log::error!("VM {}: saving its record: {e}", file.name);
+        }
+    }
+
+    /// The VM `id` is being destroyed: drop its record.
+    fn forget(&self, id: VmId, vm: &E::Vm) {
+        self.vm_jails.lock().remove(&id);
+        if let (Some(store), Some(w)) = (self.vm_store.get(), vm.worker()) {
+            let _one = self.records.lock();
+            store.remove(w.pid);
+        }
+    }
+
+    /// Keep records in `store` from now on, and adopt the VMs its records
+    /// name (vmmfs(8) RESTART): each worker is checked and taken over, its
+    /// node comes back with its owner, group and mode. A destroy-on-close
+    /// VM is destroyed: its creator's vmmctl descriptor died with the old
+    /// mount. Malformed records are reported and left alone. Returns the
+    /// number of VMs adopted.
+    pub fn adopt_all(self: &Arc<Self>, store: VmStore) -> usize {
+        let store = self.vm_store.get_or_init(|| store).clone();
+        let mut adopted = 0;
+        for (path, rec) in store.load_all() {
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => {
+                    log::error!("{}: ignored: {e}", path.display());
+                    continue;
+                }
+            };
+            let pid = rec.worker.pid;
+            let vm = match self.engine.adopt(&rec.name, &rec.worker) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    log::warn!("VM {} (worker pid {pid}): not adopted: {e}", rec.name);
+                    store.remove(pid);
+                    continue;
+                }
+            };
+            if rec.transient {
+                log::info!(
+                    "VM {}: destroy-on-close, and the vmmctl descriptor that created it died \
+                     with the old mount: destroyed",
+                    rec.name
+                );
+                vm.kill();
+                vm.destroy();
+                store.remove(pid);
+                continue;
+            }
+            let (jail, init) = match rec.jail {
+                JailRef::Host => (self.jails.host(), None),
+                JailRef::Jail { ns, init } => {
+                    let live = init
+                        .alive()
+                        .then(|| self.jails.of_pid(init.pid).ok())
+                        .flatten()
+                        .filter(|j| j.ns() == ns && init.alive());
+                    (live.unwrap_or_else(|| Jail::orphan(ns)), Some(init))
+                }
+            };
+            let record = policy::VmRecord {
+                name: rec.name.clone(),
+                jail,
+                owner_euid: rec.owner_euid,
+                owner_ruid: rec.owner_ruid,
+                phase: policy::Phase::Alive,
+                transient: None,
+                memory: 0,
+            };
+            let rt = Arc::new(Runtime {
+                vm,
+                exec: Executor::new(&rec.name, MAX_QUEUED_PER_VM),
+            });
+            match self
+                .registry
+                .adopt(record, rec.node, rec.charges, rt.clone())
+            {
+                Ok(id) => {
+                    if let Some(init) = init {
+                        self.vm_jails.lock().insert(id, init);
+                    }
+                    self.watch(id, &rt.vm);
+                    self.check_failed(id);
+                    adopted += 1;
+                }
+                Err(e) => {
+                    log::error!("VM {} (worker pid {pid}): not adopted: {e}", rec.name);
+                    rt.vm.kill();
+                    rt.vm.destroy();
+                    store.remove(pid);
+                }
+            }
+        }
+        adopted
     }
 
     /// Destroy every VM (shutdown): returns once all are gone or `within` passed.

@@ -15,9 +15,21 @@
 //! worker that breaks the protocol is killed. A worker's death, whatever its
 //! cause, ends only its VM: the status shows `exit=error` with the cause and
 //! the daemon then destroys the VM.
+//!
+//! Workers outlive the daemon (vmmfs(8) RESTART): with a socket directory
+//! ([`WorkerConfig::sockets`], in the root-only state directory) each VM's
+//! create carries a unix socket bound at `DIR/PID.sock`, on which the worker
+//! listens. When the daemon's connection ends (the daemon died: not the
+//! worker's end, which the daemon sees as its socket's end *and* its pidfd's)
+//! the worker keeps its guest running and waits there; a restarted daemon
+//! connects ([`Engine::adopt`]), checks with SO_PEERCRED that the listener
+//! is the recorded process (pid, pinned by a pidfd and checked against its
+//! start time, and uid), and takes the VM over. Adopted workers are not the
+//! daemon's children: their end is seen on the pidfd, without an exit status.
 
 use crate::cgroup::{Cgroups, Leaf};
-use crate::engine::{Creator, Engine, EngineError, EngineVm};
+use crate::engine::{Creator, Engine, EngineError, EngineVm, WorkerId};
+use crate::jails::ProcessId;
 use parking_lot::{Condvar, Mutex};
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -116,6 +128,8 @@ impl UidRange {
 struct Uids {
     range: UidRange,
     used: BTreeSet<u32>,
+    /// uids of workers an earlier daemon left, until they are adopted.
+    reserved: BTreeSet<u32>,
     next: u32,
 }
 
@@ -124,7 +138,11 @@ impl Uids {
     fn take(&mut self, avoid: &[u32]) -> Option<u32> {
         for i in 0..self.range.count {
             let uid = self.range.first + (self.next.wrapping_add(i) % self.range.count);
-            if !self.used.contains(&uid) && !avoid.contains(&uid) && uid != 0 {
+            if !self.used.contains(&uid)
+                && !self.reserved.contains(&uid)
+                && !avoid.contains(&uid)
+                && uid != 0
+            {
                 self.used.insert(uid);
                 self.next = uid - self.range.first + 1;
                 return Some(uid);
@@ -147,6 +165,11 @@ pub struct WorkerConfig {
     pub test_hooks: bool,
     /// Jailed workers kept ready for the next creates.
     pub prefork: usize,
+    /// Where each VM's adoption socket is bound (a root-only directory);
+    /// without one, VMs end with the daemon.
+    pub sockets: Option<PathBuf>,
+    /// uids of the workers to be adopted: no new worker gets one.
+    pub reserved: Vec<u32>,
 }
 
 /// The worker engine.
@@ -180,6 +203,7 @@ impl Workers {
             uids: Arc::new(Mutex::new(Uids {
                 range: config.uids,
                 used: BTreeSet::new(),
+                reserved: config.reserved.iter().copied().collect(),
                 next: 0,
             })),
             zygote: Mutex::new(Some(start_zygote(&config, &kvm)?)),
@@ -271,10 +295,182 @@ impl Engine for Workers {
             .cgroups
             .as_ref()
             .and_then(|c| c.place(child.pid, uid, creator.pid));
-        let vm = WorkerVm::start(name, child, uid, sp.uids.clone(), leaf)?;
-        vm.request(&Request::Create { name: name.into() }, &[])?;
+        let start = ProcessId::of(child.pid as u32)
+            .map_err(|e| EngineError::io("the new worker's start time", e))?
+            .start;
+        let id = WorkerId {
+            pid: child.pid as u32,
+            start,
+            uid,
+        };
+        let path = sp.config.sockets.as_ref().map(|d| socket_path(d, id.pid));
+        let bound = path.as_ref().map(|p| bind_adoption_socket(p));
+        let vm = WorkerVm::start(name, child, id, sp.uids.clone(), leaf, path.clone(), false)?;
+        // A failure leaves with `vm`: its drop ends the worker.
+        let fd = match bound {
+            Some(Ok(l)) => Some(l),
+            Some(Err(e)) => {
+                let p = path.unwrap_or_default();
+                return Err(EngineError::io(format!("binding {}", p.display()), e));
+            }
+            None => None,
+        };
+        let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
+        vm.request(
+            &Request::Create {
+                name: name.into(),
+                adoptable: fd.is_some(),
+            },
+            &fds,
+        )?;
         Ok(vm)
     }
+
+    fn adopt(&self, name: &str, id: &WorkerId) -> Result<WorkerVm, EngineError> {
+        let sp = &self.spawner;
+        let dir = sp
+            .config
+            .sockets
+            .as_ref()
+            .ok_or_else(|| EngineError::Unsupported("no socket directory".into()))?;
+        let refuse = |why: String| EngineError::Unsupported(why);
+        if !sp.config.uids.contains(id.uid) {
+            return Err(refuse(format!(
+                "uid {} is not a worker uid (--worker-uids)",
+                id.uid
+            )));
+        }
+        sp.uids.lock().reserved.remove(&id.uid);
+        // The pidfd pins the process: checked after it is taken, the start
+        // time proves that the pid names the recorded worker, not a reuse.
+        let pidfd = pidfd_open(id.pid).map_err(|e| EngineError::io("pidfd_open", e))?;
+        match ProcessId::of(id.pid) {
+            Ok(p) if p.start == id.start => {}
+            _ => return Err(refuse(format!("process {} is gone", id.pid))),
+        }
+        // From here on the process is the recorded worker: one that cannot
+        // be taken over is ended, never left running unmanaged.
+        let r = self.take_over(name, id, dir, pidfd);
+        if let Err(e) = &r {
+            log::warn!("VM {name}: worker pid {} is ended: {e}", id.pid);
+        }
+        r
+    }
+}
+
+impl Workers {
+    fn take_over(
+        &self,
+        name: &str,
+        id: &WorkerId,
+        dir: &std::path::Path,
+        pidfd: OwnedFd,
+    ) -> Result<WorkerVm, EngineError> {
+        let sp = &self.spawner;
+        let refuse = |why: String| {
+            kill(&pidfd);
+            EngineError::Unsupported(why)
+        };
+        let path = socket_path(dir, id.pid);
+        let sock = match connect_adoption_socket(&path) {
+            Ok(s) => s,
+            Err(e) => return Err(refuse(format!("connecting to {}: {e}", path.display()))),
+        };
+        match peer_cred(&sock) {
+            Some((pid, uid)) if pid == id.pid && uid == id.uid => {}
+            other => {
+                return Err(refuse(format!(
+                    "{} is held by {other:?}, not worker pid {} uid {}",
+                    path.display(),
+                    id.pid,
+                    id.uid
+                )))
+            }
+        }
+        if !sp.uids.lock().used.insert(id.uid) {
+            return Err(refuse(format!("worker uid {} is taken twice", id.uid)));
+        }
+        let child = Child {
+            pid: id.pid as i32,
+            pidfd,
+            sock,
+        };
+        if let Err(e) = wait_ready(&child) {
+            sp.uids.lock().used.remove(&id.uid);
+            kill(&child.pidfd);
+            return Err(EngineError::io("the worker did not answer", e));
+        }
+        let leaf = self.cgroups.as_ref().and_then(|c| c.adopt(id.pid, id.uid));
+        let held = leaf.as_ref().and_then(Leaf::memory);
+        let vm = WorkerVm::start(name, child, *id, sp.uids.clone(), leaf, Some(path), true)?;
+        // What the leaf allows is what the worker holds: kept as boot
+        // images (a later `memory` command only raises the limit).
+        vm.0.ram.store(0, Ordering::Relaxed);
+        if let Some(held) = held {
+            vm.0.images.store(held, Ordering::Relaxed);
+        }
+        Ok(vm)
+    }
+}
+
+/// Where the adoption socket of worker `pid` is bound.
+fn socket_path(dir: &std::path::Path, pid: u32) -> PathBuf {
+    dir.join(format!("{pid}.sock"))
+}
+
+fn unix_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A unix socket bound at `path` (a stale file there is replaced), for the
+/// worker to listen on.
+fn bind_adoption_socket(path: &std::path::Path) -> std::io::Result<OwnedFd> {
+    let _ = std::fs::remove_file(path);
+    let sock = unix_socket()?;
+    let addr = nix::sys::socket::UnixAddr::new(path).map_err(std::io::Error::from)?;
+    nix::sys::socket::bind(sock.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
+    Ok(sock)
+}
+
+/// Connect to a worker's adoption socket, without waiting for a full queue.
+fn connect_adoption_socket(path: &std::path::Path) -> std::io::Result<OwnedFd> {
+    let sock = unix_socket()?;
+    let addr = nix::sys::socket::UnixAddr::new(path).map_err(std::io::Error::from)?;
+    // SAFETY: fcntl flag changes on our socket.
+    unsafe {
+        let fl = libc::fcntl(sock.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(sock.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    nix::sys::socket::connect(sock.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
+    // SAFETY: as above.
+    unsafe {
+        let fl = libc::fcntl(sock.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(sock.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+    }
+    Ok(sock)
+}
+
+/// (pid, uid) of the process that listened on the socket `sock` is
+/// connected to.
+fn peer_cred(sock: &OwnedFd) -> Option<(u32, u32)> {
+    let c = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    Some((u32::try_from(c.pid()).ok()?, c.uid()))
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open with a pid and no flags.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// A started worker.
@@ -456,6 +652,20 @@ fn kill(pidfd: &OwnedFd) {
     };
 }
 
+/// Wait for the end of a worker that is not our child (adopted): its
+/// pidfd turns readable; there is no exit status to collect.
+fn await_end(pidfd: &OwnedFd) {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd; EINTR retries.
+    while unsafe { libc::poll(&mut p, 1, -1) } < 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+    {}
+}
+
 /// Wait for the worker to end and collect it: (code, signal).
 fn reap(pidfd: &OwnedFd) -> Option<(i32, i32)> {
     // SAFETY: waitid writes the siginfo.
@@ -509,6 +719,11 @@ struct View {
 struct Inner {
     name: String,
     pid: i32,
+    id: WorkerId,
+    /// The adoption socket's path (removed with the worker).
+    socket: Option<PathBuf>,
+    /// Taken over from an earlier daemon: not our child.
+    adopted: bool,
     pidfd: OwnedFd,
     sock: OwnedFd,
     uid: u32,
@@ -534,13 +749,19 @@ impl WorkerVm {
     fn start(
         name: &str,
         child: Child,
-        uid: u32,
+        id: WorkerId,
         uids: Arc<Mutex<Uids>>,
         leaf: Option<Leaf>,
+        socket: Option<PathBuf>,
+        adopted: bool,
     ) -> Result<WorkerVm, EngineError> {
+        let uid = id.uid;
         let inner = Arc::new(Inner {
             name: name.into(),
             pid: child.pid,
+            id,
+            socket,
+            adopted,
             pidfd: child.pidfd,
             sock: child.sock,
             uid,
@@ -580,8 +801,9 @@ impl WorkerVm {
             return Err(EngineError::io("starting a reader thread", e));
         }
         log::info!(
-            "VM {name}: worker pid {} runs as uid {uid}{}",
+            "VM {name}: worker pid {} {} as uid {uid}{}",
             child.pid,
+            if adopted { "adopted, runs" } else { "runs" },
             if inner.leaf.is_some() {
                 " in its own cgroup"
             } else {
@@ -752,7 +974,12 @@ impl Inner {
             );
             kill(&self.pidfd);
         }
-        let end = reap(&self.pidfd);
+        let end = if self.adopted {
+            await_end(&self.pidfd);
+            None
+        } else {
+            reap(&self.pidfd)
+        };
         self.finish(end);
     }
 
@@ -797,6 +1024,9 @@ impl Inner {
         }
         if let Some(leaf) = &self.leaf {
             leaf.remove();
+        }
+        if let Some(p) = &self.socket {
+            let _ = std::fs::remove_file(p);
         }
         self.uids.lock().used.remove(&self.uid);
         self.reaped.notify_all();
@@ -903,6 +1133,10 @@ impl EngineVm for WorkerVm {
     fn set_notifier(&self, f: Box<dyn Fn() + Send + Sync>) {
         *self.0.notifier.lock() = Some(Arc::from(f));
     }
+
+    fn worker(&self) -> Option<WorkerId> {
+        self.0.socket.is_some().then_some(self.0.id)
+    }
 }
 
 impl Drop for WorkerVm {
@@ -961,6 +1195,7 @@ mod tests {
                 count: 3,
             },
             used: BTreeSet::new(),
+            reserved: BTreeSet::new(),
             next: 0,
         };
         assert_eq!(u.take(&[1000]), Some(1001));

@@ -49,6 +49,8 @@ fn engine(test_hooks: bool) -> Workers {
             max_cpus: 2,
             test_hooks,
             prefork: 1,
+            sockets: None,
+            reserved: Vec::new(),
         },
         None,
     )

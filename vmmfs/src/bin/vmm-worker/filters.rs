@@ -113,6 +113,9 @@ const MAIN_ONLY: &[i64] = &[
     libc::SYS_rt_sigaction,
     libc::SYS_pipe2,
     libc::SYS_socketpair,
+    // An adoptable VM's socket for a restarted daemon (main.rs).
+    libc::SYS_listen,
+    libc::SYS_accept4,
 ];
 
 /// Status reports go to the daemon from whichever thread saw the change;

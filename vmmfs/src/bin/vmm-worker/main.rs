@@ -7,15 +7,17 @@
 //! reads a request it enters its jail (jail.rs) and installs its seccomp
 //! filter (filters.rs); from then on it speaks the worker protocol of
 //! `vmm_protocol::worker` and runs the VM with `vmm_engine`. When the daemon
-//! goes away (its end of the socket closes) the worker exits, and the VM with
-//! it.
+//! goes away (its end of the socket closes), a worker whose VM was created
+//! `adoptable` keeps running the guest and waits on the listening socket it
+//! got with the create for a restarted daemon (root) to adopt it; any other
+//! worker exits.
 
 mod filters;
 mod jail;
 mod zygote;
 
 use parking_lot::Mutex;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Weak};
 use vmm_engine::command::{Command, Labelled};
 use vmm_engine::{Error, Vm};
@@ -159,34 +161,108 @@ pub(crate) fn run_worker(sock: OwnedFd, spawn: &Spawn) -> ! {
         log::error!("cannot install the seccomp filter: {e}");
         std::process::exit(JAIL_FAILED);
     }
-    let sock = Arc::new(sock);
     if worker::send(sock.as_fd(), &Event::Ready.to_string(), &[]).is_err() {
         std::process::exit(0);
     }
-    serve(&sock, spawn.test_hooks);
+    serve(sock, spawn.test_hooks);
     std::process::exit(0)
 }
 
-/// Sends the VM's status to the daemon. One at a time: a status computed
-/// earlier must not overtake a later one on the socket.
+/// Sends the VM's status to the daemon (whichever connection is current).
+/// One at a time: a status computed earlier must not overtake a later one
+/// on the socket.
 struct Reporter {
-    sock: Arc<OwnedFd>,
-    lock: Mutex<()>,
+    sock: Mutex<Arc<OwnedFd>>,
 }
 
 impl Reporter {
+    fn current(&self) -> Arc<OwnedFd> {
+        self.sock.lock().clone()
+    }
+
     fn status(&self, vm: &Vm) {
-        let _one = self.lock.lock();
+        let sock = self.sock.lock();
         let text = vm.status();
         // The engine's text starts with its name line; the daemon adds its own.
         let lines = text.split_once('\n').map_or("", |(_, rest)| rest);
         match Status::parse(lines) {
             Ok(s) => {
-                let _ = worker::send(self.sock.as_fd(), &Event::Status(s).to_string(), &[]);
+                let _ = worker::send(sock.as_fd(), &Event::Status(s).to_string(), &[]);
             }
             Err(e) => log::error!("engine status does not parse: {e}"),
         }
     }
+}
+
+/// The daemon's connection ended. Without a listening socket (a spare, or
+/// a VM that is not adoptable) the worker ends. Otherwise the guest keeps
+/// running and the worker waits, for as long as it takes, for a restarted
+/// daemon: a connection from root (only root can reach the socket, which is
+/// in the daemon's state directory; the peer's uid is checked all the same).
+/// The new daemon gets `ready`, the status and the memory segments.
+fn await_daemon(listener: Option<&OwnedFd>, reporter: &Reporter, vm: &Vm, sent: &mut Sent) {
+    let Some(listener) = listener else {
+        std::process::exit(0)
+    };
+    log::warn!("the daemon went away: the VM keeps running; waiting for a daemon to adopt it");
+    loop {
+        // SAFETY: accept4 on our listening socket; no address is asked for.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                log::error!("waiting for the daemon: {e}");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            continue;
+        }
+        // SAFETY: a fresh descriptor.
+        let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+        match peer_uid(&conn) {
+            Some(0) => {}
+            other => {
+                log::error!("refusing a connection from uid {other:?}: only the daemon may adopt");
+                continue;
+            }
+        }
+        if worker::send(conn.as_fd(), &Event::Ready.to_string(), &[]).is_err() {
+            continue;
+        }
+        *reporter.sock.lock() = Arc::new(conn);
+        log::info!("adopted by a new daemon");
+        reporter.status(vm);
+        *sent = Sent::default();
+        send_segments(reporter.current().as_fd(), vm, sent);
+        return;
+    }
+}
+
+/// The uid of the process at the other end of `sock`.
+fn peer_uid(sock: &OwnedFd) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
 }
 
 /// How often a running guest's counters (exits, boot time) are reported:
@@ -265,18 +341,32 @@ fn reply_of(r: Result<(), Error>) -> Reply {
     }
 }
 
-fn serve(sock: &Arc<OwnedFd>, test_hooks: bool) {
+fn serve(sock: OwnedFd, test_hooks: bool) {
     let reporter = Arc::new(Reporter {
-        sock: sock.clone(),
-        lock: Mutex::new(()),
+        sock: Mutex::new(Arc::new(sock)),
     });
     let mut vm: Option<Arc<Vm>> = None;
+    let mut listener: Option<OwnedFd> = None;
     let mut sent = Sent::default();
     loop {
+        let sock = reporter.current();
         let (text, fds) = match worker::recv(sock.as_fd()) {
             Ok(Some(m)) => m,
-            // The daemon is gone (or broke the protocol): so is the VM.
-            Ok(None) => std::process::exit(0),
+            // The daemon is gone: a VM that cannot be adopted goes with it.
+            Ok(None) => {
+                match &vm {
+                    Some(v) => await_daemon(listener.as_ref(), &reporter, v, &mut sent),
+                    None => std::process::exit(0),
+                }
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                match &vm {
+                    Some(v) => await_daemon(listener.as_ref(), &reporter, v, &mut sent),
+                    None => std::process::exit(0),
+                }
+                continue;
+            }
             Err(e) => {
                 log::error!("receiving a request: {e}");
                 std::process::exit(1);
@@ -290,7 +380,13 @@ fn serve(sock: &Arc<OwnedFd>, test_hooks: bool) {
             }
         };
         let result = match (req, &vm) {
-            (Request::Create { name }, None) => match Vm::create(&name) {
+            (Request::Create { name, adoptable }, None) => match adoptable
+                .then(|| listen(fds.into_iter().next()))
+                .transpose()
+                .and_then(|l| {
+                    listener = l;
+                    Vm::create(&name)
+                }) {
                 Ok(v) => {
                     name_process(&name);
                     let v = Arc::new(v);
@@ -335,9 +431,27 @@ fn serve(sock: &Arc<OwnedFd>, test_hooks: bool) {
         }
         let reply = Event::Reply(reply_of(result));
         if worker::send(sock.as_fd(), &reply.to_string(), &[]).is_err() {
-            std::process::exit(0);
+            match &vm {
+                Some(v) => await_daemon(listener.as_ref(), &reporter, v, &mut sent),
+                None => std::process::exit(0),
+            }
         }
     }
+}
+
+/// Listen on the socket that came with an adoptable create.
+fn listen(fd: Option<OwnedFd>) -> Result<OwnedFd, Error> {
+    let fd = fd.ok_or_else(|| Error::InvalidCommand("no listening socket".into()))?;
+    // SAFETY: listen on a socket we own. Listening here (not in the daemon)
+    // makes this process the one SO_PEERCRED names to the daemon that
+    // connects.
+    if unsafe { libc::listen(fd.as_raw_fd(), 4) } != 0 {
+        return Err(Error::Io {
+            what: "listen".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(fd)
 }
 
 /// Show `vm:NAME` as this process's command name (ps, /proc/PID/comm), so

@@ -3,7 +3,9 @@
 //! initialised saves the program start of every VM; the daemon still owns
 //! each worker: it is cloned with CLONE_PARENT, so it is the daemon's child
 //! (the daemon reaps it and learns how it died), and its pidfd goes to the
-//! daemon. The zygote itself runs no guest and reads nothing but the
+//! daemon. Nothing ties a worker's life to the daemon's (no parent-death
+//! signal): when the daemon dies, an adoptable worker is re-parented and
+//! waits for the next daemon (vmmfs(8) RESTART). The zygote itself runs no guest and reads nothing but the
 //! daemon's requests; it exits when the daemon's end closes.
 
 use crate::{close_from, run_worker, KVM_FD, SOCKET_FD};
