@@ -815,7 +815,8 @@ fn bhyvectl_controls_a_running_guest() {
     );
     let mut c = m.cmd("bhyvectl", Who::Member);
     c.args(["--vm=vmc", "--force-poweroff"]);
-    assert_eq!(run(c, 10).code, Some(0));
+    let out = run(c, 10);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(b.wait(30), Some(1));
     assert!(m.wait_gone("vmc", 5));
     let mut c = m.cmd("bhyvectl", Who::Member);

@@ -638,6 +638,10 @@ fn wait_ready(child: &Child) -> std::io::Result<()> {
     }
 }
 
+/// How long a destroy waits for a command in flight to be answered before
+/// it kills the worker ([`WorkerVm::kill`]).
+const KILL_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn kill(pidfd: &OwnedFd) {
     // SAFETY: pidfd_send_signal on a pidfd we own; a pidfd cannot name a
     // recycled pid.
@@ -1109,6 +1113,16 @@ impl EngineVm for WorkerVm {
     }
 
     fn kill(&self) {
+        // A command in flight on another handle (bhyvectl --force-poweroff
+        // whose effect is what makes the owner close and destroy) is given
+        // a moment to be answered: its effect happened, and killing the
+        // worker first would turn its reply into ENXIO. Bounded, so that a
+        // command stuck on its client's own hung file cannot hold up the
+        // destroy.
+        let t = std::time::Instant::now();
+        while self.0.pending.lock().is_some() && t.elapsed() < KILL_GRACE {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         self.0.killed.store(true, Ordering::Release);
         kill(&self.0.pidfd);
     }
