@@ -10,7 +10,9 @@
 
 pub mod acpi;
 pub mod boot;
+mod builder;
 pub mod bus;
+pub mod config;
 pub mod devices;
 pub mod error;
 pub mod events;
