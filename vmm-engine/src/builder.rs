@@ -4,22 +4,20 @@
 //! machine or status; a guest's exit is reported through a callback.
 
 use crate::boot;
-use crate::command::ComPort;
 use crate::config::VmConfig;
 use crate::devices::{Counters, FirmwareConfig, Platform, PlatformConfig};
 use crate::error::{Error, Result};
 use crate::events::ExitReason;
 use crate::memory::{self, GuestMemory, Mapping, Region, FOUR_GIB};
-use crate::threads::{self, ThreadKind};
+use crate::runtime::Runtime;
 use crate::vcpu::{self, RunCtx, Vcpu};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, CpuId,
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
 
 const SLOT_LOW: u32 = 0;
 const SLOT_HIGH: u32 = 1;
@@ -66,48 +64,6 @@ fn supported_cpuid() -> Result<&'static CpuId> {
                 std::io::Error::from_raw_os_error(*e),
             )
         })
-}
-
-/// Threads of one run.
-struct Runtime {
-    ctx: Arc<RunCtx>,
-    vcpus: Vec<JoinHandle<Vcpu>>,
-    helpers: Vec<JoinHandle<()>>,
-}
-
-impl Runtime {
-    /// Stop every thread and take the vCPUs back. Returns whether this call
-    /// stopped the guest (false: it had already exited by itself).
-    fn stop(mut self, out: &mut Vec<Vcpu>) -> bool {
-        let first = self.ctx.stop();
-        for h in self.vcpus.drain(..) {
-            match h.join() {
-                Ok(v) => out.push(v),
-                Err(_) => log::error!("a vCPU thread panicked; its vCPU is lost"),
-            }
-        }
-        for h in self.helpers.drain(..) {
-            let _ = h.join();
-        }
-        // Device threads touch guest RAM: they end before anything can change it.
-        self.ctx.platform.shutdown_devices();
-        out.sort_by_key(|v| v.id);
-        first
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if !self.vcpus.is_empty() || !self.helpers.is_empty() {
-            let mut v = Vec::new();
-            let rt = Runtime {
-                ctx: self.ctx.clone(),
-                vcpus: std::mem::take(&mut self.vcpus),
-                helpers: std::mem::take(&mut self.helpers),
-            };
-            rt.stop(&mut v);
-        }
-    }
 }
 
 /// Power-on state of the in-kernel PIC/IOAPIC and PIT.
@@ -380,50 +336,17 @@ impl Machine {
         )?))
     }
 
-    /// Start the run's threads; if one cannot start, stop the others.
+    /// Start the run's threads on the first vCPUs.
     fn launch(&mut self, ctx: Arc<RunCtx>, config: &VmConfig) -> Result<()> {
-        let mut rt = Runtime {
-            ctx,
-            vcpus: Vec::new(),
-            helpers: Vec::new(),
-        };
-        if let Err(e) = self.spawn_threads(&mut rt, config) {
-            let mut back = Vec::new();
-            rt.stop(&mut back);
-            self.vcpus.splice(0..0, back);
-            return Err(e);
-        }
-        self.runtime = Some(rt);
-        Ok(())
-    }
-
-    fn spawn_threads(&mut self, rt: &mut Runtime, config: &VmConfig) -> Result<()> {
         let run_size = self.vm()?.run_size();
         let cpus = usize::from(config.topology.cpus);
         let to_run: Vec<Vcpu> = self.vcpus.drain(..cpus).collect();
-        for (i, v) in to_run.into_iter().enumerate() {
-            let c = rt.ctx.clone();
-            // A vCPU moved into a closure that failed to start is gone; KVM
-            // cannot recreate it, so this VM can only be destroyed then.
-            let h = spawn(format!("vcpu{i}"), ThreadKind::Vcpu, move || {
-                vcpu::vcpu_thread(v, i, run_size, c)
-            })?;
-            rt.vcpus.push(h);
-        }
-        let c = rt.ctx.clone();
-        let h = spawn("vcpu-watchdog".into(), ThreadKind::Helper, move || {
-            vcpu::watchdog_thread(c)
-        })?;
-        rt.helpers.push(h);
-        for (i, s) in config.serial.iter().enumerate() {
-            let Some(s) = s else { continue };
-            let c = rt.ctx.clone();
-            let input = s.input.clone();
-            let port = ComPort::ALL[i];
-            let h = spawn(format!("com{}-in", i + 1), ThreadKind::Helper, move || {
-                serial_reader(input, port, c)
-            })?;
-            rt.helpers.push(h);
+        match Runtime::start(ctx, to_run, run_size, &config.serial) {
+            Ok(rt) => self.runtime = Some(rt),
+            Err((e, back)) => {
+                self.vcpus.splice(0..0, back);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -469,79 +392,43 @@ impl Machine {
     }
 }
 
-/// Start a named engine thread of `kind`.
-fn spawn<T: Send + 'static>(
-    name: String,
-    kind: ThreadKind,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<JoinHandle<T>> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || {
-            threads::started(kind);
-            f()
-        })
-        .map_err(|e| Error::io("spawn thread", e))
+/// Owned by whoever holds the command lock: the configuration and the
+/// machine built from it.
+pub(crate) struct Control {
+    pub(crate) machine: Machine,
+    pub(crate) config: VmConfig,
 }
 
-/// Copy bytes from a serial input descriptor into the UART until the run
-/// stops or the input ends.
-fn serial_reader(input: Arc<OwnedFd>, port: ComPort, ctx: Arc<RunCtx>) {
-    let mut buf = [0u8; crate::devices::serial::RX_FIFO];
-    loop {
-        if ctx.stopping() {
-            return;
-        }
-        let space = ctx.platform.serial_space(port);
-        let mut fds = [
-            libc::pollfd {
-                fd: ctx.stop_fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: input.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // With a full FIFO only wait for stop, briefly, then look again.
-        let (n, timeout) = if space == 0 { (1, 2) } else { (2, -1) };
-        // SAFETY: fds is a valid array of n pollfds.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) };
-        if r < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return;
-        }
-        if fds[0].revents != 0 {
-            return;
-        }
-        if n == 1 || fds[1].revents == 0 {
-            continue;
-        }
-        if fds[1].revents & libc::POLLNVAL != 0 {
-            return;
-        }
-        let want = space.min(buf.len());
-        // SAFETY: reading at most `want` bytes into buf.
-        let got = unsafe { libc::read(input.as_raw_fd(), buf.as_mut_ptr().cast(), want) };
-        match got {
-            0 => return, // end of input
-            n if n > 0 => {
-                ctx.platform.serial_input(port, &buf[..n as usize]);
-            }
-            _ => {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
-                    _ => {
-                        log::debug!("serial input: {e}");
-                        return;
-                    }
-                }
-            }
-        }
+impl Control {
+    /// Stop the guest and let go of everything but the VM's name.
+    pub(crate) fn release(&mut self) {
+        self.machine.stop_threads();
+        self.config.detach();
+        self.config.kernel = None;
+        self.config.initrd = None;
+        self.config.bootrom = None;
+        self.machine.close();
+        // The variable store's flash was a slot of the closed VM.
+        self.config.vars = None;
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_above_4g() {
+        let mut m = Machine::create().expect("KVM must be available for engine tests");
+        m.set_memory(4 << 30).unwrap();
+        let gm = m.guest_memory();
+        assert_eq!(gm.low_end(), memory::PCI_HOLE_START);
+        assert_eq!(gm.high_len(), 1 << 30);
     }
 }

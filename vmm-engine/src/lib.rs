@@ -18,6 +18,7 @@ pub mod error;
 pub mod events;
 pub mod firmware;
 pub mod memory;
+mod runtime;
 pub mod threads;
 pub mod vcpu;
 pub mod vm;

@@ -13,36 +13,26 @@
 //! status) while a command waits for them.
 
 use crate::boot;
-use crate::builder::Machine;
+use crate::builder::{Control, Machine};
 use crate::command::{Command, FdSource, PciSlot, Topology};
 use crate::config::{SerialFds, VmConfig};
 use crate::devices::{Counters, PciEmulation};
 use crate::error::{Error, Result};
 use crate::memory::MAX_BOOTROM;
 use parking_lot::Mutex;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 pub use crate::builder::use_kvm_fd;
 pub use crate::config::{DEFAULT_MEMORY, MAX_DEVICES, MAX_KERNEL};
+pub use crate::memory::Segment;
 
 /// Why a guest stopped, with bhyve's exit status; the life cycle of a VM.
 /// Both are the status types of the protocol crate, so that what the engine
 /// reports and what vmmfs serves (or receives from a VM worker) are one.
 pub use crate::events::ExitReason;
 pub use vmm_protocol::status::State as VmState;
-
-/// A memory segment: memfd-backed, shareable through vmmfs (`vmm.io/NAME.SEG`).
-#[derive(Debug, Clone)]
-pub struct Segment {
-    /// Segment name (`sysmem`, `bootrom`, ...).
-    pub name: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// The memfd.
-    pub fd: Arc<OwnedFd>,
-}
 
 type Notifier = Arc<dyn Fn() + Send + Sync>;
 
@@ -64,33 +54,6 @@ impl Status {
         } else {
             self.segments.push(seg);
         }
-    }
-}
-
-/// Owned by whoever holds the command lock: the configuration and the
-/// machine built from it.
-struct Control {
-    machine: Machine,
-    config: VmConfig,
-}
-
-impl Control {
-    /// Stop the guest and let go of everything but the VM's name.
-    fn release(&mut self) {
-        self.machine.stop_threads();
-        self.config.detach();
-        self.config.kernel = None;
-        self.config.initrd = None;
-        self.config.bootrom = None;
-        self.machine.close();
-        // The variable store's flash was a slot of the closed VM.
-        self.config.vars = None;
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        self.release();
     }
 }
 
@@ -139,33 +102,9 @@ impl Core {
     }
 }
 
-/// The state check of a command allowed only before `run`.
-fn configuring(state: &VmState) -> Result<()> {
-    match state {
-        VmState::Configuring => Ok(()),
-        s => Err(Error::WrongState(s.name())),
-    }
-}
-
-/// The state check of a command allowed only while the guest runs.
-fn running(state: &VmState) -> Result<()> {
-    match state {
-        VmState::Running => Ok(()),
-        s => Err(Error::WrongState(s.name())),
-    }
-}
-
 fn take(fds: &mut dyn FdSource, n: i32) -> Result<OwnedFd> {
     fds.take(n)
         .map_err(|e| Error::io(format!("descriptor {n}"), e))
-}
-
-fn segment(name: &str, size: u64, fd: OwnedFd) -> Segment {
-    Segment {
-        name: name.into(),
-        size,
-        fd: Arc::new(fd),
-    }
 }
 
 impl Vm {
@@ -178,7 +117,7 @@ impl Vm {
             state: VmState::Configuring,
             memory: config.memory,
             cpus: config.topology.cpus,
-            segments: vec![segment("sysmem", DEFAULT_MEMORY, fd)],
+            segments: vec![Segment::new("sysmem", DEFAULT_MEMORY, fd)],
         };
         Ok(Vm {
             name: name.to_string(),
@@ -232,40 +171,44 @@ impl Vm {
         }
     }
 
-    /// Run one command. Each has its own function, which checks the state
-    /// first; true from it means a state change to announce.
+    /// Run one command: one function each, which checks the state first
+    /// (as FreeBSD's vmm_dev.c); true from it means a state change.
     pub fn execute(&self, cmd: Command, fds: &mut dyn FdSource) -> Result<()> {
         let mut guard = self.core.ctl.lock();
         let state = self.core.state();
         if state == VmState::Destroyed {
             return Err(Error::Destroyed);
         }
-        let (ctl, s) = (&mut *guard, &state);
+        let mut op = Op {
+            vm: self,
+            ctl: &mut guard,
+            state,
+        };
         let changed = match cmd {
-            Command::Memory(bytes) => self.memory(ctl, s, bytes)?,
-            Command::Cpus(t) => self.cpus(ctl, s, t)?,
-            Command::Bootrom(n) => self.bootrom(ctl, s, fds, n)?,
-            Command::BootVars(n) => self.bootvars(ctl, s, fds, n)?,
-            Command::Kernel(n) => self.kernel(ctl, s, fds, n)?,
-            Command::Initrd(n) => self.initrd(ctl, s, fds, n)?,
-            Command::Cmdline(line) => self.cmdline(ctl, s, line)?,
+            Command::Memory(bytes) => op.memory(bytes)?,
+            Command::Cpus(t) => op.cpus(t)?,
+            Command::Bootrom(n) => op.bootrom(fds, n)?,
+            Command::BootVars(n) => op.bootvars(fds, n)?,
+            Command::Kernel(n) => op.kernel(fds, n)?,
+            Command::Initrd(n) => op.initrd(fds, n)?,
+            Command::Cmdline(line) => op.cmdline(line)?,
             Command::Serial {
                 port,
                 input,
                 output,
-            } => self.serial(ctl, s, port as usize, fds, [input, output])?,
+            } => op.serial(port as usize, fds, [input, output])?,
             Command::Device {
                 slot,
                 emulation,
                 options,
-            } => self.device(ctl, s, slot, &emulation, &options, fds)?,
-            Command::Set { key, value } => self.set(ctl, s, &key, &value)?,
-            Command::Run => self.run(ctl, s)?,
-            Command::Reinit => self.reinit(ctl)?,
-            Command::Reset => self.stop(ctl, s, ExitReason::Reboot)?,
-            Command::Suspend => self.stop(ctl, s, ExitReason::Suspend)?,
-            Command::ForcePowerOff => self.stop(ctl, s, ExitReason::PowerOff)?,
-            Command::PowerOff => self.power_button(ctl, s)?,
+            } => op.device(slot, &emulation, &options, fds)?,
+            Command::Set { key, value } => op.set(&key, &value)?,
+            Command::Run => op.run()?,
+            Command::Reinit => op.reinit()?,
+            Command::Reset => op.stop(ExitReason::Reboot)?,
+            Command::Suspend => op.stop(ExitReason::Suspend)?,
+            Command::ForcePowerOff => op.stop(ExitReason::PowerOff)?,
+            Command::PowerOff => op.power_button()?,
         };
         drop(guard);
         if changed {
@@ -274,204 +217,13 @@ impl Vm {
         Ok(())
     }
 
-    /// `memory`: fresh guest RAM of `bytes`.
-    fn memory(&self, ctl: &mut Control, state: &VmState, bytes: u64) -> Result<bool> {
-        configuring(state)?;
-        let fd = ctl.machine.set_memory(bytes)?;
-        ctl.config.memory = bytes;
-        let mut st = self.core.st.lock();
-        st.memory = bytes;
-        st.put_segment(segment("sysmem", bytes, fd), true);
-        Ok(true)
-    }
-
-    /// `cpus`: how many vCPUs, in which topology.
-    fn cpus(&self, ctl: &mut Control, state: &VmState, t: Topology) -> Result<bool> {
-        configuring(state)?;
-        ctl.config.topology = t;
-        self.core.st.lock().cpus = t.cpus;
-        Ok(true)
-    }
-
-    /// `bootrom`: map a firmware image below 4 GiB.
-    fn bootrom(
-        &self,
-        ctl: &mut Control,
-        state: &VmState,
-        fds: &mut dyn FdSource,
-        n: i32,
-    ) -> Result<bool> {
-        configuring(state)?;
-        let img = boot::read_image(take(fds, n)?, "bootrom", MAX_BOOTROM)?;
-        boot::check_bootrom(&img)?;
-        let fd = ctl.machine.set_bootrom(&img)?;
-        let size = img.len() as u64;
-        ctl.config.bootrom = Some(size);
-        self.core
-            .st
-            .lock()
-            .put_segment(segment("bootrom", size, fd), false);
-        Ok(true)
-    }
-
-    /// `bootvars`: the UEFI variable store.
-    fn bootvars(
-        &self,
-        ctl: &mut Control,
-        state: &VmState,
-        fds: &mut dyn FdSource,
-        n: i32,
-    ) -> Result<bool> {
-        configuring(state)?;
-        ctl.config.vars = Some(crate::firmware::load_vars(take(fds, n)?)?);
-        Ok(true)
-    }
-
-    /// `kernel`: a Linux kernel to boot directly.
-    fn kernel(
-        &self,
-        ctl: &mut Control,
-        state: &VmState,
-        fds: &mut dyn FdSource,
-        n: i32,
-    ) -> Result<bool> {
-        configuring(state)?;
-        let img = boot::read_image(take(fds, n)?, "kernel", MAX_KERNEL)?;
-        ctl.config.set_kernel(img)?;
-        Ok(true)
-    }
-
-    /// `initrd`: the kernel's initial ramdisk.
-    fn initrd(
-        &self,
-        ctl: &mut Control,
-        state: &VmState,
-        fds: &mut dyn FdSource,
-        n: i32,
-    ) -> Result<bool> {
-        configuring(state)?;
-        let limit = ctl.config.initrd_limit();
-        ctl.config.initrd = Some(boot::read_image(take(fds, n)?, "initrd", limit)?);
-        Ok(true)
-    }
-
-    /// `cmdline`: the kernel's command line.
-    fn cmdline(&self, ctl: &mut Control, state: &VmState, line: String) -> Result<bool> {
-        configuring(state)?;
-        ctl.config.cmdline = line;
-        Ok(true)
-    }
-
-    /// `serial`: a COM port's input and output descriptors.
-    fn serial(
-        &self,
-        ctl: &mut Control,
-        state: &VmState,
-        port: usize,
-        fds: &mut dyn FdSource,
-        [input, output]: [i32; 2],
-    ) -> Result<bool> {
-        configuring(state)?;
-        let input = Arc::new(take(fds, input)?);
-        let output = Arc::new(take(fds, output)?);
-        ctl.config.serial[port] = Some(SerialFds { input, output });
-        Ok(true)
-    }
-
-    /// `device`: a PCI function in a slot.
-    fn device(
-        &self,
-        ctl: &mut Control,
-        state: &VmState,
-        slot: PciSlot,
-        emulation: &str,
-        options: &[String],
-        fds: &mut dyn FdSource,
-    ) -> Result<bool> {
-        configuring(state)?;
-        ctl.config.check_device_room(slot)?;
-        let slot_name = format!("{}:{}:{}", slot.bus, slot.slot, slot.func);
-        let e = PciEmulation::configure(&self.name, &slot_name, emulation, options, &mut |n| {
-            take(fds, n)
-        })?;
-        ctl.config.add_device(slot, e);
-        Ok(true)
-    }
-
-    /// `set`: a platform option.
-    fn set(&self, ctl: &mut Control, state: &VmState, key: &str, value: &str) -> Result<bool> {
-        configuring(state)?;
-        ctl.config.options.set(key, value)?;
-        Ok(true)
-    }
-
-    /// `run`: build the machine from the configuration and start it.
-    fn run(&self, ctl: &mut Control, state: &VmState) -> Result<bool> {
-        configuring(state)?;
-        ctl.config.validate()?;
-        let core = &self.core;
-        core.counters.boot_time.store(0, Ordering::Release);
-        core.counters.boot_io_exits.store(0, Ordering::Release);
-        // Running before the threads start: a guest that exits at
-        // once must find the state it moves from.
-        core.set_state(VmState::Running);
-        let weak: Weak<Core> = Arc::downgrade(core);
-        let on_exit = Box::new(move |r| {
-            if let Some(c) = weak.upgrade() {
-                c.guest_exited(r);
-            }
-        });
-        if let Err(e) = ctl.machine.start(&ctl.config, &core.counters, on_exit) {
-            core.set_state(VmState::Configuring);
-            return Err(e);
-        }
-        Ok(true)
-    }
-
-    /// `reinit`: stop the guest; vCPUs and interrupt controllers back to
-    /// power-on state. Memory contents and segments stay (as bhyve's
-    /// vm_reinit).
-    fn reinit(&self, ctl: &mut Control) -> Result<bool> {
-        ctl.machine.stop_threads();
-        ctl.machine.reset()?;
-        self.core.set_state(VmState::Configuring);
-        Ok(true)
-    }
-
-    /// `reset`, `suspend`, `force-poweroff`: stop the guest with `reason`,
-    /// unless it got there first (and already reported).
-    fn stop(&self, ctl: &mut Control, state: &VmState, reason: ExitReason) -> Result<bool> {
-        running(state)?;
-        if !ctl.machine.stop_threads() {
-            return Ok(false);
-        }
-        self.core.set_state(VmState::Exited(reason));
-        Ok(true)
-    }
-
-    /// `poweroff`: press the power button; the guest decides.
-    fn power_button(&self, ctl: &mut Control, state: &VmState) -> Result<bool> {
-        running(state)?;
-        ctl.machine.power_button();
-        Ok(false)
-    }
-
     /// `key=value` lines describing the VM: its name, then
     /// [`vmm_protocol::status::Status`].
     pub fn status(&self) -> String {
         let st = self.core.st.lock();
         // Guest memory the host has actually allocated (bhyvectl's
-        // "Resident memory"): the segments' memfds, by allocated blocks.
-        let resident: u64 = st
-            .segments
-            .iter()
-            .filter_map(|seg| {
-                // SAFETY: fstat on a descriptor the segment owns.
-                let mut sb: libc::stat = unsafe { std::mem::zeroed() };
-                (unsafe { libc::fstat(seg.fd.as_raw_fd(), &mut sb) } == 0)
-                    .then(|| sb.st_blocks as u64 * 512)
-            })
-            .sum();
+        // "Resident memory").
+        let resident = st.segments.iter().filter_map(Segment::allocated).sum();
         let status = vmm_protocol::status::Status {
             state: st.state.clone(),
             cpus: st.cpus,
@@ -528,6 +280,171 @@ impl Vm {
     }
 }
 
+/// One command in progress: the VM, its machinery (the command lock is
+/// held) and the state the command found.
+struct Op<'a> {
+    vm: &'a Vm,
+    ctl: &'a mut Control,
+    state: VmState,
+}
+
+impl Op<'_> {
+    /// The state check every command makes first.
+    fn require(&self, want: VmState) -> Result<()> {
+        if self.state == want {
+            return Ok(());
+        }
+        Err(Error::WrongState(self.state.name()))
+    }
+
+    /// `memory`: fresh guest RAM of `bytes`.
+    fn memory(&mut self, bytes: u64) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        let fd = self.ctl.machine.set_memory(bytes)?;
+        self.ctl.config.memory = bytes;
+        let mut st = self.vm.core.st.lock();
+        st.memory = bytes;
+        st.put_segment(Segment::new("sysmem", bytes, fd), true);
+        Ok(true)
+    }
+
+    /// `cpus`: how many vCPUs, in which topology.
+    fn cpus(&mut self, t: Topology) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        self.ctl.config.topology = t;
+        self.vm.core.st.lock().cpus = t.cpus;
+        Ok(true)
+    }
+
+    /// `bootrom`: map a firmware image below 4 GiB.
+    fn bootrom(&mut self, fds: &mut dyn FdSource, n: i32) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        let img = boot::read_image(take(fds, n)?, "bootrom", MAX_BOOTROM)?;
+        boot::check_bootrom(&img)?;
+        let fd = self.ctl.machine.set_bootrom(&img)?;
+        let size = img.len() as u64;
+        self.ctl.config.bootrom = Some(size);
+        let seg = Segment::new("bootrom", size, fd);
+        self.vm.core.st.lock().put_segment(seg, false);
+        Ok(true)
+    }
+
+    /// `bootvars`: the UEFI variable store.
+    fn bootvars(&mut self, fds: &mut dyn FdSource, n: i32) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        self.ctl.config.vars = Some(crate::firmware::load_vars(take(fds, n)?)?);
+        Ok(true)
+    }
+
+    /// `kernel`: a Linux kernel to boot directly.
+    fn kernel(&mut self, fds: &mut dyn FdSource, n: i32) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        let img = boot::read_image(take(fds, n)?, "kernel", MAX_KERNEL)?;
+        self.ctl.config.set_kernel(img)?;
+        Ok(true)
+    }
+
+    /// `initrd`: the kernel's initial ramdisk.
+    fn initrd(&mut self, fds: &mut dyn FdSource, n: i32) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        let limit = self.ctl.config.initrd_limit();
+        self.ctl.config.initrd = Some(boot::read_image(take(fds, n)?, "initrd", limit)?);
+        Ok(true)
+    }
+
+    /// `cmdline`: the kernel's command line.
+    fn cmdline(&mut self, line: String) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        self.ctl.config.cmdline = line;
+        Ok(true)
+    }
+
+    /// `serial`: a COM port's input and output descriptors.
+    fn serial(&mut self, port: usize, fds: &mut dyn FdSource, [i, o]: [i32; 2]) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        let input = Arc::new(take(fds, i)?);
+        let output = Arc::new(take(fds, o)?);
+        self.ctl.config.serial[port] = Some(SerialFds { input, output });
+        Ok(true)
+    }
+
+    /// `device`: a PCI function in a slot.
+    fn device(
+        &mut self,
+        slot: PciSlot,
+        emu: &str,
+        opts: &[String],
+        fds: &mut dyn FdSource,
+    ) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        self.ctl.config.check_device_room(slot)?;
+        let slot_name = format!("{}:{}:{}", slot.bus, slot.slot, slot.func);
+        let mut take_fd = |n| take(fds, n);
+        let e = PciEmulation::configure(&self.vm.name, &slot_name, emu, opts, &mut take_fd)?;
+        self.ctl.config.add_device(slot, e);
+        Ok(true)
+    }
+
+    /// `set`: a platform option.
+    fn set(&mut self, key: &str, value: &str) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        self.ctl.config.options.set(key, value)?;
+        Ok(true)
+    }
+
+    /// `run`: build the machine from the configuration and start it.
+    fn run(&mut self) -> Result<bool> {
+        self.require(VmState::Configuring)?;
+        self.ctl.config.validate()?;
+        let core = &self.vm.core;
+        core.counters.boot_time.store(0, Ordering::Release);
+        core.counters.boot_io_exits.store(0, Ordering::Release);
+        // Running before the threads start: a guest that exits at
+        // once must find the state it moves from.
+        core.set_state(VmState::Running);
+        let weak: Weak<Core> = Arc::downgrade(core);
+        let on_exit = Box::new(move |r| {
+            if let Some(c) = weak.upgrade() {
+                c.guest_exited(r);
+            }
+        });
+        let ctl = &mut *self.ctl;
+        if let Err(e) = ctl.machine.start(&ctl.config, &core.counters, on_exit) {
+            core.set_state(VmState::Configuring);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// `reinit`: stop the guest; vCPUs and interrupt controllers back to
+    /// power-on state. Memory contents and segments stay (as bhyve's
+    /// vm_reinit).
+    fn reinit(&mut self) -> Result<bool> {
+        self.ctl.machine.stop_threads();
+        self.ctl.machine.reset()?;
+        self.vm.core.set_state(VmState::Configuring);
+        Ok(true)
+    }
+
+    /// `reset`, `suspend`, `force-poweroff`: stop the guest with `reason`,
+    /// unless it got there first (and already reported).
+    fn stop(&mut self, reason: ExitReason) -> Result<bool> {
+        self.require(VmState::Running)?;
+        if !self.ctl.machine.stop_threads() {
+            return Ok(false);
+        }
+        self.vm.core.set_state(VmState::Exited(reason));
+        Ok(true)
+    }
+
+    /// `poweroff`: press the power button; the guest decides.
+    fn power_button(&mut self) -> Result<bool> {
+        self.require(VmState::Running)?;
+        self.ctl.machine.power_button();
+        Ok(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +459,10 @@ mod tests {
             .unwrap();
         assert_eq!(vm.segments()[0].size, 64 << 20);
         assert!(vm.status().contains("memory=67108864"));
+        // Neither a bootrom nor a kernel.
+        let err = vm.execute(Command::Run, &mut NoFds::default());
+        assert_eq!(err.unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(vm.state(), VmState::Configuring);
         vm.destroy();
         assert_eq!(
             vm.execute(Command::Run, &mut NoFds::default())
@@ -556,27 +477,5 @@ mod tests {
     fn vm_is_shareable_between_threads() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Vm>();
-    }
-
-    #[test]
-    fn memory_above_4g() {
-        let vm = Vm::create("big").unwrap();
-        vm.execute(Command::parse("memory 4G").unwrap(), &mut NoFds::default())
-            .unwrap();
-        let c = vm.core.ctl.lock();
-        let gm = c.machine.guest_memory();
-        assert_eq!(gm.low_end(), crate::memory::PCI_HOLE_START);
-        assert_eq!(gm.high_len(), 1 << 30);
-    }
-
-    #[test]
-    fn run_without_boot_image_is_einval() {
-        let vm = Vm::create("t").unwrap();
-        assert_eq!(
-            vm.execute(Command::Run, &mut NoFds::default())
-                .unwrap_err()
-                .errno(),
-            libc::EINVAL
-        );
     }
 }
