@@ -10,12 +10,15 @@
 
 pub mod acpi;
 pub mod boot;
+mod builder;
 pub mod bus;
+pub mod config;
 pub mod devices;
 pub mod error;
 pub mod events;
 pub mod firmware;
 pub mod memory;
+mod runtime;
 pub mod threads;
 pub mod vcpu;
 pub mod vm;

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
 /// Start of the PCI hole below 4 GiB; RAM beyond this goes above 4 GiB.
 pub const PCI_HOLE_START: u64 = 0xC000_0000;
@@ -188,6 +189,37 @@ impl GuestMemory {
 
     pub fn write_u64(&self, gpa: u64, v: u64) -> Result<()> {
         self.write(gpa, &v.to_le_bytes())
+    }
+}
+
+/// A memory segment: memfd-backed, shareable through vmmfs (`vmm.io/NAME.SEG`).
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// Segment name (`sysmem`, `bootrom`, ...).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The memfd.
+    pub fd: Arc<OwnedFd>,
+}
+
+impl Segment {
+    /// A segment over `fd`.
+    pub fn new(name: &str, size: u64, fd: OwnedFd) -> Segment {
+        Segment {
+            name: name.into(),
+            size,
+            fd: Arc::new(fd),
+        }
+    }
+
+    /// Bytes the host has allocated for the segment (its memfd's blocks).
+    pub fn allocated(&self) -> Option<u64> {
+        // SAFETY: fstat on a descriptor the segment owns.
+        let mut sb: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; sb is a valid stat buffer.
+        (unsafe { libc::fstat(self.fd.as_raw_fd(), &mut sb) } == 0)
+            .then(|| sb.st_blocks as u64 * 512)
     }
 }
 
