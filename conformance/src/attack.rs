@@ -960,6 +960,22 @@ struct Held {
     passt: usize,
 }
 
+/// [`held`] once the daemon is at rest: the same for half a second (after
+/// a destroy the daemon refills its spare workers in the background, a
+/// moment of one more thread and descriptor), or after 5 s whatever it is.
+fn steady_held(pid: u32) -> Held {
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut last = held(pid);
+    let mut same = 0;
+    while same < 5 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = held(pid);
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
 fn held(pid: u32) -> Held {
     let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
@@ -993,7 +1009,7 @@ pub fn kill_storm(s: &mut Suite) {
     let Some(pid) = s.env.daemon_pid() else { return };
     // The engine keeps /dev/kvm open from its first VM on: make that happen first.
     s.probe(Who::root(), &["timed-create-destroy", &s.env.ctl(), "ks-warm"]);
-    let before = held(pid);
+    let before = steady_held(pid);
     let seed = crate::bhyve::seed();
     crate::harness::progress(&format!("  kill-storm: seed {seed:#x} (CONFORMANCE_SEED repeats it)"));
     let mut rng = crate::bhyve::Rng(seed);
