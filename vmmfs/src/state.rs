@@ -259,22 +259,37 @@ impl StateStore {
         }
     }
 
-    /// Replace the state file atomically: write a temporary file, fsync, rename.
+    /// Replace the state file atomically and durably.
     pub fn save(&self, state: &State) -> std::io::Result<()> {
         fs::create_dir_all(&self.dir)?;
-        let tmp = self.dir.join(".state.tmp");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(state.render().as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.path())?;
-        // Make the rename itself durable.
-        fs::File::open(&self.dir)?.sync_all()
+        replace_private(&self.path(), state.render().as_bytes(), true)
     }
+}
+
+/// Replace `path` atomically with a root-only (0600) file holding `bytes`:
+/// write `.NAME.tmp` beside it, then rename. `durable`: fsync the file
+/// before the rename and the directory after it.
+pub fn replace_private(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    if durable {
+        f.sync_all()?;
+    }
+    drop(f);
+    fs::rename(&tmp, path)?;
+    if durable {
+        // Make the rename itself durable.
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,8 +13,7 @@ use crate::jails::ProcessId;
 use crate::state::NodeAttrs;
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 const HEADER: &str = "# vmmfs vm v1";
@@ -225,17 +224,8 @@ impl VmStore {
     }
 
     pub fn save(&self, rec: &VmFile) -> std::io::Result<()> {
-        let pid = rec.worker.pid;
-        let tmp = self.dir.join(format!(".{pid}.tmp"));
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(rec.render().as_bytes())?;
-        drop(f);
-        fs::rename(&tmp, self.path(pid))
+        // Not durable: no worker survives a host crash, so neither need its record.
+        crate::state::replace_private(&self.path(rec.worker.pid), rec.render().as_bytes(), false)
     }
 
     pub fn remove(&self, pid: u32) {
