@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// Start of the PCI hole below 4 GiB; RAM beyond this goes above 4 GiB.
 pub const PCI_HOLE_START: u64 = 0xC000_0000;
@@ -189,6 +190,34 @@ impl GuestMemory {
 
     pub fn write_u64(&self, gpa: u64, v: u64) -> Result<()> {
         self.write(gpa, &v.to_le_bytes())
+    }
+
+    /// The same RAM as rust-vmm's `GuestMemoryMmap`, for the crates that
+    /// take one (virtio-queue, linux-loader). The view borrows the mappings:
+    /// they belong to the VM and outlive every user of the view.
+    pub fn view(&self) -> Result<GuestMemoryMmap> {
+        let fail = |e: String| Error::io("RAM view", std::io::Error::other(e));
+        let mut rs = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            let len = usize::try_from(r.len).map_err(|_| Error::NoMemory("RAM region".into()))?;
+            // SAFETY: [host, host+len) is a live shared read-write mapping
+            // (memory::Mapping::shared, or a test's buffer); build_raw does
+            // not take ownership, so no munmap happens on drop.
+            let m = unsafe {
+                MmapRegion::build_raw(
+                    r.host as *mut u8,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_NORESERVE,
+                )
+            }
+            .map_err(|e| fail(e.to_string()))?;
+            rs.push(
+                GuestRegionMmap::new(m, GuestAddress(r.gpa))
+                    .ok_or_else(|| fail("bad region".into()))?,
+            );
+        }
+        GuestMemoryMmap::from_regions(rs).map_err(|e| fail(e.to_string()))
     }
 }
 

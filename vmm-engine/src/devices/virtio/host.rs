@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::memory::Region;
 use std::os::fd::{AsRawFd, RawFd};
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest RAM as device threads see it: the rust-vmm view for the queue crate
@@ -20,29 +20,8 @@ impl Ram {
     /// The host mappings belong to the VM's `Control` and outlive every run:
     /// device threads are joined before the mappings can change.
     pub fn new(regions: &[Region]) -> Result<Ram> {
-        let mut rs = Vec::new();
-        for r in regions {
-            let len = usize::try_from(r.len).map_err(|_| Error::NoMemory("RAM region".into()))?;
-            // SAFETY: [host, host+len) is a live shared RW mapping made by
-            // memory::Mapping::shared; build_raw does not take ownership (no
-            // munmap on drop).
-            let m = unsafe {
-                MmapRegion::build_raw(
-                    r.host as *mut u8,
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_NORESERVE,
-                )
-            }
-            .map_err(|e| Error::io("RAM view", std::io::Error::other(e.to_string())))?;
-            let g = GuestRegionMmap::new(m, GuestAddress(r.gpa))
-                .ok_or_else(|| Error::io("RAM view", std::io::Error::other("bad region")))?;
-            rs.push(g);
-        }
-        let mem = GuestMemoryMmap::from_regions(rs)
-            .map_err(|e| Error::io("RAM view", std::io::Error::other(e.to_string())))?;
         Ok(Ram {
-            mem,
+            mem: crate::memory::GuestMemory::new(regions.to_vec()).view()?,
             regions: regions.to_vec(),
         })
     }
