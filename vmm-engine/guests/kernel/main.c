@@ -69,7 +69,8 @@ void kmain(const u8 *bp)
         putc(c >= 32 && c < 127 ? c : '.');
     }
     puts("'\nrsdp ");
-    u64 rsdp = rd64(bp + 0x268);
+    /* boot_params.acpi_rsdp_addr (0x268 was protocol 2.14's withdrawn place). */
+    u64 rsdp = rd64(bp + 0x070);
     puthex(rsdp, 8);
     const char *sig = (const char *)rsdp;
     puts(sig[0] == 'R' && sig[1] == 'S' && sig[2] == 'D' && sig[7] == ' ' ? " ok\n" : " bad\n");
