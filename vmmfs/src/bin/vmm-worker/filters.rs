@@ -23,6 +23,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 use vmm_engine::threads::ThreadKind;
 
 /// Which filter.
@@ -200,9 +201,22 @@ pub fn program(kind: Kind) -> Result<BpfProgram, String> {
         .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
+/// The thread kinds' programs, compiled once when the main thread's filter
+/// is installed: a spare worker does that before it is given a VM, so a
+/// launch's vCPU and device threads only load theirs.
+static THREAD_PROGRAMS: OnceLock<[BpfProgram; 3]> = OnceLock::new();
+
 /// Install the main thread's filter (after no_new_privs).
 pub fn install() -> Result<(), String> {
     let prog = program(Kind::Main)?;
+    let threads = [
+        program(Kind::Vcpu)?,
+        program(Kind::Device)?,
+        program(Kind::Helper)?,
+    ];
+    if THREAD_PROGRAMS.set(threads).is_err() {
+        return Err("the thread filters were already compiled".into());
+    }
     seccompiler::apply_filter(&prog).map_err(|e| e.to_string())?;
     if !vmm_engine::threads::set_start_hook(on_thread_start) {
         return Err("the engine's thread hook was already set".into());
@@ -213,12 +227,15 @@ pub fn install() -> Result<(), String> {
 /// The engine's start hook: confine the new thread to its kind. A thread
 /// that cannot be confined must not run guest work: the worker ends.
 fn on_thread_start(kind: ThreadKind) {
-    let kind = match kind {
-        ThreadKind::Vcpu => Kind::Vcpu,
-        ThreadKind::Device => Kind::Device,
-        ThreadKind::Helper => Kind::Helper,
+    let i = match kind {
+        ThreadKind::Vcpu => 0,
+        ThreadKind::Device => 1,
+        ThreadKind::Helper => 2,
     };
-    let r = program(kind).and_then(|p| seccompiler::apply_filter(&p).map_err(|e| e.to_string()));
+    let r = THREAD_PROGRAMS
+        .get()
+        .ok_or_else(|| "no compiled filters".to_string())
+        .and_then(|p| seccompiler::apply_filter(&p[i]).map_err(|e| e.to_string()));
     if let Err(e) = r {
         log::error!("cannot confine a {kind:?} thread: {e}");
         std::process::abort();
