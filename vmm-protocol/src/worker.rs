@@ -35,6 +35,15 @@ pub const MAX_FDS: usize = 8;
 /// Longest segment name.
 pub const MAX_SEGMENT_NAME: usize = 32;
 
+/// A segment name: 1 to MAX_SEGMENT_NAME of [a-z0-9_] (`vmm.io/VM.NAME`).
+pub fn valid_segment_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_SEGMENT_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// What the daemon asks of a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -279,12 +288,7 @@ impl Event {
                     let (name, size) = item
                         .split_once('=')
                         .ok_or_else(|| bad("segment NAME=SIZE"))?;
-                    let ok_name = !name.is_empty()
-                        && name.len() <= MAX_SEGMENT_NAME
-                        && name
-                            .bytes()
-                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-                    if !ok_name {
+                    if !valid_segment_name(name) {
                         return Err(bad(&format!("bad segment name '{name}'")));
                     }
                     let size = size

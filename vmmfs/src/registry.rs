@@ -30,6 +30,15 @@ pub enum ChargeKind {
     BootVars,
 }
 
+/// A live VM as its record (vmmfs(8) RESTART) needs it.
+pub struct Snapshot {
+    pub rec: VmRecord,
+    pub node: NodeAttrs,
+    pub charges: [u64; 5],
+    /// Segment nodes in order of first use (their inode numbers).
+    pub segments: Vec<(String, NodeAttrs)>,
+}
+
 struct Entry<V> {
     rec: VmRecord,
     rt: Option<Arc<Runtime<V>>>,
@@ -186,6 +195,7 @@ impl<V> Registry<V> {
         &self,
         rec: VmRecord,
         node: NodeAttrs,
+        segments: Vec<(String, NodeAttrs)>,
         charges: [u64; 5],
         rt: Arc<Runtime<V>>,
     ) -> Result<VmId, String> {
@@ -209,18 +219,24 @@ impl<V> Registry<V> {
                 rec,
                 rt: Some(rt),
                 node,
-                segments: Vec::new(),
+                segments,
                 charges,
             },
         );
         Ok(id)
     }
 
-    /// What a live VM's record needs: its table entry, node and charges.
-    pub fn snapshot(&self, id: VmId) -> Option<(VmRecord, NodeAttrs, [u64; 5])> {
+    /// What a live VM's record needs: its table entry, node, charges and
+    /// segment nodes.
+    pub fn snapshot(&self, id: VmId) -> Option<Snapshot> {
         let t = self.t.lock();
         let e = t.vms.get(&id).filter(|e| e.rec.phase == Phase::Alive)?;
-        Some((e.rec.clone(), e.node, e.charges))
+        Some(Snapshot {
+            rec: e.rec.clone(),
+            node: e.node,
+            charges: e.charges,
+            segments: e.segments.clone(),
+        })
     }
 
     /// Building the VM reserved as `id` failed.

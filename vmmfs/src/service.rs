@@ -482,6 +482,8 @@ impl<E: Engine> Service<E> {
             Node::Segment(id, idx) => {
                 let name = self.registry.segment_name(id, idx)?;
                 self.registry.segment_node(id, &name, apply)?;
+                // Segment nodes come back after a restart as they were left.
+                self.persist(id);
             }
             Node::Root | Node::Socket => {
                 if changes {
@@ -1213,14 +1215,13 @@ impl<E: Engine> Service<E> {
             return;
         };
         let _one = self.records.lock();
-        let (Some((rec, node, charges)), Ok(rt)) =
-            (self.registry.snapshot(id), self.registry.runtime(id))
-        else {
+        let (Some(snap), Ok(rt)) = (self.registry.snapshot(id), self.registry.runtime(id)) else {
             return;
         };
         let Some(worker) = rt.vm.worker() else {
             return;
         };
+        let rec = snap.rec;
         let jail = if rec.jail.is_host() {
             JailRef::Host
         } else {
@@ -1247,10 +1248,11 @@ impl<E: Engine> Service<E> {
             jail,
             owner_euid: rec.owner_euid,
             owner_ruid: rec.owner_ruid,
-            node,
+            node: snap.node,
             transient: rec.transient.is_some(),
             worker,
-            charges,
+            charges: snap.charges,
+            segments: snap.segments,
         };
         if let Err(e) = store.save(&file) {
             log::error!("VM {}: saving its record: {e}", file.name);
@@ -1329,7 +1331,7 @@ impl<E: Engine> Service<E> {
             });
             match self
                 .registry
-                .adopt(record, rec.node, rec.charges, rt.clone())
+                .adopt(record, rec.node, rec.segments, rec.charges, rt.clone())
             {
                 Ok(id) => {
                     if let Some(init) = init {

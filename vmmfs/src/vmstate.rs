@@ -46,6 +46,106 @@ pub struct VmFile {
     pub worker: WorkerId,
     /// Memory charged to the owner, by kind (registry order).
     pub charges: [u64; 5],
+    /// Owner, group and mode of each `vmm.io/NAME.SEG` node looked up or
+    /// changed so far.
+    pub segments: Vec<(String, NodeAttrs)>,
+}
+
+/// Most segment nodes a record keeps (a VM has a few segments).
+const MAX_SEGMENTS: usize = 16;
+
+fn render_attrs(a: &NodeAttrs) -> String {
+    format!("{}:{}:{:04o}", a.uid, a.gid, a.mode)
+}
+
+/// Canonical digits only: no sign, no spaces, no leading '+'.
+fn num<T: TryFrom<u64>>(k: &str, v: &str, radix8: bool) -> Result<T, String> {
+    let ok = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+    let n = if radix8 {
+        u64::from_str_radix(v, 8).ok()
+    } else {
+        v.parse::<u64>().ok()
+    };
+    match (ok, n.and_then(|n| T::try_from(n).ok())) {
+        (true, Some(t)) => Ok(t),
+        _ => Err(format!("bad value for '{k}'")),
+    }
+}
+
+/// `V` split at `sep` into exactly `n` parts.
+fn parts<'a>(k: &str, v: &'a str, n: usize, sep: char) -> Result<Vec<&'a str>, String> {
+    let p: Vec<&str> = v.split(sep).collect();
+    if p.len() != n {
+        return Err(format!("'{k}' needs {n} parts"));
+    }
+    Ok(p)
+}
+
+/// UID:GID:MODE, the mode in octal and at most 07777.
+fn parse_attrs(k: &str, v: &str) -> Result<NodeAttrs, String> {
+    let n = parts(k, v, 3, ':')?;
+    let mode: u16 = num(k, n[2], true)?;
+    if mode > 0o7777 {
+        return Err(format!("bad value for '{k}'"));
+    }
+    Ok(NodeAttrs {
+        uid: num(k, n[0], false)?,
+        gid: num(k, n[1], false)?,
+        mode,
+    })
+}
+
+fn parse_jail(v: &str) -> Result<JailRef, String> {
+    if v == "host" {
+        return Ok(JailRef::Host);
+    }
+    let p = parts("jail", v, 3, ':')?;
+    let init = ProcessId {
+        pid: num("jail", p[1], false)?,
+        start: num("jail", p[2], false)?,
+    };
+    if init.pid == 0 {
+        return Err("bad value for 'jail'".into());
+    }
+    Ok(JailRef::Jail {
+        ns: num("jail", p[0], false)?,
+        init,
+    })
+}
+
+fn parse_worker(v: &str) -> Result<WorkerId, String> {
+    let w = parts("worker", v, 3, ':')?;
+    let worker = WorkerId {
+        pid: num("worker", w[0], false)?,
+        start: num("worker", w[1], false)?,
+        uid: num("worker", w[2], false)?,
+    };
+    if worker.pid <= 1 || worker.uid == 0 {
+        return Err("bad value for 'worker'".into());
+    }
+    Ok(worker)
+}
+
+/// NAME=UID:GID:MODE entries separated by ',' (empty: none); names as the
+/// worker protocol has them, each once.
+fn parse_segments(v: &str) -> Result<Vec<(String, NodeAttrs)>, String> {
+    let mut out: Vec<(String, NodeAttrs)> = Vec::new();
+    if v.is_empty() {
+        return Ok(out);
+    }
+    for entry in v.split(',') {
+        let (name, attrs) = entry
+            .split_once('=')
+            .ok_or_else(|| "'segments' entries are NAME=UID:GID:MODE".to_string())?;
+        if !vmm_protocol::worker::valid_segment_name(name) || out.iter().any(|(n, _)| n == name) {
+            return Err(format!("bad segment name '{name}'"));
+        }
+        out.push((name.to_string(), parse_attrs("segments", attrs)?));
+    }
+    if out.len() > MAX_SEGMENTS {
+        return Err(format!("more than {MAX_SEGMENTS} segments"));
+    }
+    Ok(out)
 }
 
 impl VmFile {
@@ -55,20 +155,24 @@ impl VmFile {
             JailRef::Jail { ns, init } => format!("{ns}:{}:{}", init.pid, init.start),
         };
         let c: Vec<String> = self.charges.iter().map(u64::to_string).collect();
+        let segs: Vec<String> = self
+            .segments
+            .iter()
+            .map(|(n, a)| format!("{n}={}", render_attrs(a)))
+            .collect();
         format!(
-            "{HEADER}\nname={}\njail={jail}\nowner={}:{}\nnode={}:{}:{:04o}\ntransient={}\n\
-             worker={}:{}:{}\ncharges={}\n",
+            "{HEADER}\nname={}\njail={jail}\nowner={}:{}\nnode={}\ntransient={}\n\
+             worker={}:{}:{}\ncharges={}\nsegments={}\n",
             self.name,
             self.owner_euid,
             self.owner_ruid,
-            self.node.uid,
-            self.node.gid,
-            self.node.mode,
-            self.transient as u8,
+            render_attrs(&self.node),
+            u8::from(self.transient),
             self.worker.pid,
             self.worker.start,
             self.worker.uid,
             c.join(","),
+            segs.join(","),
         )
     }
 
@@ -90,6 +194,7 @@ impl VmFile {
                 return Err(format!("'{k}' given twice"));
             }
         }
+        // `segments` came later: a record written before it has none.
         const KEYS: [&str; 7] = [
             "name",
             "jail",
@@ -99,86 +204,33 @@ impl VmFile {
             "worker",
             "charges",
         ];
-        if fields.len() != KEYS.len() || !KEYS.iter().all(|k| fields.contains_key(k)) {
-            return Err(format!("expected exactly the keys {KEYS:?}"));
-        }
-        let parts = |k: &str, n: usize, sep: char| -> Result<Vec<&str>, String> {
-            let v: Vec<&str> = fields[k].split(sep).collect();
-            if v.len() != n {
-                return Err(format!("'{k}' needs {n} parts"));
-            }
-            Ok(v)
-        };
-        fn num<T: TryFrom<u64>>(k: &str, v: &str, radix8: bool) -> Result<T, String> {
-            // Canonical digits only: no sign, no spaces, no leading '+'.
-            let ok = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
-            let n = if radix8 {
-                u64::from_str_radix(v, 8).ok()
-            } else {
-                v.parse::<u64>().ok()
-            };
-            match (ok, n.and_then(|n| T::try_from(n).ok())) {
-                (true, Some(t)) => Ok(t),
-                _ => Err(format!("bad value for '{k}'")),
-            }
+        let optional = usize::from(fields.contains_key("segments"));
+        if fields.len() != KEYS.len() + optional || !KEYS.iter().all(|k| fields.contains_key(k)) {
+            return Err(format!("expected exactly the keys {KEYS:?} and 'segments'"));
         }
         let name = fields["name"].to_string();
         vmm_protocol::vmmctl::validate_name(&name).map_err(|e| e.0)?;
-        let jail = match fields["jail"] {
-            "host" => JailRef::Host,
-            _ => {
-                let p = parts("jail", 3, ':')?;
-                let init = ProcessId {
-                    pid: num("jail", p[1], false)?,
-                    start: num("jail", p[2], false)?,
-                };
-                if init.pid == 0 {
-                    return Err("bad value for 'jail'".into());
-                }
-                JailRef::Jail {
-                    ns: num("jail", p[0], false)?,
-                    init,
-                }
-            }
-        };
-        let o = parts("owner", 2, ':')?;
-        let n = parts("node", 3, ':')?;
-        let mode: u16 = num("node", n[2], true)?;
-        if mode > 0o7777 {
-            return Err("bad value for 'node'".into());
-        }
+        let o = parts("owner", fields["owner"], 2, ':')?;
         let transient = match fields["transient"] {
             "0" => false,
             "1" => true,
             _ => return Err("'transient' must be 0 or 1".into()),
         };
-        let w = parts("worker", 3, ':')?;
-        let worker = WorkerId {
-            pid: num("worker", w[0], false)?,
-            start: num("worker", w[1], false)?,
-            uid: num("worker", w[2], false)?,
-        };
-        if worker.pid <= 1 || worker.uid == 0 {
-            return Err("bad value for 'worker'".into());
-        }
-        let c = parts("charges", 5, ',')?;
+        let c = parts("charges", fields["charges"], 5, ',')?;
         let mut charges = [0u64; 5];
         for (slot, v) in charges.iter_mut().zip(c) {
             *slot = num("charges", v, false)?;
         }
         Ok(VmFile {
             name,
-            jail,
+            jail: parse_jail(fields["jail"])?,
             owner_euid: num("owner", o[0], false)?,
             owner_ruid: num("owner", o[1], false)?,
-            node: NodeAttrs {
-                uid: num("node", n[0], false)?,
-                gid: num("node", n[1], false)?,
-                mode,
-            },
+            node: parse_attrs("node", fields["node"])?,
             transient,
-            worker,
+            worker: parse_worker(fields["worker"])?,
             charges,
+            segments: parse_segments(fields.get("segments").copied().unwrap_or(""))?,
         })
     }
 }
@@ -299,6 +351,24 @@ mod tests {
                 uid: 2147483650,
             },
             charges: [256 << 20, 65536, 0, 0, 131072],
+            segments: vec![
+                (
+                    "sysmem".into(),
+                    NodeAttrs {
+                        uid: 1000,
+                        gid: 123,
+                        mode: 0o640,
+                    },
+                ),
+                (
+                    "bootrom".into(),
+                    NodeAttrs {
+                        uid: 0,
+                        gid: 0,
+                        mode: 0o600,
+                    },
+                ),
+            ],
         }
     }
 
@@ -309,9 +379,19 @@ mod tests {
         let host = VmFile {
             jail: JailRef::Host,
             transient: false,
+            segments: Vec::new(),
             ..r
         };
-        assert_eq!(VmFile::parse(&host.render()), Ok(host));
+        assert!(host.render().contains("\nsegments=\n"));
+        assert_eq!(VmFile::parse(&host.render()), Ok(host.clone()));
+        // A record from before segment nodes were kept: none.
+        let old: String = host
+            .render()
+            .lines()
+            .filter(|l| !l.starts_with("segments="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(VmFile::parse(&old), Ok(host));
     }
 
     #[test]
@@ -349,6 +429,23 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join("\n"),
             good.replace('\n', "\r\n"),
+            good.replace("sysmem=", "SysMem="),
+            good.replace("sysmem=", "bootrom="),
+            good.replace("sysmem=1000:123:0640", "sysmem=1000:123"),
+            good.replace("sysmem=1000:123:0640", "sysmem=1000:123:10000"),
+            good.replace(",bootrom=", ",,bootrom="),
+            good.replace("segments=", "segments=,"),
+            good.replace("sysmem=1000", "sysmem"),
+            good.clone() + "segments=\n",
+            good.replace(
+                "segments=sysmem",
+                &format!(
+                    "segments={}sysmem",
+                    (0..17)
+                        .map(|i| format!("s{i}=0:0:0600,"))
+                        .collect::<String>()
+                ),
+            ),
         ];
         for b in bad {
             assert!(VmFile::parse(&b).is_err(), "accepted: {b:?}");

@@ -2,7 +2,7 @@
 //! workers and a real guest: the daemon is killed with SIGKILL while a
 //! guest prints to its console; the guest keeps printing; a restarted
 //! daemon on the same state directory and mount point brings the VM's node
-//! back with its owner, group and mode, destroys the transient VM whose
+//! and its vmm.io segment nodes back with their owner, group and mode, destroys the transient VM whose
 //! creator's descriptor died with the old mount, and destroys the adopted
 //! VM on request. SIGTERM still destroys every VM. Needs root, /dev/fuse,
 //! /dev/kvm and gcc/binutils (the test guests); skipped loudly without them
@@ -268,6 +268,19 @@ fn vms_outlive_the_daemon_and_are_adopted() {
     let node = mnt.join("vmm/adopt-p");
     fs::set_permissions(&node, fs::Permissions::from_mode(0o640)).unwrap();
     std::os::unix::fs::chown(&node, Some(member_uid), Some(vmm)).unwrap();
+    // A memory segment's node, shared with the vmm group read-only.
+    let seg = fs::read_dir(mnt.join("vmm.io"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("adopt-p.")
+        })
+        .expect("a vmm.io node of adopt-p");
+    fs::set_permissions(&seg, fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(&seg, None, Some(vmm)).unwrap();
     let persistent = worker_of(&state, "adopt-p").expect("a record of adopt-p");
     assert!(alive(persistent));
 
@@ -344,12 +357,14 @@ fn vms_outlive_the_daemon_and_are_adopted() {
         .unwrap();
     assert!(status.contains("state=running"), "{status}");
     assert!(console_grows(&console), "the adopted guest still prints");
-    // The adopted VM's memory segments are served again.
-    assert!(fs::read_dir(mnt.join("vmm.io")).unwrap().any(|e| e
-        .unwrap()
-        .file_name()
-        .to_string_lossy()
-        .starts_with("adopt-p.")));
+    // The adopted VM's memory segments are served again, their nodes as
+    // they were left.
+    let st = fs::metadata(&seg).expect("the vmm.io node is back");
+    assert_eq!(
+        (st.uid(), st.gid(), st.mode() & 0o7777),
+        (0, vmm, 0o640),
+        "a segment node's owner, group and mode come back"
+    );
 
     // Destroyed on request: node, worker, record and socket go.
     let ctl = OpenOptions::new()
