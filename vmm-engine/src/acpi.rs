@@ -7,12 +7,12 @@
 //! The MP table serves OSes or command lines that do not use ACPI for
 //! interrupt routing (`pci=noacpi`, `acpi=off`).
 
+use crate::cast;
 use crate::devices::rtc::{CENTURY, RTC_INDEX};
 use crate::devices::{
     intx_route, COM_PORTS, ECAM_BASE, ECAM_SIZE, PCI_MMIO_BASE, PM1A_CNT, PM1A_EVT, PM_TMR,
     RESET_PORT, SCI_IRQ,
 };
-use crate::cast;
 use crate::error::Result;
 use crate::memory::GuestMemory;
 use acpi_tables::{aml, Aml};
@@ -392,7 +392,11 @@ fn mp_config(cpus: u16) -> Vec<u8> {
     v.extend_from_slice(b"PCMP");
     // At most 255 processors, 2 buses, 1 I/O APIC, 17 + 128 interrupts and
     // 2 local interrupts of 8 or 20 bytes: well below 64 KiB.
-    v.extend_from_slice(&u16::try_from(44 + e.len()).unwrap_or(u16::MAX).to_le_bytes());
+    v.extend_from_slice(
+        &u16::try_from(44 + e.len())
+            .unwrap_or(u16::MAX)
+            .to_le_bytes(),
+    );
     v.push(4); // spec revision 1.4
     v.push(0); // checksum
     v.extend_from_slice(b"VMMFS   ");
@@ -438,12 +442,7 @@ fn madt(cpus: u16) -> Vec<u8> {
     // ISA IRQ 0 is wired to GSI 2.
     t.u8(2).u8(10).u8(0).u8(0).u32(2).u16(0);
     // SCI: level triggered, active high (KVM's IOAPIC line semantics).
-    t.u8(2)
-        .u8(10)
-        .u8(0)
-        .u8(SCI_IRQ8)
-        .u32(SCI_IRQ)
-        .u16(0x000d);
+    t.u8(2).u8(10).u8(0).u8(SCI_IRQ8).u32(SCI_IRQ).u16(0x000d);
     // LINT1 of every processor is NMI.
     t.u8(4).u8(6).u8(0xff).u16(0).u8(1);
     t.finish()
@@ -601,6 +600,13 @@ pub fn loader_files(cpus: u16, coms: [bool; 4]) -> LoaderFiles {
 
 #[cfg(test)]
 mod tests {
+    // Test code: casts of small fixed test values and test-side syscall results.
+    #![allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )]
+
     use super::*;
 
     fn sum(b: &[u8]) -> u8 {

@@ -103,12 +103,19 @@ pub fn le_value(data: &[u8]) -> u32 {
 /// Fill a read access with `v`, little-endian; bytes past 4 read ones.
 pub fn put_le(data: &mut [u8], v: u32) {
     for (i, b) in data.iter_mut().enumerate() {
-        *b = if i < 4 { (v >> (8 * i)) as u8 } else { 0xff };
+        *b = if i < 4 { v.to_le_bytes()[i] } else { 0xff };
     }
 }
 
 #[cfg(test)]
 mod tests {
+    // Test code: casts of small fixed test values and test-side syscall results.
+    #![allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )]
+
     use super::*;
     use std::sync::mpsc;
     use std::time::Duration;

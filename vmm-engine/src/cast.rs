@@ -70,3 +70,18 @@ pub const fn const_u8(v: u64) -> u8 {
     assert!(v <= u8::MAX as u64, "constant does not fit in 8 bits");
     low_u8(v)
 }
+
+/// A file offset for pread/pwrite/fallocate. Offsets beyond `off_t::MAX`
+/// become -1, which the kernel refuses with EINVAL, as the wrapping cast
+/// used to (a negative offset) did.
+#[inline]
+pub fn off_t(v: u64) -> libc::off_t {
+    libc::off_t::try_from(v).unwrap_or(-1)
+}
+
+/// The byte count of a successful read/write-like call (`n >= 0`, checked by
+/// the caller); a negative `n` gives 0.
+#[inline]
+pub fn count(n: isize) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}

@@ -197,6 +197,13 @@ impl VmConfig {
 
 #[cfg(test)]
 mod tests {
+    // Test code: casts of small fixed test values and test-side syscall results.
+    #![allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )]
+
     use super::*;
 
     fn slot(n: u8) -> PciSlot {

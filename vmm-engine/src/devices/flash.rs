@@ -246,6 +246,13 @@ impl Drop for Flash {
 
 #[cfg(test)]
 mod tests {
+    // Test code: casts of small fixed test values and test-side syscall results.
+    #![allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )]
+
     use super::*;
     use crate::memory::memfd;
     use std::os::unix::fs::FileExt;

@@ -153,6 +153,13 @@ fn register(off: u16) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+    // Test code: casts of small fixed test values and test-side syscall results.
+    #![allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )]
+
     use super::*;
 
     const IER_RDI: u8 = 0x01;

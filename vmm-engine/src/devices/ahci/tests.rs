@@ -2,6 +2,13 @@
 //! commands that work, and hostile ones that must end in an error without
 //! panicking, allocating or looping on guest-chosen sizes.
 
+// Test code: casts of small fixed test values and test-side syscall results.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 use super::*;
 use crate::devices::virtio::test_utils::heap_peak;
 use crate::memory::{memfd, Region};

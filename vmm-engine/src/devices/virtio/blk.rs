@@ -373,6 +373,13 @@ impl VirtioDevice for Blk {
 
 #[cfg(test)]
 mod tests {
+    // Test code: casts of small fixed test values and test-side syscall results.
+    #![allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_possible_wrap
+    )]
+
     use super::*;
     use crate::devices::virtio::test_utils::*;
     use std::time::Duration;
