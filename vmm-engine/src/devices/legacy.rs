@@ -4,10 +4,10 @@
 //! little-endian; accesses wider than a register touch the following
 //! registers, as on ISA.
 
-use crate::cast;
 use super::pci::PciBus;
 use super::{flash, fwcfg, pm, rtc, serial};
 use crate::bus::{le_value, put_le, BusDevice};
+use crate::cast;
 use crate::events::Counters;
 use crate::events::{ExitReason, VmEvents};
 use kvm_ioctls::VmFd;

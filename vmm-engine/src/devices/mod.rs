@@ -317,8 +317,8 @@ fn build_pci(
         // in the PCI hole below 4 GiB; the error is a safety net.
         let bar = u32::try_from(bar)
             .map_err(|_| Error::InvalidCommand("too many PCI devices for the PCI hole".into()))?;
-        let source = u32::try_from(n)
-            .map_err(|_| Error::InvalidCommand("too many PCI devices".into()))?;
+        let source =
+            u32::try_from(n).map_err(|_| Error::InvalidCommand("too many PCI devices".into()))?;
         let (pin, line) = intx_route(slot.slot, slot.func);
         let dev: Box<dyn virtio::VirtioDevice> = match e {
             PciEmulation::HostBridge => {
@@ -402,7 +402,9 @@ fn serial_ports(
         let first = COM_PORTS.iter().position(|p| p.1 == COM_PORTS[i].1);
         let line = lines[first.unwrap_or(i)].clone();
         let uart = serial::Serial::new(outs[i].clone(), events.clone());
-        Arc::new(Mutex::new(SerialPort::new(uart, line, u32::try_from(i).unwrap_or(u32::MAX)) // i < 4))
+        // i < 4.
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        Arc::new(Mutex::new(SerialPort::new(uart, line, index)))
     });
     for (i, port) in com.iter().enumerate() {
         if present[i] {
