@@ -123,10 +123,10 @@ const FADT_DSDT64: usize = 140;
 
 fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     let mut t = Table::new(b"FACP", 4);
-    // The 32-bit pointer fields; the 64-bit ones below carry the full
-    // addresses (ours are below 1 MiB, or offsets into the loader blob).
-    t.u32(cast::low_u32(facs))
-        .u32(cast::low_u32(dsdt))
+    // The 32-bit pointer fields; ours are below 1 MiB, or offsets into the
+    // loader blob. 0 (never taken) defers to the 64-bit fields below.
+    t.u32(u32::try_from(facs).unwrap_or(0))
+        .u32(u32::try_from(dsdt).unwrap_or(0))
         .u8(0) // reserved (INT_MODEL)
         .u8(0) // preferred PM profile: unspecified
         .u16(SCI_IRQ16)
@@ -415,8 +415,9 @@ fn mp_config(cpus: u16) -> Vec<u8> {
 fn mp_floating(config: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(16);
     v.extend_from_slice(b"_MP_");
-    // A 32-bit physical address field; the table is below 1 MiB.
-    v.extend_from_slice(&cast::low_u32(config).to_le_bytes());
+    // A 32-bit physical address field; the table is below 1 MiB (0, never
+    // taken, would mean "no table").
+    v.extend_from_slice(&u32::try_from(config).unwrap_or(0).to_le_bytes());
     v.extend_from_slice(&[1, 4, 0]); // 16 bytes, revision 1.4, checksum
     v.extend_from_slice(&[0; 5]); // a configuration table is present; no IMCR
     v[10] = checksum(&v);
@@ -600,13 +601,6 @@ pub fn loader_files(cpus: u16, coms: [bool; 4]) -> LoaderFiles {
 
 #[cfg(test)]
 mod tests {
-    // Test code: casts of small fixed test values and test-side syscall results.
-    #![allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_possible_wrap
-    )]
-
     use super::*;
 
     fn sum(b: &[u8]) -> u8 {
@@ -698,7 +692,7 @@ mod tests {
         assert_eq!(sum(&rsdp[..20]), 0);
         assert_eq!(sum(&rsdp), 0);
         let xsdt = u64::from_le_bytes(rsdp[24..32].try_into().unwrap()) - tables_base;
-        let at = |a: u64| (a - tables_base) as usize;
+        let at = |a: u64| cast::usize_from(a - tables_base);
         let x = at(xsdt + tables_base);
         assert_eq!(&tables[x..x + 4], b"XSDT");
         let xlen = u32::from_le_bytes(tables[x + 4..x + 8].try_into().unwrap()) as usize;

@@ -109,13 +109,6 @@ pub fn put_le(data: &mut [u8], v: u32) {
 
 #[cfg(test)]
 mod tests {
-    // Test code: casts of small fixed test values and test-side syscall results.
-    #![allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_possible_wrap
-    )]
-
     use super::*;
     use std::sync::mpsc;
     use std::time::Duration;
@@ -128,7 +121,7 @@ mod tests {
 
     impl BusDevice for Probe {
         fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(crate::cast::low_u8(offset));
             self.last = Some((base, offset, Vec::new()));
         }
         fn write(&mut self, base: u64, offset: u64, data: &[u8]) {

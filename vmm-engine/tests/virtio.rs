@@ -3,11 +3,7 @@
 //! effects (disk contents, console bytes, TCP through passt).
 
 // Test code: casts of small fixed test values and test-side syscall results.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    clippy::cast_possible_wrap
-)]
+#![allow(clippy::cast_possible_truncation)]
 mod common;
 use common::*;
 use std::io::{Read, Write};

@@ -3,11 +3,7 @@
 //! (vmmfs includes this file by path).
 
 // Test code: casts of small fixed test values and test-side syscall results.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    clippy::cast_possible_wrap
-)]
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 
 use kvm_ioctls::Kvm;
 

@@ -247,13 +247,6 @@ impl Drop for Flash {
 
 #[cfg(test)]
 mod tests {
-    // Test code: casts of small fixed test values and test-side syscall results.
-    #![allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_possible_wrap
-    )]
-
     use super::*;
     use crate::memory::memfd;
     use std::os::unix::fs::FileExt;
@@ -265,11 +258,12 @@ mod tests {
         let size = blocks * BLOCK;
         let file = memfd("vars", size).unwrap();
         let f = std::fs::File::from(file.try_clone().unwrap());
-        f.write_all_at(&vec![fill; size as usize], 0).unwrap();
+        f.write_all_at(&vec![fill; cast::usize_from(size)], 0)
+            .unwrap();
         let mfd = memfd("copy", size).unwrap();
         let map = Arc::new(Mapping::shared(&mfd, size).unwrap());
         // SAFETY: the mapping is `size` bytes.
-        unsafe { std::ptr::write_bytes(map.addr() as *mut u8, fill, size as usize) };
+        unsafe { std::ptr::write_bytes(map.addr() as *mut u8, fill, cast::usize_from(size)) };
         let fl = Flash::new(FlashConfig {
             vm,
             slot: 3,

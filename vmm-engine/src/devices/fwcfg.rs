@@ -109,10 +109,9 @@ impl FwCfgItems {
         dir.extend_from_slice(&u32::try_from(files.len()).unwrap_or(u32::MAX).to_be_bytes());
         for (name, key) in &files {
             let size = self.items.get(key).map_or(0, |d| d.len());
-            // The directory's size field is 32 bits: a larger item (none
-            // is: tables, a command line, a kernel) keeps its low half, as
-            // the wrapping cast did.
-            dir.extend_from_slice(&cast::low_u32(size as u64).to_be_bytes());
+            // The directory's size field is 32 bits; the files are the e820
+            // map and the ACPI blobs, a few KiB each.
+            dir.extend_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_be_bytes());
             dir.extend_from_slice(&key.to_be_bytes());
             dir.extend_from_slice(&[0, 0]);
             let mut n = [0u8; 56];
@@ -269,13 +268,6 @@ impl FwCfg {
 
 #[cfg(test)]
 mod tests {
-    // Test code: casts of small fixed test values and test-side syscall results.
-    #![allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_possible_wrap
-    )]
-
     use super::*;
     use crate::memory::Region;
 
@@ -289,7 +281,9 @@ mod tests {
 
     fn read_item(dev: &mut FwCfg, key: u16, n: usize) -> Vec<u8> {
         dev.io_write(PORT_SELECTOR, 2, u32::from(key));
-        (0..n).map(|_| dev.io_read(PORT_DATA, 1) as u8).collect()
+        (0..n)
+            .map(|_| u8::try_from(dev.io_read(PORT_DATA, 1)).unwrap())
+            .collect()
     }
 
     #[test]

@@ -153,13 +153,6 @@ fn register(off: u16) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
-    // Test code: casts of small fixed test values and test-side syscall results.
-    #![allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_possible_wrap
-    )]
-
     use super::*;
 
     const IER_RDI: u8 = 0x01;
@@ -213,7 +206,7 @@ mod tests {
         let mut buf = [0u8; 8];
         // SAFETY: reading into a local buffer from a descriptor we own.
         let n = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        assert_eq!(&buf[..n as usize], b"hi");
+        assert_eq!(&buf[..usize::try_from(n).unwrap()], b"hi");
     }
 
     #[test]

@@ -693,8 +693,7 @@ pub fn function(
 ) -> crate::devices::pci::PciFunction {
     let mut f = crate::devices::pci::PciFunction::new(0x8086, 0x2821, 0x01, 0x06);
     f.cfg[0x09] = 0x01; // programming interface: AHCI 1.0
-                        // 0xff: "unknown / not connected"; IOAPIC lines are below 24.
-    f.cfg[0x3c] = u8::try_from(line).unwrap_or(0xff);
+    f.cfg[0x3c] = u8::try_from(line).unwrap_or(0xff); // lines < 24; 0xff: none
     f.cfg[0x3d] = pin + 1;
     f.set_mem_bar(5, ABAR_SIZE, bar_addr);
     // The only capability: MSI, at the start of the list.

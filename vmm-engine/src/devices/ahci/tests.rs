@@ -3,11 +3,7 @@
 //! panicking, allocating or looping on guest-chosen sizes.
 
 // Test code: casts of small fixed test values and test-side syscall results.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    clippy::cast_possible_wrap
-)]
+#![allow(clippy::cast_possible_truncation)]
 
 use super::*;
 use crate::devices::virtio::test_utils::heap_peak;

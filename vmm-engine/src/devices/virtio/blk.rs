@@ -376,13 +376,6 @@ impl VirtioDevice for Blk {
 
 #[cfg(test)]
 mod tests {
-    // Test code: casts of small fixed test values and test-side syscall results.
-    #![allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_possible_wrap
-    )]
-
     use super::*;
     use crate::devices::virtio::test_utils::*;
     use std::time::Duration;
@@ -447,7 +440,9 @@ mod tests {
         let buf = d.g.alloc(4096);
         d.request(T_IN, 1, &[(buf, 512, true)]);
         assert_eq!(d.serve(&blk), (S_OK, 513));
-        let want: Vec<u8> = (512..1024u32).map(|i| (i * 7) as u8).collect();
+        let want: Vec<u8> = (512..1024u32)
+            .map(|i| cast::low_u8(u64::from(i * 7)))
+            .collect();
         assert_eq!(d.g.read(buf, 512), want);
     }
 

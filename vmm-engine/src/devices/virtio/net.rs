@@ -429,11 +429,7 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     // Test code: casts of small fixed test values and test-side syscall results.
-    #![allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_possible_wrap
-    )]
+    #![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 
     use super::*;
     use crate::devices::virtio::service_rx_tx;

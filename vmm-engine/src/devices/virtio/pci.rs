@@ -514,13 +514,6 @@ impl Drop for VirtioPci {
 
 #[cfg(test)]
 mod tests {
-    // Test code: casts of small fixed test values and test-side syscall results.
-    #![allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_possible_wrap
-    )]
-
     use super::*;
     use crate::memory::Region;
 
@@ -601,7 +594,7 @@ mod tests {
             }
             if r & (1 << 61) != 0 && r & (1 << 62) != 0 {
                 let mut cfg = f.cfg;
-                cfg[v.msix_cap + 3] = (next() as u8) & 0xc0;
+                cfg[v.msix_cap + 3] = cast::low_u8(next()) & 0xc0;
                 v.config_written(&cfg, 0xc000_0000 + (next() % 4) * 0x4000, next() & 1 == 0);
             }
         }

@@ -12,11 +12,7 @@
 //! PROPTEST_CASES for a longer run.
 
 // Test code: casts of small fixed test values and test-side syscall results.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    clippy::cast_possible_wrap
-)]
+#![allow(clippy::cast_possible_truncation)]
 
 use super::blk::{Blk, BlkConfig};
 use super::console::{Console, ConsoleConfig};

@@ -88,13 +88,6 @@ impl VirtioDevice for Rng {
 
 #[cfg(test)]
 mod tests {
-    // Test code: casts of small fixed test values and test-side syscall results.
-    #![allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_possible_wrap
-    )]
-
     use super::*;
     use crate::devices::virtio::test_utils::*;
     use std::time::Duration;
@@ -111,7 +104,7 @@ mod tests {
         let (r, peak) = heap_peak(|| Rng::serve(&mut act));
         r.unwrap();
         assert!(peak <= 2 * MAX_REQUEST, "{peak} bytes of heap");
-        assert_eq!(q.all_used(&g), [(0, MAX_REQUEST as u32)]);
+        assert_eq!(q.all_used(&g), [(0, u32::try_from(MAX_REQUEST).unwrap())]);
         assert!(!irq.needs_reset());
         assert_eq!(irq.queue_count(0), 1);
     }
