@@ -52,8 +52,9 @@ pub const fn usize_from(v: u64) -> usize {
     v as usize
 }
 
-/// `v` as a u32 for a constant that fits: use it in a `const` item, where the
-/// check runs at compile time (a constant that does not fit fails the build).
+/// `v` as a u32 for a constant that fits. Only for constants, in a `const`
+/// item or a `const { }` block, where the check runs at compile time (a
+/// constant that does not fit fails the build); never for runtime values.
 pub const fn const_u32(v: u64) -> u32 {
     assert!(v <= u32::MAX as u64, "constant does not fit in 32 bits");
     low_u32(v)

@@ -445,7 +445,7 @@ impl Disk {
                 let mut d = [0u8; 8];
                 let last = u32::try_from(blocks.saturating_sub(1)).unwrap_or(u32::MAX);
                 d[0..4].copy_from_slice(&last.to_be_bytes());
-                d[4..8].copy_from_slice(&cast::const_u32(CD_BLOCK).to_be_bytes());
+                d[4..8].copy_from_slice(&const { cast::const_u32(CD_BLOCK) }.to_be_bytes());
                 self.answer(prdt, &d, 8)
             }
             // READ(10), READ(12).

@@ -152,8 +152,8 @@ impl VirtioPci {
             .map_err(|_| crate::error::Error::Unsupported("too many virtqueues".into()))?;
         let mut msix = vec![0x11, 0];
         msix.extend_from_slice(&(vectors - 1).to_le_bytes());
-        msix.extend_from_slice(&cast::const_u32(MSIX_TABLE).to_le_bytes()); // BIR 0
-        msix.extend_from_slice(&cast::const_u32(MSIX_PBA).to_le_bytes());
+        msix.extend_from_slice(&const { cast::const_u32(MSIX_TABLE) }.to_le_bytes()); // BIR 0
+        msix.extend_from_slice(&const { cast::const_u32(MSIX_PBA) }.to_le_bytes());
         let config = dev.config();
         let err = || crate::error::Error::Unsupported("PCI capability space full".into());
         let msix_cap = f.add_cap(&msix).ok_or_else(err)?;
@@ -166,7 +166,7 @@ impl VirtioPci {
                 CAP_NOTIFY,
                 NOTIFY,
                 NOTIFY_MULT * nq as u64,
-                Some(cast::const_u32(NOTIFY_MULT)),
+                Some(const { cast::const_u32(NOTIFY_MULT) }),
             ),
         ] {
             f.add_cap(&c).ok_or_else(err)?;
