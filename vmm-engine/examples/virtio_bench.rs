@@ -8,6 +8,13 @@
 //!
 //! `cargo run --release -p vmm-engine --example virtio_bench [-- DISK_MiB]`
 
+// Test code: casts of small fixed test values and test-side syscall results.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;

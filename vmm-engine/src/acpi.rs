@@ -7,6 +7,7 @@
 //! The MP table serves OSes or command lines that do not use ACPI for
 //! interrupt routing (`pci=noacpi`, `acpi=off`).
 
+use crate::cast;
 use crate::devices::rtc::{CENTURY, RTC_INDEX};
 use crate::devices::{
     intx_route, COM_PORTS, ECAM_BASE, ECAM_SIZE, PCI_MMIO_BASE, PM1A_CNT, PM1A_EVT, PM_TMR,
@@ -37,6 +38,24 @@ pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 
 const OEM_ID: &[u8; 6] = b"VMMFS ";
 const OEM_TABLE: &[u8; 8] = b"VMMENGIN";
+
+/// The 32-bit forms of the PCI windows (below 4 GiB), checked at compile time.
+const PCI_MMIO_BASE32: u32 = cast::const_u32(PCI_MMIO_BASE);
+const PCI_MMIO_END32: u32 = cast::const_u32(PCI_MMIO_END);
+const ECAM_BASE32: u32 = cast::const_u32(ECAM_BASE);
+const ECAM_SIZE32: u32 = cast::const_u32(ECAM_SIZE);
+/// The last bus number the ECAM window covers (1 MiB per bus).
+const ECAM_LAST_BUS: u8 = cast::const_u8((ECAM_SIZE >> 20) - 1);
+/// The SCI's ISA IRQ in the FADT's 16-bit and the MADT's 8-bit fields.
+const SCI_IRQ16: u16 = cast::const_u16(SCI_IRQ as u64);
+const SCI_IRQ8: u8 = cast::const_u8(SCI_IRQ as u64);
+
+/// A length or offset inside tables we build ourselves, for a 32-bit field.
+/// They are a few KiB at most (everything must fit below ACPI_END or in the
+/// fw_cfg blob), so the fallback is never taken.
+fn small_u32(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
 
 fn checksum(b: &[u8]) -> u8 {
     0u8.wrapping_sub(b.iter().fold(0u8, |a, x| a.wrapping_add(*x)))
@@ -89,7 +108,7 @@ impl Table {
         self.u8(1).u8(bits).u8(0).u8(access).u64(u64::from(port))
     }
     fn finish(mut self) -> Vec<u8> {
-        let len = self.0.len() as u32;
+        let len = small_u32(self.0.len());
         self.0[4..8].copy_from_slice(&len.to_le_bytes());
         self.0[9] = checksum(&self.0);
         self.0
@@ -104,11 +123,13 @@ const FADT_DSDT64: usize = 140;
 
 fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     let mut t = Table::new(b"FACP", 4);
-    t.u32(facs as u32)
-        .u32(dsdt as u32)
+    // The 32-bit pointer fields; ours are below 1 MiB, or offsets into the
+    // loader blob. 0 (never taken) defers to the 64-bit fields below.
+    t.u32(u32::try_from(facs).unwrap_or(0))
+        .u32(u32::try_from(dsdt).unwrap_or(0))
         .u8(0) // reserved (INT_MODEL)
         .u8(0) // preferred PM profile: unspecified
-        .u16(SCI_IRQ as u16)
+        .u16(SCI_IRQ16)
         .u32(0) // SMI_CMD: none, ACPI is always enabled
         .u8(0)
         .u8(0)
@@ -240,8 +261,8 @@ fn dsdt(coms: [bool; 4]) -> Vec<u8> {
         &aml::AddressSpace::new_memory(
             aml::AddressSpaceCacheable::NotCacheable,
             true,
-            PCI_MMIO_BASE as u32,
-            PCI_MMIO_END as u32,
+            PCI_MMIO_BASE32,
+            PCI_MMIO_END32,
             None,
         ),
     ]));
@@ -269,7 +290,7 @@ fn dsdt(coms: [bool; 4]) -> Vec<u8> {
             isa_device(
                 &format!("COM{}", i + 1),
                 "PNP0501",
-                i as u8 + 1,
+                u8::try_from(i + 1).unwrap_or(u8::MAX), // i < COM_PORTS.len() == 4
                 *port,
                 8,
                 *irq,
@@ -287,8 +308,8 @@ fn dsdt(coms: [bool; 4]) -> Vec<u8> {
                 "_CRS".into(),
                 &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
                     false,
-                    ECAM_BASE as u32,
-                    ECAM_SIZE as u32,
+                    ECAM_BASE32,
+                    ECAM_SIZE32,
                 )]),
             ),
         ],
@@ -307,7 +328,7 @@ fn mcfg() -> Vec<u8> {
         .u64(ECAM_BASE)
         .u16(0) // segment
         .u8(0) // first bus
-        .u8(((ECAM_SIZE >> 20) - 1) as u8) // last bus
+        .u8(ECAM_LAST_BUS)
         .u32(0);
     t.finish()
 }
@@ -318,12 +339,13 @@ fn mcfg() -> Vec<u8> {
 fn mp_config(cpus: u16) -> Vec<u8> {
     const PCI_BUS: u8 = 0;
     const ISA_BUS: u8 = 1;
-    let ioapic = cpus as u8;
+    let cpus = apic_ids(cpus);
+    let ioapic = cpus;
     let mut e: Vec<u8> = Vec::new();
     let mut count = 0u16;
     for i in 0..cpus {
         // Processor: APIC id, version, enabled (+ BSP), signature, features (FPU, APIC).
-        e.extend_from_slice(&[0, i as u8, 0x14, if i == 0 { 3 } else { 1 }]);
+        e.extend_from_slice(&[0, i, 0x14, if i == 0 { 3 } else { 1 }]);
         e.extend_from_slice(&0x600u32.to_le_bytes());
         e.extend_from_slice(&0x201u32.to_le_bytes());
         e.extend_from_slice(&[0; 8]);
@@ -357,7 +379,8 @@ fn mp_config(cpus: u16) -> Vec<u8> {
     // PCI: source IRQ = slot << 2 | pin; level, active low by the bus's rules.
     for slot in 0..32u8 {
         for pin in 0..4u8 {
-            let line = intx_route(slot, pin).1 as u8;
+            // IOAPIC pins are below 24.
+            let line = cast::low_u8(u64::from(intx_route(slot, pin).1));
             intr(0, 0, PCI_BUS, (slot << 2) | pin, line);
         }
     }
@@ -367,7 +390,13 @@ fn mp_config(cpus: u16) -> Vec<u8> {
     }
     let mut v = Vec::with_capacity(44 + e.len());
     v.extend_from_slice(b"PCMP");
-    v.extend_from_slice(&((44 + e.len()) as u16).to_le_bytes());
+    // At most 255 processors, 2 buses, 1 I/O APIC, 17 + 128 interrupts and
+    // 2 local interrupts of 8 or 20 bytes: well below 64 KiB.
+    v.extend_from_slice(
+        &u16::try_from(44 + e.len())
+            .unwrap_or(u16::MAX)
+            .to_le_bytes(),
+    );
     v.push(4); // spec revision 1.4
     v.push(0); // checksum
     v.extend_from_slice(b"VMMFS   ");
@@ -386,31 +415,35 @@ fn mp_config(cpus: u16) -> Vec<u8> {
 fn mp_floating(config: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(16);
     v.extend_from_slice(b"_MP_");
-    v.extend_from_slice(&(config as u32).to_le_bytes());
+    // A 32-bit physical address field; the table is below 1 MiB (0, never
+    // taken, would mean "no table").
+    v.extend_from_slice(&u32::try_from(config).unwrap_or(0).to_le_bytes());
     v.extend_from_slice(&[1, 4, 0]); // 16 bytes, revision 1.4, checksum
     v.extend_from_slice(&[0; 5]); // a configuration table is present; no IMCR
     v[10] = checksum(&v);
     v
 }
 
+/// APIC ids are 8 bits; the protocol caps `cpus` at 255, so the clamp
+/// never changes a value.
+fn apic_ids(cpus: u16) -> u8 {
+    u8::try_from(cpus).unwrap_or(u8::MAX)
+}
+
 fn madt(cpus: u16) -> Vec<u8> {
+    let cpus = apic_ids(cpus);
     let mut t = Table::new(b"APIC", 4);
     t.u32(LAPIC_ADDR).u32(1); // PCAT_COMPAT: there are 8259s
     for i in 0..cpus {
         // Processor local APIC: ACPI id, APIC id, enabled.
-        t.u8(0).u8(8).u8(i as u8).u8(i as u8).u32(1);
+        t.u8(0).u8(8).u8(i).u8(i).u32(1);
     }
     // I/O APIC id = cpus (distinct from every LAPIC), GSI base 0.
-    t.u8(1).u8(12).u8(cpus as u8).u8(0).u32(IOAPIC_ADDR).u32(0);
+    t.u8(1).u8(12).u8(cpus).u8(0).u32(IOAPIC_ADDR).u32(0);
     // ISA IRQ 0 is wired to GSI 2.
     t.u8(2).u8(10).u8(0).u8(0).u32(2).u16(0);
     // SCI: level triggered, active high (KVM's IOAPIC line semantics).
-    t.u8(2)
-        .u8(10)
-        .u8(0)
-        .u8(SCI_IRQ as u8)
-        .u32(SCI_IRQ)
-        .u16(0x000d);
+    t.u8(2).u8(10).u8(0).u8(SCI_IRQ8).u32(SCI_IRQ).u16(0x000d);
     // LINT1 of every processor is NMI.
     t.u8(4).u8(6).u8(0xff).u16(0).u8(1);
     t.finish()
@@ -445,7 +478,7 @@ fn rsdp(xsdt: u64) -> Vec<u8> {
 /// Write the whole table set for `cpus` vCPUs into guest RAM; the MP table
 /// unless `mptable` is false (bhyve -Y).
 pub fn write_tables(mem: &GuestMemory, cpus: u16, mptable: bool, coms: [bool; 4]) -> Result<()> {
-    mem.zero(RSDP_ADDR, (ACPI_END - RSDP_ADDR) as usize)?;
+    mem.zero(RSDP_ADDR, cast::usize_from(ACPI_END - RSDP_ADDR))?;
     if mptable {
         mem.write(MPC_ADDR, &mp_config(cpus))?;
         mem.write(MPFP_ADDR, &mp_floating(MPC_ADDR))?;
@@ -501,7 +534,7 @@ fn loader_pointer(from: &str, to: &str, offset: usize, size: u8) -> Vec<u8> {
     let mut b = Vec::new();
     loader_name(&mut b, from);
     loader_name(&mut b, to);
-    b.extend_from_slice(&(offset as u32).to_le_bytes());
+    b.extend_from_slice(&small_u32(offset).to_le_bytes());
     b.push(size);
     loader_entry(2, b)
 }
@@ -510,7 +543,7 @@ fn loader_checksum(file: &str, at: usize, start: usize, len: usize) -> Vec<u8> {
     let mut b = Vec::new();
     loader_name(&mut b, file);
     for v in [at, start, len] {
-        b.extend_from_slice(&(v as u32).to_le_bytes());
+        b.extend_from_slice(&small_u32(v).to_le_bytes());
     }
     loader_entry(3, b)
 }
@@ -659,7 +692,7 @@ mod tests {
         assert_eq!(sum(&rsdp[..20]), 0);
         assert_eq!(sum(&rsdp), 0);
         let xsdt = u64::from_le_bytes(rsdp[24..32].try_into().unwrap()) - tables_base;
-        let at = |a: u64| (a - tables_base) as usize;
+        let at = |a: u64| cast::usize_from(a - tables_base);
         let x = at(xsdt + tables_base);
         assert_eq!(&tables[x..x + 4], b"XSDT");
         let xlen = u32::from_le_bytes(tables[x + 4..x + 8].try_into().unwrap()) as usize;

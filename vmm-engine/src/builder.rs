@@ -4,6 +4,7 @@
 //! machine or status; a guest's exit is reported through a callback.
 
 use crate::boot;
+use crate::cast;
 use crate::config::VmConfig;
 use crate::devices::{Counters, FirmwareConfig, Platform, PlatformConfig};
 use crate::error::{Error, Result};
@@ -134,7 +135,13 @@ impl Machine {
         }
         self.set_slot(SLOT_LOW, 0, low, map.addr(), 0)?;
         if high > 0 {
-            if let Err(e) = self.set_slot(SLOT_HIGH, FOUR_GIB, high, map.addr() + low as usize, 0) {
+            if let Err(e) = self.set_slot(
+                SLOT_HIGH,
+                FOUR_GIB,
+                high,
+                map.addr() + cast::usize_from(low),
+                0,
+            ) {
                 let _ = self.set_slot(SLOT_LOW, 0, 0, 0, 0);
                 return Err(e);
             }
@@ -179,7 +186,7 @@ impl Machine {
             regions.push(Region {
                 gpa: FOUR_GIB,
                 len: high,
-                host: ram.addr() + low as usize,
+                host: ram.addr() + cast::usize_from(low),
             });
         }
         GuestMemory::new(regions)
@@ -251,7 +258,8 @@ impl Machine {
         let vm = self.vm()?.clone();
         let base = supported_cpuid()?;
         while self.vcpus.len() < usize::from(config.topology.cpus) {
-            let id = self.vcpus.len() as u16;
+            // Fits: len < cpus, itself a u16.
+            let id = u16::try_from(self.vcpus.len()).unwrap_or(u16::MAX);
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;

@@ -103,7 +103,7 @@ pub fn le_value(data: &[u8]) -> u32 {
 /// Fill a read access with `v`, little-endian; bytes past 4 read ones.
 pub fn put_le(data: &mut [u8], v: u32) {
     for (i, b) in data.iter_mut().enumerate() {
-        *b = if i < 4 { (v >> (8 * i)) as u8 } else { 0xff };
+        *b = if i < 4 { v.to_le_bytes()[i] } else { 0xff };
     }
 }
 
@@ -121,7 +121,7 @@ mod tests {
 
     impl BusDevice for Probe {
         fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(crate::cast::low_u8(offset));
             self.last = Some((base, offset, Vec::new()));
         }
         fn write(&mut self, base: u64, offset: u64, data: &[u8]) {

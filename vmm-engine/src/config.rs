@@ -276,14 +276,13 @@ mod tests {
     #[test]
     fn devices_are_bounded_and_replace_by_slot() {
         let mut c = VmConfig::default();
-        for n in 0..MAX_DEVICES {
-            c.check_device_room(slot(n as u8)).unwrap();
-            c.add_device(slot(n as u8), PciEmulation::HostBridge);
+        let max = u8::try_from(MAX_DEVICES).unwrap();
+        for n in 0..max {
+            c.check_device_room(slot(n)).unwrap();
+            c.add_device(slot(n), PciEmulation::HostBridge);
         }
         assert_eq!(
-            c.check_device_room(slot(MAX_DEVICES as u8))
-                .unwrap_err()
-                .errno(),
+            c.check_device_room(slot(max)).unwrap_err().errno(),
             libc::EINVAL
         );
         c.check_device_room(slot(3)).unwrap();

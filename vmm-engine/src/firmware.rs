@@ -5,6 +5,7 @@
 
 use crate::acpi;
 use crate::boot::linux::e820_map;
+use crate::cast;
 use crate::devices::flash::{FlashConfig, BLOCK};
 use crate::devices::fwcfg::FwCfgItems;
 use crate::devices::FirmwareConfig;
@@ -45,7 +46,8 @@ pub fn load_vars(fd: OwnedFd) -> Result<BootVars> {
     let mfd = memory::memfd("bootvars", size)?;
     let map = Mapping::shared(&mfd, size)?;
     // SAFETY: the mapping is `size` bytes long.
-    let buf = unsafe { std::slice::from_raw_parts_mut(map.addr() as *mut u8, size as usize) };
+    let buf =
+        unsafe { std::slice::from_raw_parts_mut(map.addr() as *mut u8, cast::usize_from(size)) };
     std::os::unix::fs::FileExt::read_exact_at(&file, buf, 0)
         .map_err(|e| Error::io("bootvars: read", e))?;
     Ok(BootVars {

@@ -12,6 +12,7 @@ pub mod acpi;
 pub mod boot;
 mod builder;
 pub mod bus;
+pub mod cast;
 pub mod config;
 pub mod devices;
 pub mod error;

@@ -1,6 +1,7 @@
 //! Guest memory: memfd-backed segments, the guest-physical layout, and
 //! bounds-checked host access used by the loaders and table writers.
 
+use crate::cast;
 use crate::error::{Error, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -161,7 +162,7 @@ impl GuestMemory {
             .iter()
             .find(|r| gpa >= r.gpa && end <= r.gpa + r.len)
             .ok_or_else(bad)?;
-        Ok((r.host + (gpa - r.gpa) as usize) as *mut u8)
+        Ok((r.host + cast::usize_from(gpa - r.gpa)) as *mut u8)
     }
 
     /// Copy `data` to guest-physical `gpa`; the whole range must be RAM.
@@ -248,7 +249,7 @@ impl Segment {
         let mut sb: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above; sb is a valid stat buffer.
         (unsafe { libc::fstat(self.fd.as_raw_fd(), &mut sb) } == 0)
-            .then(|| sb.st_blocks as u64 * 512)
+            .then(|| u64::try_from(sb.st_blocks).unwrap_or(0) * 512)
     }
 }
 

@@ -2,6 +2,7 @@
 //! reader per serial input. Started by the builder, stopped and joined
 //! (taking the vCPUs back) by whoever holds the command lock.
 
+use crate::cast;
 use crate::command::ComPort;
 use crate::config::SerialFds;
 use crate::error::{Error, Result};
@@ -171,7 +172,7 @@ fn serial_reader(input: Arc<OwnedFd>, port: ComPort, ctx: Arc<RunCtx>) {
         match got {
             0 => return, // end of input
             n if n > 0 => {
-                ctx.platform.serial_input(port, &buf[..n as usize]);
+                ctx.platform.serial_input(port, &buf[..cast::count(n)]);
             }
             _ => {
                 let e = std::io::Error::last_os_error();

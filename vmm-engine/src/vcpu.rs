@@ -8,6 +8,7 @@
 //! kicked thread inspects its own MP state and RFLAGS.IF (vCPU ioctls from
 //! other threads would block on the vCPU mutex while it runs).
 
+use crate::cast;
 use crate::command::Topology;
 use crate::devices::{Counters, Platform};
 use crate::error::{Error, Result};
@@ -211,11 +212,11 @@ pub struct Vcpu {
 fn lapic_set_delivery(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
     let mut b = [0u8; 4];
     for (i, x) in b.iter_mut().enumerate() {
-        *x = lapic.regs[reg + i] as u8;
+        *x = lapic.regs[reg + i].cast_unsigned();
     }
     let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
     for (i, x) in v.to_le_bytes().iter().enumerate() {
-        lapic.regs[reg + i] = *x as libc::c_char;
+        lapic.regs[reg + i] = x.cast_signed();
     }
 }
 
@@ -458,7 +459,7 @@ fn handle_io(vcpu: &mut VcpuFd, run_size: usize, platform: &Platform) -> Option<
     let io = unsafe { run.__bindgen_anon_1.io };
     let size = usize::from(io.size);
     let total = size.saturating_mul(io.count as usize);
-    let off = io.data_offset as usize;
+    let off = cast::usize_from(io.data_offset);
     if size == 0 || off.checked_add(total).is_none_or(|e| e > run_size) {
         return Some(ExitReason::Error(format!(
             "malformed I/O exit (port {:#x} size {size} count {})",

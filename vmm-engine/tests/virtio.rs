@@ -1,6 +1,9 @@
 //! virtio devices end to end: the vdev.elf guest drives each device from
 //! CPL3 and reports on COM1; the host checks the exact lines and the side
 //! effects (disk contents, console bytes, TCP through passt).
+
+// Test code: casts of small fixed test values and test-side syscall results.
+#![allow(clippy::cast_possible_truncation)]
 mod common;
 use common::*;
 use std::io::{Read, Write};

@@ -255,8 +255,8 @@ fn parse_topology(args: &[&str]) -> Result<Topology> {
         t.sockets = if t.cpus == 0 {
             1
         } else {
-            // At most cpus, so it fits in a u16.
-            (u64::from(t.cpus) / per_socket.max(1)).max(1) as u16
+            // At most cpus, so it fits in a u16 (the fallback is unreachable).
+            u16::try_from((u64::from(t.cpus) / per_socket.max(1)).max(1)).unwrap_or(t.cpus)
         };
     }
     let slots = u64::from(t.sockets) * per_socket;

@@ -178,7 +178,7 @@ impl Status {
                     }
                     other => return Err(bad(&format!("unknown exit '{other}'"))),
                 };
-                if i64::from(exit.status()) as u64 != status {
+                if u64::try_from(exit.status()).ok() != Some(status) {
                     return Err(bad("status does not match exit"));
                 }
                 State::Exited(exit)

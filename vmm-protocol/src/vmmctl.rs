@@ -160,8 +160,8 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_freebsd_encoding() {
         // _IOWR = dir 3 << 30 | size << 16 | type << 8 | nr
-        let iowr =
-            |nr: u32| (3u32 << 30) | ((IOCTL_STRUCT_SIZE as u32) << 16) | ((b'V' as u32) << 8) | nr;
+        let size = u32::try_from(IOCTL_STRUCT_SIZE).unwrap();
+        let iowr = |nr: u32| (3u32 << 30) | (size << 16) | (u32::from(b'V') << 8) | nr;
         assert_eq!(iowr(0), VMMCTL_VM_CREATE);
         assert_eq!(iowr(1), VMMCTL_VM_DESTROY);
     }

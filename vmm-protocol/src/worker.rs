@@ -404,7 +404,9 @@ impl Spawned {
             .ok_or_else(bad)?;
         match verb {
             "spawned" if n > 1 => Ok(Spawned::Pid(n)),
-            "failed" if (1..4096).contains(&n) => Ok(Spawned::Failed(n as i32)),
+            "failed" if (1..4096).contains(&n) => {
+                Ok(Spawned::Failed(i32::try_from(n).map_err(|_| bad())?))
+            }
             _ => Err(bad()),
         }
     }
@@ -427,16 +429,16 @@ pub fn send(sock: BorrowedFd<'_>, text: &str, fds: &[BorrowedFd<'_>]) -> std::io
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     if !raw.is_empty() {
-        let bytes = std::mem::size_of_val(raw.as_slice());
+        let bytes = fd_bytes(raw.len());
         msg.msg_control = cbuf.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE is arithmetic.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
         // SAFETY: the control buffer holds one header and `bytes` of data.
         unsafe {
             let c = libc::CMSG_FIRSTHDR(&msg);
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
             std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c).cast(), raw.len());
         }
     }
@@ -453,9 +455,18 @@ pub fn send(sock: BorrowedFd<'_>, text: &str, fds: &[BorrowedFd<'_>]) -> std::io
     }
 }
 
+/// The SCM_RIGHTS payload size of `fds` descriptors (at least one, at most
+/// MAX_FDS), as the u32 the CMSG_* macros take. Every caller passes at most
+/// MAX_FDS (send checks it first), so the clamp never changes a value.
+fn fd_bytes(fds: usize) -> u32 {
+    #[allow(clippy::cast_possible_truncation)] // fits: at most MAX_FDS (8) × 4 bytes
+    let bytes = (fds.clamp(1, MAX_FDS) * std::mem::size_of::<i32>()) as u32;
+    bytes
+}
+
 fn cmsg_words(fds: usize) -> usize {
     // SAFETY: CMSG_SPACE is arithmetic.
-    let bytes = unsafe { libc::CMSG_SPACE((fds.max(1) * std::mem::size_of::<i32>()) as u32) };
+    let bytes = unsafe { libc::CMSG_SPACE(fd_bytes(fds)) };
     (bytes as usize).div_ceil(8)
 }
 
@@ -507,7 +518,8 @@ pub fn recv(sock: BorrowedFd<'_>) -> std::io::Result<Option<(String, Vec<OwnedFd
         if n == 0 && fds.is_empty() {
             return Ok(None);
         }
-        let text = String::from_utf8(buf[..n as usize].to_vec())
+        // n >= 0 here (checked above), so unsigned_abs is n itself.
+        let text = String::from_utf8(buf[..n.unsigned_abs()].to_vec())
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EBADMSG))?;
         return Ok(Some((text, fds)));
     }

@@ -58,8 +58,10 @@ pub fn classify(fd: &OwnedFd, own_dev: Option<(u32, u32)>) -> Result<Kind, Refus
     if flags & libc::O_PATH != 0 {
         return Err("an O_PATH descriptor cannot be read or written".into());
     }
-    // SAFETY: statx writes into `stx`; an empty path with AT_EMPTY_PATH names `raw`.
+    // SAFETY: `libc::statx` is plain old data; all-zero is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx writes only into `stx`, which lives across the call; the
+    // empty C string with AT_EMPTY_PATH names `raw`, a descriptor we own.
     let rc = unsafe {
         libc::statx(
             raw,

@@ -887,8 +887,10 @@ fn check_memfd(fd: &OwnedFd, size: u64) -> Result<(), String> {
     if seals < 0 {
         return Err("not a sealable memfd".into());
     }
-    // SAFETY: fstat writes the stat buffer.
+    // SAFETY: `libc::stat` is plain old data; all-zero is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor we own writes only into `st`, which
+    // lives across the call.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err("fstat failed".into());
     }
@@ -1050,8 +1052,10 @@ impl EngineVm for WorkerVm {
         }
         let image = match (&cmd, owned.first()) {
             (Command::Bootrom(_) | Command::Kernel(_) | Command::Initrd(_), Some(fd)) => {
-                // SAFETY: fstat writes the stat buffer.
+                // SAFETY: `libc::stat` is plain old data; all-zero is valid.
                 let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: fstat on a descriptor we own writes only into `st`,
+                // which lives across the call (on failure `st` stays zeroed).
                 unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
                 st.st_size.max(0) as u64
             }

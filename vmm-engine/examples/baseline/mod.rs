@@ -2,6 +2,9 @@
 //! do, done by hand on /dev/kvm. Shared by the engine's and vmmfs's benchmarks
 //! (vmmfs includes this file by path).
 
+// Test code: casts of small fixed test values and test-side syscall results.
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+
 use kvm_ioctls::Kvm;
 
 /// KVM_CREATE_VM, `ram` bytes of memfd memory mapped and registered as guest

@@ -8,6 +8,7 @@
 //! it is used as an offset or an address.
 
 use crate::acpi::{ACPI_END, RSDP_ADDR};
+use crate::cast;
 use crate::devices::{ECAM_BASE, ECAM_SIZE};
 use crate::error::{Error, Result};
 use crate::memory::{GuestMemory, FOUR_GIB};
@@ -27,7 +28,10 @@ const PDPT_ADDR: u64 = 0xa000;
 /// Four page directories: 4 GiB identity mapped with 2 MiB pages.
 const PD_ADDR: u64 = 0xb000;
 pub const CMDLINE_ADDR: u64 = 0x2_0000;
+const CMDLINE_ADDR32: u32 = cast::const_u32(CMDLINE_ADDR);
 const CMDLINE_MAX: usize = 0x1_0000;
+/// The header's cmdline_size: the longest command line without its NUL.
+const CMDLINE_SIZE: u32 = cast::const_u32(CMDLINE_MAX as u64 - 1);
 /// Where the protected-mode kernel goes unless the header prefers elsewhere.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// End of conventional memory (start of the EBDA).
@@ -155,7 +159,7 @@ fn load_elf(view: &GuestMemoryMmap, k: &[u8]) -> Result<Kernel> {
         header: HDR_MAGIC,
         version: 0x020f,
         kernel_alignment: 0x0100_0000,
-        cmdline_size: (CMDLINE_MAX - 1) as u32,
+        cmdline_size: CMDLINE_SIZE,
         ..Default::default()
     };
     Ok(Kernel {
@@ -190,9 +194,11 @@ fn load_initrd(
         .ok_or_else(|| Error::NoMemory("initrd does not fit below the kernel's limit".into()))?;
     mem.write(at, rd)?;
     // The low and high halves of the address and the size.
-    bp.hdr.ramdisk_image = at as u32;
-    bp.hdr.ramdisk_size = len as u32;
-    bp.ext_ramdisk_image = (at >> 32) as u32;
+    bp.hdr.ramdisk_image = cast::low_u32(at);
+    // at + len <= top <= 4 GiB (initrd_addr_max is 32-bit), so len fits.
+    bp.hdr.ramdisk_size = u32::try_from(len)
+        .map_err(|_| Error::NoMemory("initrd does not fit below the kernel's limit".into()))?;
+    bp.ext_ramdisk_image = cast::high_u32(at);
     bp.ext_ramdisk_size = (len >> 32) as u32;
     Ok(Some((at, len)))
 }
@@ -208,7 +214,7 @@ fn load_cmdline(mem: &GuestMemory, bp: &mut boot_params, max: usize, cmdline: &s
     }
     mem.zero(CMDLINE_ADDR, cmdline.len() + 1)?;
     mem.write(CMDLINE_ADDR, cmdline)?;
-    bp.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    bp.hdr.cmd_line_ptr = CMDLINE_ADDR32;
     bp.ext_cmd_line_ptr = 0;
     Ok(())
 }
@@ -250,7 +256,8 @@ pub fn load(
         None => None,
     };
     let e820 = e820_map(mem);
-    bp.e820_entries = e820.len().min(bp.e820_table.len()) as u8;
+    // The table has 128 entries, so the bound fits in a u8.
+    bp.e820_entries = u8::try_from(e820.len().min(bp.e820_table.len())).unwrap_or(u8::MAX);
     for (slot, (addr, size, ty)) in bp.e820_table.iter_mut().zip(&e820) {
         *slot = boot_e820_entry {
             addr: *addr,
@@ -307,7 +314,8 @@ fn write_page_tables(mem: &GuestMemory) -> Result<()> {
         for j in 0..512u64 {
             // Present, writable, 2 MiB page.
             let e = ((i * 512 + j) << 21) | 0x83;
-            page[(j * 8) as usize..(j * 8 + 8) as usize].copy_from_slice(&e.to_le_bytes());
+            let at = cast::usize_from(j * 8);
+            page[at..at + 8].copy_from_slice(&e.to_le_bytes());
         }
         mem.write(pd, &page)?;
     }
@@ -315,6 +323,8 @@ fn write_page_tables(mem: &GuestMemory) -> Result<()> {
 }
 
 /// GDT entries: null, null, code64 (0x10, Linux's __BOOT_CS), data (0x18, __BOOT_DS), TSS (0x20).
+/// The GDTR limit of [`GDT`]: its size in bytes, less one.
+const GDT_LIMIT: u16 = cast::const_u16((GDT.len() * 8 - 1) as u64);
 const GDT: [u64; 5] = [
     0,
     0,
@@ -362,7 +372,7 @@ pub fn entry_state(entry: &LinuxEntry, mut sregs: kvm_sregs) -> (kvm_regs, kvm_s
     sregs.ss = data;
     sregs.tr = segment(0x20, 0xb, 0, 0, 0);
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = IDT_ADDR;
     sregs.idt.limit = 7;
     // PE, MP, ET, NE, WP, PG.

@@ -12,6 +12,7 @@
 //! against the store's size, an erase covers one 4 KiB block, and nothing
 //! is allocated per write.
 
+use crate::cast;
 use crate::memory::Mapping;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
@@ -115,7 +116,7 @@ impl Flash {
     }
 
     fn store(&mut self, off: u64, data: &[u8]) {
-        let n = (data.len() as u64).min(self.len() - off) as usize;
+        let n = cast::usize_from((data.len() as u64).min(self.len() - off));
         // SAFETY: [off, off + n) lies inside the mapping.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -147,8 +148,8 @@ impl Flash {
                 libc::pwrite(
                     file.as_raw_fd(),
                     (self.cfg.map.addr() as u64 + off) as *const libc::c_void,
-                    (hi - off) as usize,
-                    off as libc::off_t,
+                    cast::usize_from(hi - off),
+                    cast::off_t(off),
                 )
             };
             if n <= 0 {
@@ -159,7 +160,7 @@ impl Flash {
                 log::warn!("flash: writing the variable store back: {e}");
                 return;
             }
-            off += n as u64;
+            off += cast::count(n) as u64; // n > 0 here
         }
     }
 
@@ -209,7 +210,7 @@ impl Flash {
                         std::ptr::write_bytes(
                             (self.cfg.map.addr() as u64 + start) as *mut u8,
                             0xff,
-                            (end - start) as usize,
+                            cast::usize_from(end - start),
                         )
                     };
                     self.mark(start, end);
@@ -257,11 +258,12 @@ mod tests {
         let size = blocks * BLOCK;
         let file = memfd("vars", size).unwrap();
         let f = std::fs::File::from(file.try_clone().unwrap());
-        f.write_all_at(&vec![fill; size as usize], 0).unwrap();
+        f.write_all_at(&vec![fill; cast::usize_from(size)], 0)
+            .unwrap();
         let mfd = memfd("copy", size).unwrap();
         let map = Arc::new(Mapping::shared(&mfd, size).unwrap());
         // SAFETY: the mapping is `size` bytes.
-        unsafe { std::ptr::write_bytes(map.addr() as *mut u8, fill, size as usize) };
+        unsafe { std::ptr::write_bytes(map.addr() as *mut u8, fill, cast::usize_from(size)) };
         let fl = Flash::new(FlashConfig {
             vm,
             slot: 3,

@@ -10,6 +10,7 @@
 //! checked against guest RAM before anything is copied. Items are built by
 //! the engine before the run; the guest can write none of them.
 
+use crate::cast;
 use crate::memory::GuestMemory;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -79,7 +80,10 @@ impl FwCfgItems {
                 if self.files.len() >= MAX_FILES {
                     return false;
                 }
-                let k = KEY_FILE_FIRST + self.files.len() as u16;
+                let Ok(n) = u16::try_from(self.files.len()) else {
+                    return false;
+                };
+                let k = KEY_FILE_FIRST + n;
                 self.files.push((name.to_string(), k));
                 k
             }
@@ -101,10 +105,13 @@ impl FwCfgItems {
         let mut files = self.files.clone();
         files.sort();
         let mut dir = Vec::with_capacity(4 + 64 * files.len());
-        dir.extend_from_slice(&(files.len() as u32).to_be_bytes());
+        // At most MAX_FILES files.
+        dir.extend_from_slice(&u32::try_from(files.len()).unwrap_or(u32::MAX).to_be_bytes());
         for (name, key) in &files {
             let size = self.items.get(key).map_or(0, |d| d.len());
-            dir.extend_from_slice(&(size as u32).to_be_bytes());
+            // The directory's size field is 32 bits; the files are the e820
+            // map and the ACPI blobs, a few KiB each.
+            dir.extend_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_be_bytes());
             dir.extend_from_slice(&key.to_be_bytes());
             dir.extend_from_slice(&[0, 0]);
             let mut n = [0u8; 56];
@@ -184,7 +191,7 @@ impl FwCfg {
     /// A port write inside 0x510..=0x51b.
     pub fn io_write(&mut self, port: u16, size: usize, val: u32) {
         match (port, size) {
-            (PORT_SELECTOR, 2) => self.select(val as u16),
+            (PORT_SELECTOR, 2) => self.select(cast::low_u16(u64::from(val))),
             // The high half of the address, then the low half starts the transfer.
             (PORT_DMA, 4) => self.dma_high = u32::from_be(val),
             (0x518, 4) => {
@@ -274,7 +281,9 @@ mod tests {
 
     fn read_item(dev: &mut FwCfg, key: u16, n: usize) -> Vec<u8> {
         dev.io_write(PORT_SELECTOR, 2, u32::from(key));
-        (0..n).map(|_| dev.io_read(PORT_DATA, 1) as u8).collect()
+        (0..n)
+            .map(|_| u8::try_from(dev.io_read(PORT_DATA, 1)).unwrap())
+            .collect()
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use super::pci::PciBus;
 use super::{flash, fwcfg, pm, rtc, serial};
 use crate::bus::{le_value, put_le, BusDevice};
+use crate::cast;
 use crate::events::Counters;
 use crate::events::{ExitReason, VmEvents};
 use kvm_ioctls::VmFd;
@@ -86,12 +87,18 @@ impl SerialPort {
     }
 }
 
+/// The I/O port of an access to the PIO bus, whose addresses are 16-bit
+/// ports (the low word is the port, as on the ISA bus).
+fn pio_port(base: u64, offset: u64) -> u16 {
+    cast::low_u16(base + offset)
+}
+
 impl BusDevice for SerialPort {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         for (k, b) in data.iter_mut().enumerate() {
             let off = offset + k as u64;
             *b = if off < 8 {
-                self.uart.read(off as u16)
+                self.uart.read(cast::low_u16(off)) // off < 8
             } else {
                 0xff
             };
@@ -103,7 +110,7 @@ impl BusDevice for SerialPort {
         for (k, b) in data.iter().enumerate() {
             let off = offset + k as u64;
             if off < 8 {
-                self.uart.write(off as u16, *b);
+                self.uart.write(cast::low_u16(off), *b); // off < 8
             }
         }
         self.update_irq();
@@ -133,12 +140,12 @@ impl PmBlock {
 
 impl BusDevice for PmBlock {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        let port = (base + offset) as u16;
+        let port = pio_port(base, offset);
         put_le(data, self.pm.read(port, data.len(), self.started));
     }
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        let port = (base + offset) as u16;
+        let port = pio_port(base, offset);
         if port < pm::PM_TMR {
             self.pm.write(port, data.len(), le_value(data));
             self.update_sci();
@@ -149,28 +156,26 @@ impl BusDevice for PmBlock {
 impl BusDevice for rtc::Rtc {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
         // Byte-wise, as on ISA; only single-byte accesses occur in practice.
-        let port = (base + offset) as u16;
         for (k, b) in data.iter_mut().enumerate() {
-            *b = rtc::Rtc::read(self, port + k as u16);
+            *b = rtc::Rtc::read(self, pio_port(base, offset + k as u64));
         }
     }
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        let port = (base + offset) as u16;
         for (k, b) in data.iter().enumerate() {
-            rtc::Rtc::write(self, port + k as u16, *b);
+            rtc::Rtc::write(self, pio_port(base, offset + k as u64), *b);
         }
     }
 }
 
 impl BusDevice for fwcfg::FwCfg {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        let v = self.io_read((base + offset) as u16, data.len());
+        let v = self.io_read(pio_port(base, offset), data.len());
         put_le(data, v);
     }
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        self.io_write((base + offset) as u16, data.len(), le_value(data));
+        self.io_write(pio_port(base, offset), data.len(), le_value(data));
     }
 }
 
@@ -218,7 +223,7 @@ impl BusDevice for BootTimer {
     }
 
     fn write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {
-        let us = self.started.elapsed().as_micros() as u64;
+        let us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
         if self
             .counters
             .boot_time
@@ -242,12 +247,12 @@ pub struct PciConfigIo {
 
 impl BusDevice for PciConfigIo {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        let v = self.pci.lock().io_read((base + offset) as u16, data.len());
+        let v = self.pci.lock().io_read(pio_port(base, offset), data.len());
         put_le(data, v);
     }
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        let port = (base + offset) as u16;
+        let port = pio_port(base, offset);
         if port == RESET_PORT && data.len() == 1 {
             // Bit 2 starts the reset (0x6 = hard, 0xe = full).
             if data[0] & 0x4 != 0 {

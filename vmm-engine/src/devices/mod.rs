@@ -313,6 +313,12 @@ fn build_pci(
     let mut shared_ram = None;
     for (n, (slot, e)) in devices.into_iter().enumerate() {
         let bar = PCI_MMIO_BASE + n as u64 * virtio::pci::BAR_SIZE;
+        // The config holds at most MAX_DEVICES devices, whose BARs all fit
+        // in the PCI hole below 4 GiB; the error is a safety net.
+        let bar = u32::try_from(bar)
+            .map_err(|_| Error::InvalidCommand("too many PCI devices for the PCI hole".into()))?;
+        let source =
+            u32::try_from(n).map_err(|_| Error::InvalidCommand("too many PCI devices".into()))?;
         let (pin, line) = intx_route(slot.slot, slot.func);
         let dev: Box<dyn virtio::VirtioDevice> = match e {
             PciEmulation::HostBridge => {
@@ -330,7 +336,7 @@ fn build_pci(
                     line,
                 });
                 let mem = crate::memory::GuestMemory::new(ram.to_vec());
-                pci.add(slot, ahci::function(c, mem, irq, bar as u32, pin, line));
+                pci.add(slot, ahci::function(c, mem, irq, bar, pin, line));
                 continue;
             }
             PciEmulation::VirtioBlk(c) => {
@@ -346,10 +352,10 @@ fn build_pci(
         };
         let name = format!("virtio@{}:{}.{}", slot.bus, slot.slot, slot.func);
         let placement = virtio::pci::Placement {
-            bar_addr: bar as u32,
+            bar_addr: bar,
             intx_pin: pin,
             intx_line: line,
-            source: n as u32,
+            source,
         };
         let f = virtio::pci::VirtioPci::function(
             dev,
@@ -396,7 +402,9 @@ fn serial_ports(
         let first = COM_PORTS.iter().position(|p| p.1 == COM_PORTS[i].1);
         let line = lines[first.unwrap_or(i)].clone();
         let uart = serial::Serial::new(outs[i].clone(), events.clone());
-        Arc::new(Mutex::new(SerialPort::new(uart, line, i as u32)))
+        // i < 4.
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        Arc::new(Mutex::new(SerialPort::new(uart, line, index)))
     });
     for (i, port) in com.iter().enumerate() {
         if present[i] {

@@ -4,6 +4,7 @@
 //! `device` added. Offsets and sizes come from the guest and are checked on
 //! every access.
 
+use crate::cast;
 use crate::command::PciSlot;
 use std::collections::BTreeMap;
 
@@ -57,6 +58,12 @@ pub fn cfg_bar_addr(cfg: &[u8; 256], idx: usize) -> u64 {
 /// Memory decoding on in `cfg` (command register bit 1).
 pub fn cfg_mem_enabled(cfg: &[u8; 256]) -> bool {
     cfg[4] & 2 != 0
+}
+
+/// A capability pointer: an offset in the 256-byte configuration space
+/// (add_cap checks off + len <= 256). 0, the list's end, is unreachable.
+fn cfg_ptr(off: usize) -> u8 {
+    u8::try_from(off).unwrap_or(0)
 }
 
 impl PciFunction {
@@ -113,7 +120,8 @@ impl PciFunction {
     /// all ones reads back the size mask.
     pub(crate) fn set_mem_bar(&mut self, idx: usize, size: u64, addr: u32) {
         let off = BAR0 + 4 * idx;
-        let mask = !(size as u32 - 1) & 0xffff_fff0;
+        // 32-bit BARs: the size is a power of two below 4 GiB (BAR_SIZE).
+        let mask = !(cast::low_u32(size) - 1) & 0xffff_fff0;
         self.cfg[off..off + 4].copy_from_slice(&(addr & mask).to_le_bytes());
         self.wmask[off..off + 4].copy_from_slice(&mask.to_le_bytes());
         self.bar_sizes[idx] = size;
@@ -145,14 +153,14 @@ impl PciFunction {
         self.cfg[off + 1] = 0;
         // Link: the header's pointer for the first one, else the previous cap's.
         if off == CAP_START {
-            self.cfg[0x34] = off as u8;
+            self.cfg[0x34] = cfg_ptr(off);
             self.cfg[6] |= 0x10; // status: capabilities list
         } else {
             let mut p = usize::from(self.cfg[0x34]);
             while self.cfg[p + 1] != 0 {
                 p = usize::from(self.cfg[p + 1]);
             }
-            self.cfg[p + 1] = off as u8;
+            self.cfg[p + 1] = cfg_ptr(off);
         }
         self.cap_next = off + len;
         Some(off)
@@ -168,7 +176,7 @@ impl PciFunction {
 
     fn write(&mut self, off: usize, size: usize, val: u32) {
         for i in 0..size {
-            let b = (val >> (8 * i)) as u8;
+            let b = cast::byte(u64::from(val), i);
             let m = self.wmask[off + i];
             self.cfg[off + i] = (self.cfg[off + i] & !m) | (b & m);
         }
@@ -198,10 +206,10 @@ impl PciBus {
         self.functions.values().any(|f| {
             f.cfg[0..4]
                 == [
-                    vendor as u8,
-                    (vendor >> 8) as u8,
-                    device as u8,
-                    (device >> 8) as u8,
+                    vendor.to_le_bytes()[0],
+                    vendor.to_le_bytes()[1],
+                    device.to_le_bytes()[0],
+                    device.to_le_bytes()[1],
                 ]
         })
     }
@@ -217,7 +225,7 @@ impl PciBus {
         if self.addr & 0x8000_0000 == 0 {
             return None;
         }
-        let bus = (self.addr >> 16) as u8;
+        let bus = self.addr.to_le_bytes()[2];
         let slot = ((self.addr >> 11) & 0x1f) as u8;
         let func = ((self.addr >> 8) & 0x7) as u8;
         let off = (self.addr & 0xfc) as usize + usize::from(port_off);
@@ -288,7 +296,7 @@ impl PciBus {
         let size = data.len();
         let reg = (off & 0xfff) as usize;
         let bdf = (
-            (off >> 20) as u8,
+            cast::low_u8(off >> 20),
             ((off >> 15) & 0x1f) as u8,
             ((off >> 12) & 0x7) as u8,
         );
@@ -308,7 +316,7 @@ impl PciBus {
                 u32::MAX
             };
             for (i, b) in data.iter_mut().enumerate() {
-                *b = if i < 4 { (v >> (8 * i)) as u8 } else { 0xff };
+                *b = if i < 4 { v.to_le_bytes()[i] } else { 0xff };
             }
         }
     }

@@ -51,13 +51,14 @@ impl Pm {
     pub fn read(&self, port: u16, size: usize, started: Instant) -> u32 {
         let tmr = ((started.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000) & 0xff_ffff) as u32;
         let mut v = 0u32;
-        for k in 0..size as u16 {
-            let p = port + k;
+        // Byte lane k is port + k; each register's byte is its little-endian
+        // byte at p - (the register's port).
+        for (k, p) in (port..).take(size).enumerate() {
             let b = match p {
-                0x400 | 0x401 => (self.sts >> (8 * (p - 0x400))) as u8,
-                0x402 | 0x403 => (self.en >> (8 * (p - 0x402))) as u8,
-                0x404 | 0x405 => (self.cnt >> (8 * (p - 0x404))) as u8,
-                0x408..=0x40b => (tmr >> (8 * (p - 0x408))) as u8,
+                0x400 | 0x401 => self.sts.to_le_bytes()[usize::from(p - 0x400)],
+                0x402 | 0x403 => self.en.to_le_bytes()[usize::from(p - 0x402)],
+                0x404 | 0x405 => self.cnt.to_le_bytes()[usize::from(p - 0x404)],
+                0x408..=0x40b => tmr.to_le_bytes()[usize::from(p - 0x408)],
                 _ => 0xff,
             };
             v |= u32::from(b) << (8 * k);
@@ -69,9 +70,9 @@ impl Pm {
     /// (reported to the events handle).
     pub fn write(&mut self, port: u16, size: usize, v: u32) {
         let mut touched_cnt = false;
-        for k in 0..size as u16 {
-            let p = port + k;
-            let b = u16::from((v >> (8 * k)) as u8);
+        for (k, p) in (port..).take(size).enumerate() {
+            // Port accesses are 1, 2 or 4 bytes wide.
+            let b = u16::from(v.to_le_bytes().get(k).copied().unwrap_or(0));
             match p {
                 // Status bits are write-one-to-clear.
                 0x400 | 0x401 => self.sts &= !(b << (8 * (p - 0x400))),

@@ -52,10 +52,17 @@ fn from_bcd(v: u8) -> u8 {
     (v >> 4) * 10 + (v & 0xf)
 }
 
+/// The low byte of a broken-down time field. Fields are in range (seconds,
+/// minutes, ..., a two-digit year or century); a year beyond them wraps, as
+/// the `as u8` casts this replaces did.
+fn low_byte(v: libc::c_int) -> u8 {
+    v.to_le_bytes()[0]
+}
+
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -135,10 +142,10 @@ impl Rtc {
     /// Put the guest's current time into the clock registers.
     fn latch_time(&mut self) {
         let tm = broken_down(now() + self.offset, self.utc);
-        let hour = tm.tm_hour as u8;
+        let hour = low_byte(tm.tm_hour);
         let year = tm.tm_year + 1900;
-        self.cmos[SEC] = self.encode(tm.tm_sec.min(59) as u8);
-        self.cmos[MIN] = self.encode(tm.tm_min as u8);
+        self.cmos[SEC] = self.encode(low_byte(tm.tm_sec.min(59)));
+        self.cmos[MIN] = self.encode(low_byte(tm.tm_min));
         self.cmos[HOUR] = if self.cmos[REG_B] & B_24H != 0 {
             self.encode(hour)
         } else {
@@ -149,11 +156,11 @@ impl Rtc {
             };
             self.encode(h12) | if hour >= 12 { 0x80 } else { 0 }
         };
-        self.cmos[WDAY] = self.encode(tm.tm_wday as u8 + 1);
-        self.cmos[MDAY] = self.encode(tm.tm_mday as u8);
-        self.cmos[MON] = self.encode(tm.tm_mon as u8 + 1);
-        self.cmos[YEAR] = self.encode((year % 100) as u8);
-        self.cmos[CENTURY as usize] = self.encode((year / 100) as u8);
+        self.cmos[WDAY] = self.encode(low_byte(tm.tm_wday) + 1);
+        self.cmos[MDAY] = self.encode(low_byte(tm.tm_mday));
+        self.cmos[MON] = self.encode(low_byte(tm.tm_mon) + 1);
+        self.cmos[YEAR] = self.encode(low_byte(year % 100));
+        self.cmos[CENTURY as usize] = self.encode(low_byte(year / 100));
     }
 
     /// The guest finished setting the clock: keep the difference to the host.

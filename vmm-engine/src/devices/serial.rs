@@ -206,7 +206,7 @@ mod tests {
         let mut buf = [0u8; 8];
         // SAFETY: reading into a local buffer from a descriptor we own.
         let n = unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        assert_eq!(&buf[..n as usize], b"hi");
+        assert_eq!(&buf[..usize::try_from(n).unwrap()], b"hi");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! fixed buffer. Unknown commands end with ABORT (ATA) or ILLEGAL REQUEST
 //! (ATAPI), as a drive would answer.
 
+use crate::cast;
 use crate::memory::GuestMemory;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -139,7 +140,8 @@ fn file_size(fd: &OwnedFd) -> u64 {
     // file or a block device alike. Reads use pread, so the offset left
     // behind does not matter.
     let n = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
-    n.max(0) as u64
+    // A failed lseek (-1) gives 0, as before.
+    u64::try_from(n).unwrap_or(0)
 }
 
 /// An ATA string: space padded, the two bytes of each word swapped.
@@ -242,7 +244,7 @@ impl Disk {
         {
             return Outcome::error(ERR_IDNF);
         }
-        let len = (u64::from(count) * ss) as usize;
+        let len = cast::usize_from(u64::from(count) * ss);
         match self.transfer(lba * ss, len, write, prdt, bounce) {
             Some(n) if n == len => Outcome::ok(n),
             _ => Outcome::abort(),
@@ -325,9 +327,9 @@ impl Disk {
         w[50] = 0x4000;
         w[53] = 0x0006; // words 64-70 and 88 are valid
         w[59] = 0x0100 | 16;
-        let lba28 = self.sectors.min(0x0fff_ffff) as u32;
-        w[60] = lba28 as u16;
-        w[61] = (lba28 >> 16) as u16;
+        let lba28 = self.sectors.min(0x0fff_ffff);
+        w[60] = cast::low_u16(lba28);
+        w[61] = cast::low_u16(lba28 >> 16);
         w[63] = 0x0007; // multiword DMA 0-2
         w[64] = 0x0003; // PIO 3-4
         w[65..69].copy_from_slice(&[120, 120, 120, 120]);
@@ -342,17 +344,18 @@ impl Disk {
             w[86] = (1 << 13) | (1 << 12) | (1 << 10);
             w[87] = 1 << 14;
             for (i, word) in w[100..104].iter_mut().enumerate() {
-                *word = (self.sectors >> (16 * i)) as u16;
+                *word = cast::low_u16(self.sectors >> (16 * i));
             }
             let (l, p) = self.sector;
             let mut w106 = 0x4000u16;
             if l > 512 {
                 w106 |= 1 << 12;
                 let words = l / 2;
-                w[117] = words as u16;
-                w[118] = (words >> 16) as u16;
+                w[117] = cast::low_u16(u64::from(words));
+                w[118] = cast::low_u16(u64::from(words) >> 16);
             }
-            let ratio = (p / l).trailing_zeros() as u16;
+            // trailing_zeros of a u32 is at most 32.
+            let ratio = cast::low_u16(u64::from((p / l).trailing_zeros()));
             if ratio > 0 {
                 w106 |= (1 << 13) | ratio;
             }
@@ -440,9 +443,9 @@ impl Disk {
             // READ CAPACITY(10): last block, block size.
             0x25 => {
                 let mut d = [0u8; 8];
-                let last = blocks.saturating_sub(1).min(u64::from(u32::MAX)) as u32;
+                let last = u32::try_from(blocks.saturating_sub(1)).unwrap_or(u32::MAX);
                 d[0..4].copy_from_slice(&last.to_be_bytes());
-                d[4..8].copy_from_slice(&(CD_BLOCK as u32).to_be_bytes());
+                d[4..8].copy_from_slice(&const { cast::const_u32(CD_BLOCK) }.to_be_bytes());
                 self.answer(prdt, &d, 8)
             }
             // READ(10), READ(12).
@@ -457,7 +460,7 @@ impl Disk {
                 if n > 65536 || lba.checked_add(n).is_none_or(|e| e > blocks) {
                     return self.check_condition(SENSE_ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE);
                 }
-                let len = (n * CD_BLOCK) as usize;
+                let len = cast::usize_from(n * CD_BLOCK);
                 match self.transfer(lba * CD_BLOCK, len, false, prdt, bounce) {
                     Some(done) => {
                         self.sense = Sense::default();
@@ -474,9 +477,16 @@ impl Disk {
                 let addr = |lba: u64| -> [u8; 4] {
                     if msf {
                         let f = lba + 150;
-                        [0, (f / 4500) as u8, ((f / 75) % 60) as u8, (f % 75) as u8]
+                        // The minute byte wraps past 255 minutes, as the
+                        // field is 8 bits (QEMU does the same).
+                        [
+                            0,
+                            cast::low_u8(f / 4500),
+                            cast::low_u8((f / 75) % 60),
+                            cast::low_u8(f % 75),
+                        ]
                     } else {
-                        (lba as u32).to_be_bytes()
+                        cast::low_u32(lba).to_be_bytes()
                     }
                 };
                 let mut d = Vec::with_capacity(20);
@@ -518,7 +528,7 @@ impl Disk {
                     return self.check_condition(SENSE_ILLEGAL_REQUEST, ASC_INVALID_FIELD);
                 }
                 let mut d = vec![0u8; 8 + 28];
-                d[1] = (d.len() - 2) as u8;
+                d[1] = u8::try_from(d.len() - 2).unwrap_or(u8::MAX); // 34
                 let p = &mut d[8..];
                 p[0] = 0x2a;
                 p[1] = 26;
@@ -543,7 +553,8 @@ fn until_done(
     while done < len {
         match op(done, at) {
             n if n > 0 => {
-                done += n as usize;
+                let n = cast::count(n);
+                done += n;
                 at += n as u64;
             }
             0 => return Err(done),
@@ -559,7 +570,7 @@ fn pread_all(fd: i32, buf: &mut [u8], at: u64) -> bool {
     let p = buf.as_mut_ptr();
     // SAFETY: each call reads into the unfilled rest of buf.
     match until_done(len, at, |done, at| unsafe {
-        libc::pread(fd, p.add(done).cast(), len - done, at as libc::off_t)
+        libc::pread(fd, p.add(done).cast(), len - done, cast::off_t(at))
     }) {
         Ok(()) => true,
         // Past the end of a medium that shrank: zeros.
@@ -576,7 +587,7 @@ fn pwrite_all(fd: i32, buf: &[u8], at: u64) -> bool {
     let p = buf.as_ptr();
     // SAFETY: each call writes from the unwritten rest of buf.
     until_done(len, at, |done, at| unsafe {
-        libc::pwrite(fd, p.add(done).cast(), len - done, at as libc::off_t)
+        libc::pwrite(fd, p.add(done).cast(), len - done, cast::off_t(at))
     })
     .is_ok()
 }

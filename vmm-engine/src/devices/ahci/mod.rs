@@ -16,6 +16,7 @@
 
 pub mod ata;
 
+use crate::cast;
 use crate::memory::GuestMemory;
 use ata::{Disk, Outcome, ST_ERR, ST_READY};
 pub use ata::{PortConfig, Prdt};
@@ -309,7 +310,9 @@ impl Ahci {
 
     fn cap(&self) -> u32 {
         // 64-bit addressing, AHCI only, 3 Gb/s, 32 slots, N ports.
-        (1 << 31) | (1 << 18) | (2 << 20) | ((SLOTS - 1) << 8) | (self.ports.len() as u32 - 1)
+        // NP is ports - 1: 1 to MAX_PORTS (32) ports, so 0 to 31.
+        let np = u32::try_from(self.ports.len() - 1).unwrap_or(31);
+        (1 << 31) | (1 << 18) | (2 << 20) | ((SLOTS - 1) << 8) | np
     }
 
     /// The guest changed the configuration space: MSI and INTx disable.
@@ -366,7 +369,7 @@ impl Ahci {
             d >> (8 * (off & 3))
         };
         for (i, b) in data.iter_mut().enumerate() {
-            *b = if i < 4 { (v >> (8 * i)) as u8 } else { 0 };
+            *b = if i < 4 { v.to_le_bytes()[i] } else { 0 };
         }
     }
 
@@ -375,16 +378,17 @@ impl Ahci {
             CAP => self.cap(),
             GHC => self.ghc,
             IS => self.is,
-            PI => (1u64 << self.ports.len()).wrapping_sub(1) as u32,
+            // One bit per port, at most 32 ports.
+            PI => cast::low_u32((1u64 << self.ports.len()).wrapping_sub(1)),
             VS => 0x0001_0300,
             o if o >= PORT_BASE => {
                 let i = ((o - PORT_BASE) / PORT_STRIDE) as usize;
                 let Some(p) = self.ports.get(i) else { return 0 };
                 match (o - PORT_BASE) % PORT_STRIDE {
-                    P_CLB => p.clb as u32,
-                    P_CLBU => (p.clb >> 32) as u32,
-                    P_FB => p.fb as u32,
-                    P_FBU => (p.fb >> 32) as u32,
+                    P_CLB => cast::low_u32(p.clb),
+                    P_CLBU => cast::high_u32(p.clb),
+                    P_FB => cast::low_u32(p.fb),
+                    P_FBU => cast::high_u32(p.fb),
                     P_IS => p.is,
                     P_IE => p.ie,
                     P_CMD => p.cmd,
@@ -565,7 +569,11 @@ impl Ahci {
         let _ = slot;
         if self
             .mem
-            .write(hdr_at + 4, &(out.bytes as u32).to_le_bytes())
+            // PRDBC: at most 65536 sectors of 4 KiB, well within 32 bits.
+            .write(
+                hdr_at + 4,
+                &u32::try_from(out.bytes).unwrap_or(u32::MAX).to_le_bytes(),
+            )
             .is_err()
         {
             log::debug!("ahci: port {i}: cannot update PRDBC");
@@ -600,10 +608,11 @@ impl Ahci {
         fis[3] = error;
         if signature {
             // Sector count and LBA hold the signature.
-            fis[12] = p.sig as u8;
-            fis[4] = (p.sig >> 8) as u8;
-            fis[5] = (p.sig >> 16) as u8;
-            fis[6] = (p.sig >> 24) as u8;
+            let sig = p.sig.to_le_bytes();
+            fis[12] = sig[0];
+            fis[4] = sig[1];
+            fis[5] = sig[2];
+            fis[6] = sig[3];
         }
         if self.mem.write(p.fb + 0x40, &fis).is_err() {
             log::debug!("ahci: port {i}: received-FIS area outside RAM");
@@ -655,8 +664,8 @@ pub struct KvmIrq {
 impl AhciIrq for KvmIrq {
     fn msi(&self, address: u64, data: u32) {
         let msi = kvm_bindings::kvm_msi {
-            address_lo: address as u32,
-            address_hi: (address >> 32) as u32,
+            address_lo: cast::low_u32(address),
+            address_hi: cast::high_u32(address),
             data,
             ..Default::default()
         };
@@ -684,7 +693,7 @@ pub fn function(
 ) -> crate::devices::pci::PciFunction {
     let mut f = crate::devices::pci::PciFunction::new(0x8086, 0x2821, 0x01, 0x06);
     f.cfg[0x09] = 0x01; // programming interface: AHCI 1.0
-    f.cfg[0x3c] = line as u8;
+    f.cfg[0x3c] = u8::try_from(line).unwrap_or(0xff); // lines < 24; 0xff: none
     f.cfg[0x3d] = pin + 1;
     f.set_mem_bar(5, ABAR_SIZE, bar_addr);
     // The only capability: MSI, at the start of the list.

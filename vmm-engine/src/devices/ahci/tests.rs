@@ -2,6 +2,9 @@
 //! commands that work, and hostile ones that must end in an error without
 //! panicking, allocating or looping on guest-chosen sizes.
 
+// Test code: casts of small fixed test values and test-side syscall results.
+#![allow(clippy::cast_possible_truncation)]
+
 use super::*;
 use crate::devices::virtio::test_utils::heap_peak;
 use crate::memory::{memfd, Region};

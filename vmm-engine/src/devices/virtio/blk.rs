@@ -8,6 +8,7 @@
 
 use super::queue::{Chain, Desc, QueueError};
 use super::{poll_fds, Activation, Ram, VirtioDevice, TYPE_BLOCK};
+use crate::cast;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
@@ -51,6 +52,7 @@ const SIZE_MAX: u32 = 256 << 10;
 pub(super) const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 /// Bytes of the request header (type, reserved, sector).
 const HDR: u64 = 16;
+const HDR_LEN: usize = cast::usize_from(HDR);
 /// Bytes of the GET_ID answer.
 const ID_BYTES: usize = 20;
 
@@ -89,7 +91,7 @@ impl Blk {
         let n = s.len().min(ID_BYTES);
         id[..n].copy_from_slice(&s.as_bytes()[..n]);
         Ok(Blk {
-            size: (end as u64) & !511,
+            size: end.unsigned_abs() & !511, // end >= 0, checked above
             cfg,
             id,
         })
@@ -116,14 +118,14 @@ fn rw_all(fd: i32, mut iov: Vec<libc::iovec>, mut off: u64, write: bool) -> std:
     let mut total = 0u64;
     let mut i = 0;
     while i < iov.len() {
-        let cnt = (iov.len() - i).min(1024) as libc::c_int;
+        let cnt = libc::c_int::try_from((iov.len() - i).min(1024)).unwrap_or(1024);
         // SAFETY: every iovec points into guest RAM checked by Ram::host and
         // stays valid while the device thread runs (RAM outlives the run).
         let r = unsafe {
             if write {
-                libc::pwritev(fd, iov[i..].as_ptr(), cnt, off as libc::off_t)
+                libc::pwritev(fd, iov[i..].as_ptr(), cnt, cast::off_t(off))
             } else {
-                libc::preadv(fd, iov[i..].as_ptr(), cnt, off as libc::off_t)
+                libc::preadv(fd, iov[i..].as_ptr(), cnt, cast::off_t(off))
             }
         };
         if r < 0 {
@@ -136,7 +138,7 @@ fn rw_all(fd: i32, mut iov: Vec<libc::iovec>, mut off: u64, write: bool) -> std:
         if r == 0 {
             return Err(std::io::Error::from_raw_os_error(libc::EIO));
         }
-        let mut n = r as usize;
+        let mut n = cast::count(r); // r > 0 here
         total += n as u64;
         off += n as u64;
         while n > 0 && i < iov.len() {
@@ -164,8 +166,8 @@ impl Blk {
             return 0;
         };
         let status_at = last.addr + u64::from(last.len) - 1;
-        let mut hdr = [0u8; HDR as usize];
-        let (status, written) = if c.read_at(ram, 0, &mut hdr) < HDR as usize {
+        let mut hdr = [0u8; HDR_LEN];
+        let (status, written) = if c.read_at(ram, 0, &mut hdr) < HDR_LEN {
             (S_IOERR, 0)
         } else {
             let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
@@ -231,7 +233,8 @@ impl Blk {
                     }
                 }
                 match rw_all(fd, iov, off, ty == T_OUT) {
-                    Ok(_) if ty == T_IN => (S_OK, len as u32),
+                    // len <= MAX_REQUEST_BYTES (checked above), below 4 GiB.
+                    Ok(_) if ty == T_IN => u32::try_from(len).map_or((S_IOERR, 0), |l| (S_OK, l)),
                     Ok(_) => (S_OK, 0),
                     Err(e) => {
                         log::debug!("virtio-blk: I/O at {off:#x}+{len:#x}: {e}");
@@ -250,9 +253,9 @@ impl Blk {
             T_GET_ID => {
                 // Into the data buffers only: the writable bytes before the
                 // status byte (the last one), never the status itself.
-                let room = (c.writable_len() - 1).min(ID_BYTES as u64) as usize;
+                let room = cast::usize_from((c.writable_len() - 1).min(ID_BYTES as u64));
                 let w = c.write_at(ram, 0, &self.id[..room]);
-                (S_OK, w as u32)
+                (S_OK, u32::try_from(w).unwrap_or(0)) // w <= ID_BYTES
             }
             T_DISCARD if self.discard_on() => (self.discard(ram, c), 0),
             _ => (S_UNSUPP, 0),
@@ -293,8 +296,8 @@ impl Blk {
                 libc::fallocate(
                     self.cfg.file.as_raw_fd(),
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off as libc::off_t,
-                    len as libc::off_t,
+                    cast::off_t(off),
+                    cast::off_t(len),
                 )
             };
             if r != 0 {
@@ -437,7 +440,9 @@ mod tests {
         let buf = d.g.alloc(4096);
         d.request(T_IN, 1, &[(buf, 512, true)]);
         assert_eq!(d.serve(&blk), (S_OK, 513));
-        let want: Vec<u8> = (512..1024u32).map(|i| (i * 7) as u8).collect();
+        let want: Vec<u8> = (512..1024u32)
+            .map(|i| cast::low_u8(u64::from(i * 7)))
+            .collect();
         assert_eq!(d.g.read(buf, 512), want);
     }
 

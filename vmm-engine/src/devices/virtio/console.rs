@@ -8,6 +8,7 @@
 //! time (what POLLOUT guarantees for pipes), input reads only after POLLIN.
 
 use super::{poll_fds, Activation, QueueError, VirtioDevice, TYPE_CONSOLE};
+use crate::cast;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -111,7 +112,7 @@ impl super::RxTx for Console {
                 self.out.clear();
                 return;
             }
-            self.out.drain(..r as usize);
+            self.out.drain(..cast::count(r)); // r >= 0 here
         }
     }
 
@@ -126,7 +127,7 @@ impl super::RxTx for Console {
             // SAFETY: reading into our own buffer after POLLIN.
             let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), b.len()) };
             if r > 0 {
-                b.truncate(r as usize);
+                b.truncate(cast::count(r));
                 self.pending = b;
             } else if r == 0 {
                 self.in_eof = true;
@@ -147,7 +148,8 @@ impl super::RxTx for Console {
             };
             let n = c.write_at(&ram, 0, &self.pending);
             self.pending.drain(..n);
-            q.push(&ram, c.head, n as u32)?;
+            // n <= pending.len() <= CHUNK.
+            q.push(&ram, c.head, u32::try_from(n).unwrap_or(u32::MAX))?;
             any = true;
         }
         if budget == 0 {
@@ -276,8 +278,9 @@ mod tests {
         rx.chain(&g, &[(buf + 8, 64, true)]);
         let (mut act, irq) = g.activate(&[&rx, &tx]);
         let (mut con, in_w, _out_r) = console();
-        // SAFETY: writing a literal to our pipe.
         assert_eq!(
+            // SAFETY: `in_w` is a pipe we own; the 7 bytes come from a
+            // 7-byte static literal that outlives the call.
             unsafe { libc::write(in_w.as_raw_fd(), b"abcdefg".as_ptr().cast(), 7) },
             7
         );

@@ -1,6 +1,7 @@
 //! What virtio device threads use of the host: the guest-RAM view, eventfds
 //! and poll(2). A leaf: the transport, queues and interrupts build on it.
 
+use crate::cast;
 use crate::error::{Error, Result};
 use crate::memory::Region;
 use std::os::fd::{AsRawFd, RawFd};
@@ -34,7 +35,7 @@ impl Ram {
             .regions
             .iter()
             .find(|r| gpa >= r.gpa && end <= r.gpa + r.len)?;
-        Some((r.host + (gpa - r.gpa) as usize) as *mut u8)
+        Some((r.host + cast::usize_from(gpa - r.gpa)) as *mut u8)
     }
 
     /// Copy guest bytes out (bounds-checked).

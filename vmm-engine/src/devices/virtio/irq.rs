@@ -6,6 +6,7 @@
 //! thread asks for a vector and this decides whether it fires now or is
 //! remembered until the guest unmasks it (as the PCI spec requires).
 
+use crate::cast;
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
@@ -93,8 +94,8 @@ impl GsiRouter {
                 type_: KVM_IRQ_ROUTING_MSI,
                 ..Default::default()
             };
-            e.u.msi.address_lo = addr as u32;
-            e.u.msi.address_hi = (addr >> 32) as u32;
+            e.u.msi.address_lo = cast::low_u32(addr);
+            e.u.msi.address_hi = cast::high_u32(addr);
             e.u.msi.data = data;
             v.push(e);
         }
@@ -258,8 +259,8 @@ impl Interrupt {
         }
         let e = st.table[v];
         let msi = kvm_bindings::kvm_msi {
-            address_lo: e.addr as u32,
-            address_hi: (e.addr >> 32) as u32,
+            address_lo: cast::low_u32(e.addr),
+            address_hi: cast::high_u32(e.addr),
             data: e.data,
             ..Default::default()
         };
@@ -400,8 +401,8 @@ impl Interrupt {
             *b = match st.table.get(v) {
                 Some(e) => {
                     let bytes = match field / 4 {
-                        0 => (e.addr as u32).to_le_bytes(),
-                        1 => ((e.addr >> 32) as u32).to_le_bytes(),
+                        0 => cast::low_u32(e.addr).to_le_bytes(),
+                        1 => cast::high_u32(e.addr).to_le_bytes(),
                         2 => e.data.to_le_bytes(),
                         _ => e.ctrl.to_le_bytes(),
                     };
@@ -440,8 +441,9 @@ impl Interrupt {
         let old = st.table[v];
         st.table[v] = e;
         if (old.addr, old.data) != (e.addr, e.data) {
-            if let Some(base) = self.gsi_base {
-                self.router.set_msi(base + v as u32, e.addr, e.data);
+            // v indexes the table (at most 2^16 vectors), so it fits.
+            if let (Some(base), Ok(v)) = (self.gsi_base, u32::try_from(v)) {
+                self.router.set_msi(base + v, e.addr, e.data);
             }
         }
         if old.masked() && !e.masked() {
@@ -453,7 +455,7 @@ impl Interrupt {
     pub fn pba_read(&self, off: u64, data: &mut [u8]) {
         let st = self.st.lock();
         for (i, b) in data.iter_mut().enumerate() {
-            let base = (off as usize + i) * 8;
+            let base = (cast::usize_from(off) + i) * 8;
             let mut x = 0u8;
             for bit in 0..8 {
                 if st.pending.get(base + bit).copied().unwrap_or(false) {
@@ -479,8 +481,8 @@ impl Drop for Interrupt {
     fn drop(&mut self) {
         if let Some(base) = self.gsi_base {
             for (i, fd) in self.irqfds.iter().enumerate() {
-                if let Some(fd) = fd {
-                    let _ = self.vm.unregister_irqfd(fd, base + i as u32);
+                if let (Some(fd), Ok(i)) = (fd, u32::try_from(i)) {
+                    let _ = self.vm.unregister_irqfd(fd, base + i);
                 }
             }
         }

@@ -12,10 +12,13 @@
 
 use super::queue::Chain;
 use super::{poll_fds, Activation, QueueError, Ram, VirtioDevice, TYPE_NET};
+use crate::cast;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
+/// The option length of a `timeval` for setsockopt.
+const TIMEVAL_LEN: libc::socklen_t = cast::const_u32(std::mem::size_of::<libc::timeval>() as u64);
 const F_MTU: u64 = 1 << 3;
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
@@ -76,7 +79,8 @@ pub fn default_mac(vm: &str, slot: &str) -> [u8; 6] {
     for b in vm.bytes().chain([0]).chain(slot.bytes()) {
         h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
-    [0x58, 0x9c, 0xfc, (h >> 16) as u8, (h >> 8) as u8, h as u8]
+    let h = h.to_be_bytes();
+    [0x58, 0x9c, 0xfc, h[1], h[2], h[3]]
 }
 
 pub struct Net {
@@ -149,7 +153,7 @@ impl Net {
                         libc::MSG_DONTWAIT,
                     )
                 };
-                self.stream.truncate(have + r.max(0) as usize);
+                self.stream.truncate(have + cast::count(r)); // a failure adds nothing
                 if r == 0 {
                     log::debug!("virtio-net: slirp back end closed");
                     self.dead = true;
@@ -174,7 +178,7 @@ impl Net {
                 // SAFETY: reading into our own buffer.
                 let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), b.len()) };
                 if r > 0 {
-                    b.truncate(r as usize);
+                    b.truncate(cast::count(r));
                     self.pending = Some(b);
                 } else if r == 0 {
                     self.dead = true;
@@ -199,7 +203,8 @@ impl Net {
         hdr[10] = 1; // num_buffers
         let a = c.write_at(ram, 0, &hdr);
         let b = c.write_at(ram, HDR as u64, frame);
-        Some((a + b) as u32)
+        // At most HDR + frame.len() <= HDR + MAX_FRAME bytes.
+        u32::try_from(a + b).ok()
     }
 }
 
@@ -220,7 +225,7 @@ impl super::RxTx for Net {
             let Some(c) = q.pop(&ram)? else {
                 break;
             };
-            let total = c.readable_len() as usize;
+            let total = cast::usize_from(c.readable_len());
             if total > HDR && total <= HDR + MAX_FRAME {
                 // One copy, straight into the buffer that goes to the back
                 // end (slirp: behind its length word).
@@ -228,7 +233,8 @@ impl super::RxTx for Net {
                 let n = c.read_at(&ram, HDR as u64, &mut v[pre..]);
                 v.truncate(pre + n);
                 if pre > 0 {
-                    v[..4].copy_from_slice(&(n as u32).to_be_bytes());
+                    // n <= total - HDR <= MAX_FRAME.
+                    v[..4].copy_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
                 }
                 self.out_bytes += v.len();
                 self.out_frames.push_back(v);
@@ -280,7 +286,7 @@ impl super::RxTx for Net {
                     }
                 }
             }
-            let n = r as usize;
+            let n = cast::count(r); // r >= 0 here
             if self.cfg.backend == NetBackend::Slirp && n < f.len() {
                 // Timed out part-way: the rest must still follow.
                 f.drain(..n);
@@ -375,7 +381,7 @@ impl VirtioDevice for Net {
                     libc::SOL_SOCKET,
                     libc::SO_SNDTIMEO,
                     (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                    TIMEVAL_LEN,
                 )
             };
         }
@@ -422,6 +428,9 @@ impl VirtioDevice for Net {
 
 #[cfg(test)]
 mod tests {
+    // Test code: casts of small fixed test values and test-side syscall results.
+    #![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+
     use super::*;
     use crate::devices::virtio::service_rx_tx;
     use crate::devices::virtio::test_utils::*;

@@ -16,6 +16,7 @@ use super::{
     drain, Activation, Ram, VirtioDevice, F_VERSION_1, S_DRIVER_OK, S_FEATURES_OK,
     VIRTIO_PCI_DEVICE_BASE, VIRTIO_VENDOR,
 };
+use crate::cast;
 use crate::devices::pci::{cfg_bar_addr, cfg_mem_enabled, PciDevice, PciFunction};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub const BAR_SIZE: u64 = 0x4000;
 const COMMON: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x38;
+const COMMON_BYTES: usize = cast::usize_from(COMMON_LEN);
 const ISR: u64 = 0x1000;
 const DEVCFG: u64 = 0x2000;
 const NOTIFY: u64 = 0x3000;
@@ -86,8 +88,9 @@ fn class_of(device_type: u32) -> (u8, u8) {
 
 fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
     let mut c = vec![0x09, 0, 16, cfg_type, 0, 0, 0, 0];
-    c.extend_from_slice(&(offset as u32).to_le_bytes());
-    c.extend_from_slice(&(length as u32).to_le_bytes());
+    // Offsets and lengths of structures inside the 16 KiB BAR.
+    c.extend_from_slice(&u32::try_from(offset).unwrap_or(u32::MAX).to_le_bytes());
+    c.extend_from_slice(&u32::try_from(length).unwrap_or(u32::MAX).to_le_bytes());
     if let Some(m) = extra {
         c[2] = 20;
         c.extend_from_slice(&m.to_le_bytes());
@@ -130,24 +133,27 @@ impl VirtioPci {
         let (class, sub) = class_of(ty);
         let mut f = PciFunction::new(
             VIRTIO_VENDOR,
-            VIRTIO_PCI_DEVICE_BASE + ty as u16,
+            // Virtio device ids are below 64; 0 (0x1040) is reserved.
+            VIRTIO_PCI_DEVICE_BASE + u16::try_from(ty).unwrap_or(0),
             class,
             sub,
         );
         f.cfg[0x08] = 1; // revision 1: modern only
         f.cfg[0x2c..0x2e].copy_from_slice(&VIRTIO_VENDOR.to_le_bytes());
         f.cfg[0x2e..0x30].copy_from_slice(&0x1100u16.to_le_bytes());
-        f.cfg[0x3c] = intx_line as u8;
+        // 0xff: "unknown / not connected"; IOAPIC lines are below 24.
+        f.cfg[0x3c] = u8::try_from(intx_line).unwrap_or(0xff);
         f.cfg[0x3d] = intx_pin + 1; // 1 = INTA#
         f.set_mem_bar(0, BAR_SIZE, bar_addr);
         f.cfg[4] |= 2; // memory space on
         let sizes = dev.queue_max_sizes();
         let nq = sizes.len();
-        let vectors = (nq + 1) as u16;
+        let vectors = u16::try_from(nq + 1)
+            .map_err(|_| crate::error::Error::Unsupported("too many virtqueues".into()))?;
         let mut msix = vec![0x11, 0];
         msix.extend_from_slice(&(vectors - 1).to_le_bytes());
-        msix.extend_from_slice(&(MSIX_TABLE as u32).to_le_bytes()); // BIR 0
-        msix.extend_from_slice(&(MSIX_PBA as u32).to_le_bytes());
+        msix.extend_from_slice(&const { cast::const_u32(MSIX_TABLE) }.to_le_bytes()); // BIR 0
+        msix.extend_from_slice(&const { cast::const_u32(MSIX_PBA) }.to_le_bytes());
         let config = dev.config();
         let err = || crate::error::Error::Unsupported("PCI capability space full".into());
         let msix_cap = f.add_cap(&msix).ok_or_else(err)?;
@@ -160,7 +166,7 @@ impl VirtioPci {
                 CAP_NOTIFY,
                 NOTIFY,
                 NOTIFY_MULT * nq as u64,
-                Some(NOTIFY_MULT as u32),
+                Some(const { cast::const_u32(NOTIFY_MULT) }),
             ),
         ] {
             f.add_cap(&c).ok_or_else(err)?;
@@ -228,8 +234,8 @@ impl VirtioPci {
         }
     }
 
-    fn common_snapshot(&self) -> [u8; COMMON_LEN as usize] {
-        let mut b = [0u8; COMMON_LEN as usize];
+    fn common_snapshot(&self) -> [u8; COMMON_BYTES] {
+        let mut b = [0u8; COMMON_BYTES];
         let mut put = |off: usize, v: u64, n: usize| {
             b[off..off + n].copy_from_slice(&v.to_le_bytes()[..n]);
         };
@@ -274,7 +280,7 @@ impl VirtioPci {
         let vectors = self.irq.vectors() as u64;
         let vector = |v: u64| {
             if v < vectors {
-                v as u16
+                u16::try_from(v).unwrap_or(NO_VECTOR)
             } else {
                 NO_VECTOR
             }
@@ -288,20 +294,20 @@ impl VirtioPci {
             };
         };
         match (off, data.len()) {
-            (0x00, 4) => self.dfsel = v as u32,
-            (0x08, 4) => self.gfsel = v as u32,
+            (0x00, 4) => self.dfsel = cast::low_u32(v),
+            (0x08, 4) => self.gfsel = cast::low_u32(v),
             (0x0c, 4) if self.status & S_FEATURES_OK == 0 => match self.gfsel {
                 0 => set_half(&mut self.driver_features, v, false),
                 1 => set_half(&mut self.driver_features, v, true),
                 _ => {}
             },
             (0x10, 2) => self.irq.set_config_vector(vector(v)),
-            (0x14, 1) => self.status_write(v as u8),
-            (0x16, 2) => self.queue_sel = v as u16,
+            (0x14, 1) => self.status_write(cast::low_u8(v)),
+            (0x16, 2) => self.queue_sel = cast::low_u16(v),
             _ if live || q >= self.queues.len() => {
                 log::debug!("{}: ignored common write {off:#x}", self.name);
             }
-            (0x18, 2) => self.queues[q].size = v as u16,
+            (0x18, 2) => self.queues[q].size = cast::low_u16(v),
             (0x1a, 2) => self.irq.set_queue_vector(q, vector(v)),
             (0x1c, 2) => self.queues[q].enabled |= v == 1,
             (0x20..=0x37, 4 | 8) if off.is_multiple_of(4) => {
@@ -439,7 +445,7 @@ impl VirtioPci {
         match off {
             o if o + len <= COMMON_LEN => {
                 let s = self.common_snapshot();
-                data.copy_from_slice(&s[o as usize..(o + len) as usize]);
+                data.copy_from_slice(&s[cast::usize_from(o)..cast::usize_from(o + len)]);
             }
             ISR => {
                 if let Some(b) = data.first_mut() {
@@ -447,7 +453,7 @@ impl VirtioPci {
                 }
             }
             o if o >= DEVCFG && o - DEVCFG + len <= self.config.len() as u64 => {
-                let s = (o - DEVCFG) as usize;
+                let s = cast::usize_from(o - DEVCFG);
                 data.copy_from_slice(&self.config[s..s + data.len()]);
             }
             o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self.irq.table_read(o - MSIX_TABLE, data),
@@ -588,7 +594,7 @@ mod tests {
             }
             if r & (1 << 61) != 0 && r & (1 << 62) != 0 {
                 let mut cfg = f.cfg;
-                cfg[v.msix_cap + 3] = (next() as u8) & 0xc0;
+                cfg[v.msix_cap + 3] = cast::low_u8(next()) & 0xc0;
                 v.config_written(&cfg, 0xc000_0000 + (next() % 4) * 0x4000, next() & 1 == 0);
             }
         }

@@ -11,6 +11,9 @@
 //! Case counts keep each property to a few seconds in a debug build; set
 //! PROPTEST_CASES for a longer run.
 
+// Test code: casts of small fixed test values and test-side syscall results.
+#![allow(clippy::cast_possible_truncation)]
+
 use super::blk::{Blk, BlkConfig};
 use super::console::{Console, ConsoleConfig};
 use super::net::{Net, NetBackend, NetConfig};

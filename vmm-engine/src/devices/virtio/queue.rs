@@ -17,6 +17,7 @@
 //! chain itself, before copying.
 
 use super::host::Ram;
+use crate::cast;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -112,7 +113,7 @@ impl Chain {
                 skip -= len;
                 continue;
             }
-            let n = ((len - skip) as usize).min(buf.len() - done);
+            let n = cast::usize_from(len - skip).min(buf.len() - done);
             if !ram.read(d.addr + skip, &mut buf[done..done + n]) {
                 break;
             }
@@ -134,7 +135,7 @@ impl Chain {
                 skip -= len;
                 continue;
             }
-            let n = ((len - skip) as usize).min(data.len() - done);
+            let n = cast::usize_from(len - skip).min(data.len() - done);
             if !ram.write(d.addr + skip, &data[done..done + n]) {
                 break;
             }

@@ -2,6 +2,7 @@
 //! bytes from getrandom(2).
 
 use super::{poll_fds, Activation, QueueError, VirtioDevice, TYPE_RNG};
+use crate::cast;
 use std::os::fd::AsRawFd;
 
 /// Bytes served per request at most, from one buffer of this size (a guest
@@ -26,7 +27,7 @@ fn getrandom(buf: &mut [u8]) -> bool {
             }
             return false;
         }
-        done += r as usize;
+        done += cast::count(r); // r > 0 here
     }
     true
 }
@@ -36,9 +37,10 @@ impl Rng {
     pub(super) fn serve(act: &mut Activation) -> Result<(), QueueError> {
         let mut buf = vec![0u8; MAX_REQUEST];
         act.serve_queue(0, |ram, c| {
-            let want = c.writable_len().min(MAX_REQUEST as u64) as usize;
+            let want = cast::usize_from(c.writable_len().min(MAX_REQUEST as u64));
             if getrandom(&mut buf[..want]) {
-                c.write_at(ram, 0, &buf[..want]) as u32
+                // At most want <= MAX_REQUEST bytes.
+                u32::try_from(c.write_at(ram, 0, &buf[..want])).unwrap_or(u32::MAX)
             } else {
                 0
             }
@@ -102,7 +104,7 @@ mod tests {
         let (r, peak) = heap_peak(|| Rng::serve(&mut act));
         r.unwrap();
         assert!(peak <= 2 * MAX_REQUEST, "{peak} bytes of heap");
-        assert_eq!(q.all_used(&g), [(0, MAX_REQUEST as u32)]);
+        assert_eq!(q.all_used(&g), [(0, u32::try_from(MAX_REQUEST).unwrap())]);
         assert!(!irq.needs_reset());
         assert_eq!(irq.queue_count(0), 1);
     }

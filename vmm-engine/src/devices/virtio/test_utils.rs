@@ -12,6 +12,13 @@
 //!   (a counting global allocator), to show a request path stays within
 //!   its bound whatever the guest wrote.
 
+// Test code: casts of small fixed test values and test-side syscall results.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 use super::queue::QueueConfig;
 use super::{Activation, Ram, VirtioInterrupt};
 use crate::memory::Region;
