@@ -19,14 +19,7 @@ const NOGROUP: u32 = 65534;
 const OTHER_UID: u32 = 54321;
 const OTHER_GID: u32 = 54321;
 
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use test_support::{in_ci, is_root};
 
 /// Whether to run; panics in CI (or as root) when something is missing.
 fn prerequisites() -> bool {
@@ -257,15 +250,7 @@ fn guests() -> &'static Path {
         let out = staging().join("guests");
         std::fs::create_dir_all(&out).unwrap();
         std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm-engine/guests");
-        let st = Command::new("make")
-            .arg("-s")
-            .arg("-C")
-            .arg(&src)
-            .arg(format!("OUT={}", out.display()))
-            .status()
-            .expect("run make for the test guests (needs make, as, ld, gcc)");
-        assert!(st.success(), "building the test guests failed");
+        test_support::build_guests(&out, &[]);
         for f in std::fs::read_dir(&out).unwrap().flatten() {
             let _ = std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644));
         }

@@ -15,17 +15,8 @@ const RANGE: UidRange = UidRange {
 };
 
 fn usable() -> bool {
-    // SAFETY: trivial getter.
-    let root = unsafe { libc::geteuid() } == 0;
-    let kvm = std::path::Path::new("/dev/kvm").exists();
-    if root && kvm {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("worker tests need root and /dev/kvm on CI");
-    }
-    eprintln!("skipping: worker tests need root and /dev/kvm");
-    false
+    use test_support::Need;
+    test_support::require("worker tests", &[Need::Root, Need::Device("/dev/kvm")])
 }
 
 fn worker_exe() -> PathBuf {
@@ -68,29 +59,14 @@ fn creator() -> Creator {
 /// The engine's test guests, built once.
 fn guest(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
+    DIR.get_or_init(|| {
         let out = std::env::temp_dir().join(format!("vmmfs-worker-guests-{}", std::process::id()));
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../vmm-engine/guests");
-        std::fs::create_dir_all(&out).unwrap();
-        let ok = std::process::Command::new("make")
-            .args(["-s", "-C"])
-            .arg(&src)
-            .arg(format!("OUT={}", out.display()))
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "building the test guests (make, gcc, binutils)");
-        out
-    });
-    dir.join(name)
+        test_support::build_guests(&out, &[])
+    })
+    .join(name)
 }
 
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut p = [0; 2];
-    // SAFETY: pipe2 writes two descriptors.
-    assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: fresh descriptors.
-    unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
-}
+use test_support::pipe;
 
 fn exec(vm: &WorkerVm, line: &str, fds: Vec<OwnedFd>) -> Result<(), EngineError> {
     let mut src = OwnedFds::default();

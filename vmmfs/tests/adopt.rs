@@ -10,7 +10,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -21,26 +21,16 @@ use std::time::{Duration, Instant};
 const MEMBER: &str = "vmmtest1";
 
 fn usable() -> bool {
-    // SAFETY: trivial getter.
-    let root = unsafe { libc::geteuid() } == 0;
-    let missing: Vec<&str> = ["/dev/fuse", "/dev/kvm"]
-        .into_iter()
-        .filter(|p| !Path::new(p).exists())
-        .collect();
-    let why = if !root {
-        "not root".to_string()
-    } else if !missing.is_empty() {
-        format!("missing {missing:?}")
-    } else if ids(MEMBER).is_none() || group_id("vmm").is_none() {
-        format!("no user {MEMBER} in group vmm (scripts/setup)")
-    } else {
-        return true;
-    };
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("the adoption test cannot run in CI: {why}");
-    }
-    eprintln!("SKIPPED: the adoption test needs root, /dev/fuse, /dev/kvm and {MEMBER}: {why}");
-    false
+    use test_support::Need;
+    test_support::require(
+        "the adoption test",
+        &[
+            Need::Root,
+            Need::Device("/dev/fuse"),
+            Need::Device("/dev/kvm"),
+            Need::VmmMember(MEMBER),
+        ],
+    )
 }
 
 fn ids(user: &str) -> Option<(u32, u32)> {
@@ -97,13 +87,7 @@ fn command(f: &File, line: &str) {
     assert_eq!(n, line.len(), "{line}");
 }
 
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut p = [0; 2];
-    // SAFETY: pipe2 writes two descriptors.
-    assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: fresh descriptors.
-    unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
-}
+use test_support::pipe;
 
 /// Start VM `name` (root's, persistent) on multi.rom, printing 'y' forever
 /// to `console`. Returns what must stay open: the input pipe's write end
@@ -228,18 +212,7 @@ fn records(state: &Path) -> Vec<String> {
 }
 
 fn build_guests(out: &Path) -> PathBuf {
-    fs::create_dir_all(out).unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm-engine/guests");
-    let st = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&src)
-        .arg(format!("OUT={}", out.display()))
-        .arg(format!("{}/multi.rom", out.display()))
-        .status()
-        .expect("make (gcc/binutils) for the test guests");
-    assert!(st.success(), "building multi.rom");
-    out.join("multi.rom")
+    test_support::build_guests(out, &["multi.rom"]).join("multi.rom")
 }
 
 #[test]

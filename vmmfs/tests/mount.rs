@@ -7,7 +7,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -18,39 +18,19 @@ struct Mount {
 }
 
 fn usable() -> bool {
-    // SAFETY: trivial getter.
-    let root = unsafe { libc::geteuid() } == 0;
-    let missing: Vec<&str> = ["/dev/fuse", "/dev/kvm"]
-        .into_iter()
-        .filter(|p| !Path::new(p).exists())
-        .collect();
-    if root && missing.is_empty() {
-        return true;
-    }
-    let why = if root {
-        format!("missing {missing:?}")
-    } else {
-        "not root".to_string()
-    };
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("vmmfs mount tests cannot run in CI: {why}");
-    }
-    eprintln!("SKIPPED: vmmfs mount tests need root, /dev/fuse and /dev/kvm: {why}");
-    false
+    use test_support::Need;
+    test_support::require(
+        "vmmfs mount tests",
+        &[
+            Need::Root,
+            Need::Device("/dev/fuse"),
+            Need::Device("/dev/kvm"),
+        ],
+    )
 }
 
 fn group() -> String {
-    // The vmm group may not exist on a developer's machine; root's group always does.
-    if nix_group_exists("vmm") {
-        "vmm".into()
-    } else {
-        "root".into()
-    }
-}
-
-fn nix_group_exists(name: &str) -> bool {
-    fs::read_to_string("/etc/group")
-        .is_ok_and(|g| g.lines().any(|l| l.split(':').next() == Some(name)))
+    test_support::vmm_group().into()
 }
 
 impl Mount {

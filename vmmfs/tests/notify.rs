@@ -7,32 +7,23 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn usable() -> bool {
-    // SAFETY: trivial getter.
-    let root = unsafe { libc::geteuid() } == 0;
-    let devices = Path::new("/dev/fuse").exists() && Path::new("/dev/kvm").exists();
-    if root && devices {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "notify tests cannot run in CI: need root, /dev/fuse and /dev/kvm"
-    );
-    eprintln!("SKIPPED: needs root, /dev/fuse and /dev/kvm");
-    false
+    use test_support::Need;
+    test_support::require(
+        "notify tests",
+        &[
+            Need::Root,
+            Need::Device("/dev/fuse"),
+            Need::Device("/dev/kvm"),
+        ],
+    )
 }
 
 fn group() -> &'static str {
-    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    if groups.lines().any(|l| l.starts_with("vmm:")) {
-        "vmm"
-    } else {
-        "root"
-    }
+    test_support::vmm_group()
 }
 
 #[test]

@@ -18,34 +18,15 @@ pub fn guest(name: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("guest {name} missing (gcc/binutils needed): {e}"))
 }
 
-/// Skip or fail when /dev/kvm is not usable: on CI it must be there.
+/// Skip here, fail in CI, when /dev/kvm is not usable.
 pub fn kvm_or_skip() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("/dev/kvm is required for vmm-engine tests on CI: {e}");
-            }
-            eprintln!("skipping: /dev/kvm not usable: {e}");
-            false
-        }
-    }
+    test_support::kvm_or_skip("vmm-engine tests")
 }
 
 /// Hands over our own descriptors, keyed by the numbers used in commands.
 pub use vmm_engine::command::OwnedFds as Fds;
 
-pub fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut p = [0; 2];
-    // SAFETY: plain syscall into a 2-int array.
-    assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: both descriptors are new and ours.
-    unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
-}
+pub use test_support::pipe;
 
 pub fn memfd_with(data: &[u8]) -> OwnedFd {
     // SAFETY: plain syscall.
