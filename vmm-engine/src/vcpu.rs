@@ -507,6 +507,10 @@ pub fn vcpu_thread(mut vcpu: Vcpu, index: usize, run_size: usize, ctx: Arc<RunCt
         if ctx.stopping() {
             break None;
         }
+        // The exit is decoded from kvm_run here rather than through
+        // kvm_ioctls' VcpuExit: its IoIn/IoOut hand over count*size bytes
+        // without the access size, and string I/O (OVMF reads fw_cfg's data
+        // port with rep insb) must be split into accesses of that size.
         let res = vcpu.fd.run().map(|_| ()).map_err(|e| e.errno());
         match res {
             Ok(()) => {
