@@ -5,6 +5,7 @@
 //! controlled and are decoded without trusting any of them.
 
 pub mod ahci;
+mod emulation;
 pub mod flash;
 pub mod fwcfg;
 pub mod legacy;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use crate::events::Counters;
+pub use emulation::PciEmulation;
 pub use legacy::RESET_PORT;
 pub use pm::{PM1A_CNT, PM1A_EVT, PM_TMR, SCI_IRQ};
 
@@ -43,19 +45,6 @@ pub fn com_present(configured: &[bool; 4]) -> [bool; 4] {
 /// Firecracker-style boot-timer port: a write marks "booted".
 pub const BOOT_TIMER_PORT: u16 = 0x440;
 
-/// Emulation a `device` command may name, resolved at configuration time
-/// (descriptors are taken then and kept across runs).
-#[derive(Debug, Clone)]
-pub enum PciEmulation {
-    HostBridge,
-    Lpc,
-    VirtioBlk(virtio::blk::BlkConfig),
-    VirtioNet(virtio::net::NetConfig),
-    VirtioRnd,
-    VirtioConsole(virtio::console::ConsoleConfig),
-    Ahci(ahci::AhciConfig),
-}
-
 /// First address of the window BARs are placed in before the guest moves
 /// them (the PCI hole starts at 3 GiB).
 pub const PCI_MMIO_BASE: u64 = 0xc000_0000;
@@ -65,147 +54,6 @@ pub const PCI_MMIO_BASE: u64 = 0xc000_0000;
 /// 0xcf8/0xcfc (16,000 port exits of boot time).
 pub const ECAM_BASE: u64 = 0xe000_0000;
 pub const ECAM_SIZE: u64 = 1 << 20;
-
-fn bad(msg: String) -> Error {
-    Error::InvalidCommand(msg)
-}
-
-impl PciEmulation {
-    /// Map a bhyve emulation name without options (tests, simple devices).
-    pub fn parse(name: &str) -> Option<PciEmulation> {
-        match name {
-            "hostbridge" | "amd_hostbridge" => Some(PciEmulation::HostBridge),
-            "lpc" => Some(PciEmulation::Lpc),
-            "virtio-rnd" => Some(PciEmulation::VirtioRnd),
-            _ => None,
-        }
-    }
-
-    /// Resolve `device SLOT EMULATION OPTIONS`: descriptors (`fd=N`) are
-    /// taken through `take`. `vm` and `slot` seed the default MAC.
-    pub fn configure(
-        vm: &str,
-        slot: &str,
-        emulation: &str,
-        options: &[String],
-        take: &mut dyn FnMut(i32) -> Result<OwnedFd>,
-    ) -> Result<PciEmulation> {
-        let kv: Vec<(&str, Option<&str>)> = options
-            .iter()
-            .map(|o| match o.split_once('=') {
-                Some((k, v)) => (k, Some(v)),
-                None => (o.as_str(), None),
-            })
-            .collect();
-        let get = |k: &str| kv.iter().find(|(x, _)| *x == k).and_then(|(_, v)| *v);
-        let has = |k: &str| kv.iter().any(|(x, _)| *x == k);
-        let fd_num = |s: &str| -> Result<i32> {
-            s.parse::<i32>()
-                .ok()
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| bad(format!("{emulation}: bad descriptor '{s}'")))
-        };
-        let need_fd = || get("fd").ok_or_else(|| bad(format!("{emulation}: fd=N required")));
-        let known = |list: &[&str]| {
-            for (k, _) in &kv {
-                if !list.contains(k) {
-                    log::warn!("{emulation}: option '{k}' ignored");
-                }
-            }
-        };
-        Ok(match emulation {
-            "hostbridge" | "amd_hostbridge" => PciEmulation::HostBridge,
-            "lpc" => PciEmulation::Lpc,
-            "virtio-rnd" => PciEmulation::VirtioRnd,
-            "virtio-blk" => {
-                known(&[
-                    "fd",
-                    "ro",
-                    "sectorsize",
-                    "nocache",
-                    "direct",
-                    "sync",
-                    "nodelete",
-                ]);
-                let sector_size = match get("sectorsize") {
-                    None => None,
-                    Some(s) => {
-                        let l = s.split('/').next().unwrap_or("");
-                        match l.parse::<u32>() {
-                            Ok(n) if n.is_power_of_two() && (512..=32768).contains(&n) => Some(n),
-                            _ => return Err(bad(format!("virtio-blk: bad sectorsize '{s}'"))),
-                        }
-                    }
-                };
-                // Options are checked before the descriptor is taken.
-                let file = take(fd_num(need_fd()?)?)?;
-                // A descriptor opened read-only makes a read-only disk even
-                // without `ro` (writes would fail anyway).
-                // SAFETY: F_GETFL on a descriptor we own.
-                let fl =
-                    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
-                let ro = has("ro") || (fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDONLY);
-                PciEmulation::VirtioBlk(virtio::blk::BlkConfig {
-                    file: Arc::new(file),
-                    ro,
-                    sector_size,
-                    discard: !has("nodelete"),
-                })
-            }
-            "virtio-net" => {
-                known(&["fd", "slirp", "tap", "mac", "mtu", "open", "hostfwd"]);
-                let backend = if has("slirp") {
-                    virtio::net::NetBackend::Slirp
-                } else if has("tap") {
-                    virtio::net::NetBackend::Tap
-                } else {
-                    return Err(bad("virtio-net: backend slirp or tap required".into()));
-                };
-                let mac = match get("mac") {
-                    Some(m) => virtio::net::parse_mac(m)
-                        .ok_or_else(|| bad(format!("virtio-net: bad mac '{m}'")))?,
-                    None => virtio::net::default_mac(vm, slot),
-                };
-                let fd = take(fd_num(need_fd()?)?)?;
-                PciEmulation::VirtioNet(virtio::net::NetConfig {
-                    backend,
-                    fd: Arc::new(fd),
-                    mac,
-                })
-            }
-            "virtio-console" => {
-                known(&["fd"]);
-                let spec = need_fd()?;
-                let (input, output) = match spec.split_once(':') {
-                    Some((i, o)) => {
-                        let (i, o) = (fd_num(i)?, fd_num(o)?);
-                        let a = Arc::new(take(i)?);
-                        let b = if o == i {
-                            a.clone()
-                        } else {
-                            Arc::new(take(o)?)
-                        };
-                        (a, b)
-                    }
-                    None => {
-                        let a = Arc::new(take(fd_num(spec)?)?);
-                        (a.clone(), a)
-                    }
-                };
-                PciEmulation::VirtioConsole(virtio::console::ConsoleConfig { input, output })
-            }
-            "ahci" | "ahci-hd" | "ahci-cd" => {
-                PciEmulation::Ahci(ahci::AhciConfig::configure(emulation, options, take)?)
-            }
-            "passthru" => {
-                return Err(Error::Unsupported(
-                    "PCI passthrough needs an IOMMU; this engine cannot assign devices".into(),
-                ))
-            }
-            other => return Err(Error::Unsupported(format!("device emulation '{other}'"))),
-        })
-    }
-}
 
 /// Make KVM's PIT drop the ticks a guest could not take in time instead of
 /// delivering them later in a burst (its default "reinject" policy); bhyve's
