@@ -17,6 +17,7 @@ pub mod config;
 pub mod devices;
 pub mod error;
 pub mod events;
+pub mod files;
 pub mod firmware;
 pub mod memory;
 mod runtime;

@@ -136,11 +136,7 @@ impl<'a> Options<'a> {
         };
         // Options are checked before the descriptor is taken.
         let file = take(self.fd_num(self.need_fd()?)?)?;
-        // A descriptor opened read-only makes a read-only disk even
-        // without `ro` (writes would fail anyway).
-        // SAFETY: F_GETFL on a descriptor we own.
-        let fl = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
-        let ro = self.has("ro") || (fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDONLY);
+        let ro = self.has("ro") || crate::files::opened_read_only(&file);
         Ok(virtio::blk::BlkConfig {
             file: Arc::new(file),
             ro,
