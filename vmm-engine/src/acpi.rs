@@ -237,7 +237,34 @@ fn dsdt(coms: [bool; 4]) -> Vec<u8> {
         &aml::Package::new(vec![&5u8, &5u8, &0u8, &0u8]),
     )
     .to_aml_bytes(&mut body);
-    // INTx routing of every slot and pin, as the engine wires it.
+    let pci0 = pci_root_bridge();
+    let mbrs = motherboard_resources();
+    let rtc = isa_device("RTC_", "PNP0B00", 0, RTC_INDEX, 2, 8);
+    let com: Vec<Raw> = COM_PORTS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| coms[*i])
+        .map(|(i, (port, irq))| {
+            isa_device(
+                &format!("COM{}", i + 1),
+                "PNP0501",
+                u8::try_from(i + 1).unwrap_or(u8::MAX), // i < COM_PORTS.len() == 4
+                *port,
+                8,
+                *irq,
+            )
+        })
+        .collect();
+    let mut sb: Vec<&dyn Aml> = vec![&pci0, &mbrs, &rtc];
+    sb.extend(com.iter().map(|c| c as &dyn Aml));
+    aml::Scope::new("\\_SB_".into(), sb).to_aml_bytes(&mut body);
+    t.bytes(&body);
+    t.finish()
+}
+
+/// \_SB.PCI0: the root bridge, its bus, I/O and memory windows, and the
+/// INTx routing of every slot and pin as the engine wires it.
+fn pci_root_bridge() -> Raw {
     let prt: Vec<(u32, u8, u32)> = (0..32u8)
         .flat_map(|slot| {
             (0..4u8).map(move |pin| {
@@ -266,7 +293,7 @@ fn dsdt(coms: [bool; 4]) -> Vec<u8> {
             None,
         ),
     ]));
-    let pci0 = encode(&aml::Device::new(
+    encode(&aml::Device::new(
         "PCI0".into(),
         vec![
             // PCI Express root bridge (configuration through the MCFG's
@@ -280,26 +307,13 @@ fn dsdt(coms: [bool; 4]) -> Vec<u8> {
             &aml::Name::new("_CRS".into(), &crs),
             &aml::Name::new("_PRT".into(), &prt),
         ],
-    ));
-    let rtc = isa_device("RTC_", "PNP0B00", 0, RTC_INDEX, 2, 8);
-    let com: Vec<Raw> = COM_PORTS
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| coms[*i])
-        .map(|(i, (port, irq))| {
-            isa_device(
-                &format!("COM{}", i + 1),
-                "PNP0501",
-                u8::try_from(i + 1).unwrap_or(u8::MAX), // i < COM_PORTS.len() == 4
-                *port,
-                8,
-                *irq,
-            )
-        })
-        .collect();
-    // The ECAM window is claimed as a motherboard resource, as Linux
-    // wants before it trusts the MCFG.
-    let mbrs = encode(&aml::Device::new(
+    ))
+}
+
+/// \_SB.MBRS: the ECAM window claimed as a motherboard resource, as Linux
+/// wants before it trusts the MCFG.
+fn motherboard_resources() -> Raw {
+    encode(&aml::Device::new(
         "MBRS".into(),
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
@@ -313,12 +327,7 @@ fn dsdt(coms: [bool; 4]) -> Vec<u8> {
                 )]),
             ),
         ],
-    ));
-    let mut sb: Vec<&dyn Aml> = vec![&pci0, &mbrs, &rtc];
-    sb.extend(com.iter().map(|c| c as &dyn Aml));
-    aml::Scope::new("\\_SB_".into(), sb).to_aml_bytes(&mut body);
-    t.bytes(&body);
-    t.finish()
+    ))
 }
 
 /// PCI Express memory-mapped configuration: segment 0, bus 0.
