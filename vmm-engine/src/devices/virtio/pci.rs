@@ -123,54 +123,15 @@ impl VirtioPci {
         ram: Arc<Ram>,
         place: Placement,
     ) -> crate::error::Result<(PciFunction, VirtioPci)> {
-        let Placement {
-            bar_addr,
-            intx_pin,
-            intx_line,
-            source,
-        } = place;
-        let ty = dev.device_type();
-        let (class, sub) = class_of(ty);
-        let mut f = PciFunction::new(
-            VIRTIO_VENDOR,
-            // Virtio device ids are below 64; 0 (0x1040) is reserved.
-            VIRTIO_PCI_DEVICE_BASE + u16::try_from(ty).unwrap_or(0),
-            class,
-            sub,
-        );
-        f.cfg[0x08] = 1; // revision 1: modern only
-        f.cfg[0x2c..0x2e].copy_from_slice(&VIRTIO_VENDOR.to_le_bytes());
-        f.cfg[0x2e..0x30].copy_from_slice(&0x1100u16.to_le_bytes());
-        // 0xff: "unknown / not connected"; IOAPIC lines are below 24.
-        f.cfg[0x3c] = u8::try_from(intx_line).unwrap_or(0xff);
-        f.cfg[0x3d] = intx_pin + 1; // 1 = INTA#
-        f.set_mem_bar(0, BAR_SIZE, bar_addr);
-        f.cfg[4] |= 2; // memory space on
+        let (intx_line, source) = (place.intx_line, place.source);
         let sizes = dev.queue_max_sizes();
         let nq = sizes.len();
-        let vectors = u16::try_from(nq + 1)
-            .map_err(|_| crate::error::Error::Unsupported("too many virtqueues".into()))?;
-        let mut msix = vec![0x11, 0];
-        msix.extend_from_slice(&(vectors - 1).to_le_bytes());
-        msix.extend_from_slice(&const { cast::const_u32(MSIX_TABLE) }.to_le_bytes()); // BIR 0
-        msix.extend_from_slice(&const { cast::const_u32(MSIX_PBA) }.to_le_bytes());
         let config = dev.config();
-        let err = || crate::error::Error::Unsupported("PCI capability space full".into());
-        let msix_cap = f.add_cap(&msix).ok_or_else(err)?;
-        f.wmask[msix_cap + 3] = 0xc0; // MSI-X enable, function mask
-        for c in [
-            vendor_cap(CAP_COMMON, COMMON, COMMON_LEN, None),
-            vendor_cap(CAP_ISR, ISR, 1, None),
-            vendor_cap(CAP_DEVICE, DEVCFG, config.len().max(4) as u64, None),
-            vendor_cap(
-                CAP_NOTIFY,
-                NOTIFY,
-                NOTIFY_MULT * nq as u64,
-                Some(const { cast::const_u32(NOTIFY_MULT) }),
-            ),
-        ] {
-            f.add_cap(&c).ok_or_else(err)?;
-        }
+        let Header {
+            f,
+            vectors,
+            msix_cap,
+        } = Header::new(dev.device_type(), &place, nq, config.len())?;
         let mut notify = Vec::new();
         for _ in 0..nq {
             notify.push(Arc::new(super::eventfd()?));
@@ -509,6 +470,69 @@ impl Drop for VirtioPci {
                 let _ = self.vm.unregister_ioevent(e, &a, NoDatamatch);
             }
         }
+    }
+}
+
+/// A virtio function's PCI configuration space: identity, interrupt pin
+/// and line, the BAR, and the MSI-X and virtio vendor capabilities.
+struct Header {
+    f: PciFunction,
+    /// MSI-X vectors: one per queue and one for configuration changes.
+    vectors: u16,
+    /// Offset of the MSI-X capability.
+    msix_cap: usize,
+}
+
+impl Header {
+    fn new(
+        ty: u32,
+        place: &Placement,
+        nq: usize,
+        config_len: usize,
+    ) -> crate::error::Result<Header> {
+        let (class, sub) = class_of(ty);
+        let mut f = PciFunction::new(
+            VIRTIO_VENDOR,
+            // Virtio device ids are below 64; 0 (0x1040) is reserved.
+            VIRTIO_PCI_DEVICE_BASE + u16::try_from(ty).unwrap_or(0),
+            class,
+            sub,
+        );
+        f.cfg[0x08] = 1; // revision 1: modern only
+        f.cfg[0x2c..0x2e].copy_from_slice(&VIRTIO_VENDOR.to_le_bytes());
+        f.cfg[0x2e..0x30].copy_from_slice(&0x1100u16.to_le_bytes());
+        // 0xff: "unknown / not connected"; IOAPIC lines are below 24.
+        f.cfg[0x3c] = u8::try_from(place.intx_line).unwrap_or(0xff);
+        f.cfg[0x3d] = place.intx_pin + 1; // 1 = INTA#
+        f.set_mem_bar(0, BAR_SIZE, place.bar_addr);
+        f.cfg[4] |= 2; // memory space on
+        let vectors = u16::try_from(nq + 1)
+            .map_err(|_| crate::error::Error::Unsupported("too many virtqueues".into()))?;
+        let mut msix = vec![0x11, 0];
+        msix.extend_from_slice(&(vectors - 1).to_le_bytes());
+        msix.extend_from_slice(&const { cast::const_u32(MSIX_TABLE) }.to_le_bytes()); // BIR 0
+        msix.extend_from_slice(&const { cast::const_u32(MSIX_PBA) }.to_le_bytes());
+        let err = || crate::error::Error::Unsupported("PCI capability space full".into());
+        let msix_cap = f.add_cap(&msix).ok_or_else(err)?;
+        f.wmask[msix_cap + 3] = 0xc0; // MSI-X enable, function mask
+        for c in [
+            vendor_cap(CAP_COMMON, COMMON, COMMON_LEN, None),
+            vendor_cap(CAP_ISR, ISR, 1, None),
+            vendor_cap(CAP_DEVICE, DEVCFG, config_len.max(4) as u64, None),
+            vendor_cap(
+                CAP_NOTIFY,
+                NOTIFY,
+                NOTIFY_MULT * nq as u64,
+                Some(const { cast::const_u32(NOTIFY_MULT) }),
+            ),
+        ] {
+            f.add_cap(&c).ok_or_else(err)?;
+        }
+        Ok(Header {
+            f,
+            vectors,
+            msix_cap,
+        })
     }
 }
 
