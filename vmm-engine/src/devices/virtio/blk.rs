@@ -180,7 +180,8 @@ impl Blk {
         written.saturating_add(1)
     }
 
-    fn serve(&self, ram: &Ram, c: &Chain, ty: u32, sector: u64, last: &Desc) -> (u8, u32) {
+    /// A read (T_IN) or write (T_OUT) of whole 512-byte units at `sector`.
+    fn read_write(&self, ram: &Ram, c: &Chain, ty: u32, sector: u64, last: &Desc) -> (u8, u32) {
         let fd = self.cfg.file.as_raw_fd();
         // Data buffers: readable ones after the header (writes), writable
         // ones before the status byte (reads). The header and status must
@@ -188,60 +189,63 @@ impl Blk {
         let n = c.descs.len();
         let readable: Vec<&Desc> = c.descs.iter().filter(|d| !d.write).collect();
         let hdr_whole = readable.first().map(|d| u64::from(d.len)) == Some(HDR);
-        match ty {
-            T_IN | T_OUT => {
-                let data: Vec<&Desc> = if ty == T_IN {
-                    let mut w: Vec<&Desc> = c.descs[..n - 1].iter().filter(|d| d.write).collect();
-                    if last.len > 1 {
-                        // Status shares the last buffer: its head is data.
-                        w.push(last);
-                    }
-                    w
-                } else {
-                    if !hdr_whole {
-                        return (S_IOERR, 0);
-                    }
-                    readable[1..].to_vec()
-                };
-                let mut len: u64 = data.iter().map(|d| u64::from(d.len)).sum();
-                if ty == T_IN && last.len > 1 {
-                    len -= 1;
-                }
-                if len > MAX_REQUEST_BYTES {
-                    log::debug!("virtio-blk: {len}-byte request over {MAX_REQUEST_BYTES}");
-                    return (S_IOERR, 0);
-                }
-                let ssz = u64::from(self.cfg.sector_size.unwrap_or(512));
-                let Some(off) = sector.checked_mul(512) else {
-                    return (S_IOERR, 0);
-                };
-                if !len.is_multiple_of(512)
-                    || !off.is_multiple_of(ssz)
-                    || off.saturating_add(len) > self.size
-                {
-                    return (S_IOERR, 0);
-                }
-                if ty == T_OUT && self.cfg.ro {
-                    return (S_IOERR, 0);
-                }
-                let Some(mut iov) = iovecs(ram, &data) else {
-                    return (S_IOERR, 0);
-                };
-                if ty == T_IN && last.len > 1 {
-                    if let Some(l) = iov.last_mut() {
-                        l.iov_len -= 1;
-                    }
-                }
-                match rw_all(fd, iov, off, ty == T_OUT) {
-                    // len <= MAX_REQUEST_BYTES (checked above), below 4 GiB.
-                    Ok(_) if ty == T_IN => u32::try_from(len).map_or((S_IOERR, 0), |l| (S_OK, l)),
-                    Ok(_) => (S_OK, 0),
-                    Err(e) => {
-                        log::debug!("virtio-blk: I/O at {off:#x}+{len:#x}: {e}");
-                        (S_IOERR, 0)
-                    }
-                }
+        let data: Vec<&Desc> = if ty == T_IN {
+            let mut w: Vec<&Desc> = c.descs[..n - 1].iter().filter(|d| d.write).collect();
+            if last.len > 1 {
+                // Status shares the last buffer: its head is data.
+                w.push(last);
             }
+            w
+        } else {
+            if !hdr_whole {
+                return (S_IOERR, 0);
+            }
+            readable[1..].to_vec()
+        };
+        let mut len: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+        if ty == T_IN && last.len > 1 {
+            len -= 1;
+        }
+        if len > MAX_REQUEST_BYTES {
+            log::debug!("virtio-blk: {len}-byte request over {MAX_REQUEST_BYTES}");
+            return (S_IOERR, 0);
+        }
+        let ssz = u64::from(self.cfg.sector_size.unwrap_or(512));
+        let Some(off) = sector.checked_mul(512) else {
+            return (S_IOERR, 0);
+        };
+        if !len.is_multiple_of(512)
+            || !off.is_multiple_of(ssz)
+            || off.saturating_add(len) > self.size
+        {
+            return (S_IOERR, 0);
+        }
+        if ty == T_OUT && self.cfg.ro {
+            return (S_IOERR, 0);
+        }
+        let Some(mut iov) = iovecs(ram, &data) else {
+            return (S_IOERR, 0);
+        };
+        if ty == T_IN && last.len > 1 {
+            if let Some(l) = iov.last_mut() {
+                l.iov_len -= 1;
+            }
+        }
+        match rw_all(fd, iov, off, ty == T_OUT) {
+            // len <= MAX_REQUEST_BYTES (checked above), below 4 GiB.
+            Ok(_) if ty == T_IN => u32::try_from(len).map_or((S_IOERR, 0), |l| (S_OK, l)),
+            Ok(_) => (S_OK, 0),
+            Err(e) => {
+                log::debug!("virtio-blk: I/O at {off:#x}+{len:#x}: {e}");
+                (S_IOERR, 0)
+            }
+        }
+    }
+
+    fn serve(&self, ram: &Ram, c: &Chain, ty: u32, sector: u64, last: &Desc) -> (u8, u32) {
+        let fd = self.cfg.file.as_raw_fd();
+        match ty {
+            T_IN | T_OUT => self.read_write(ram, c, ty, sector, last),
             T_FLUSH => {
                 // SAFETY: fdatasync on our descriptor.
                 if unsafe { libc::fdatasync(fd) } == 0 || self.cfg.ro {
