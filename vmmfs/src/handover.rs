@@ -282,8 +282,8 @@ impl Handover {
         };
         let user = peer.ruid();
         // Each connection is a descriptor of the daemon: root's reserve stays.
-        let reserve_kept = user == 0
-            || crate::policy::fds_available(crate::service::fds_in_use(), 1, &self.limits);
+        let reserve_kept =
+            user == 0 || crate::policy::fds_available(crate::fds::in_use(), 1, &self.limits);
         let mut c = self.conns.lock();
         let mine = c.per_user.get(&user).copied().unwrap_or(0);
         if !reserve_kept || c.all.len() >= MAX_CONNS || (user != 0 && mine >= MAX_CONNS_PER_USER) {

@@ -6,6 +6,7 @@ mod creds;
 mod devlinks;
 mod engine;
 mod error;
+mod fds;
 mod fs;
 mod handover;
 mod jails;
@@ -244,33 +245,6 @@ fn lock_state_dir(dir: &Path) -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
-/// Raise RLIMIT_NOFILE as far as the kernel allows: every VM costs the
-/// daemon descriptors. Returns the limit now in force.
-fn raise_nofile() -> u64 {
-    let want = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(1 << 20)
-        .min(1 << 20);
-    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .unwrap_or((1024, 1024));
-    let new = want.max(soft);
-    if nix::sys::resource::setrlimit(
-        nix::sys::resource::Resource::RLIMIT_NOFILE,
-        new,
-        new.max(hard),
-    )
-    .is_ok()
-    {
-        return new;
-    }
-    // Without CAP_SYS_RESOURCE: up to the hard limit.
-    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
-    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(s, _)| s)
-        .unwrap_or(soft)
-}
-
 fn host_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -321,7 +295,7 @@ fn daemon(args: DaemonArgs) -> Result<(), String> {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let nofile = raise_nofile();
+    let nofile = fds::raise_nofile();
     let max_cpus = args
         .max_cpus
         .unwrap_or(u16::try_from(cpus).unwrap_or(u16::MAX))

@@ -54,12 +54,6 @@ pub const MAX_QUEUED_PER_USER: usize = 256;
 const MAX_BOOTROM: u64 = 16 << 20;
 const MAX_KERNEL: u64 = 512 << 20;
 
-/// Descriptors the daemon has open now (the length of /proc/self/fd):
-/// counted only for unprivileged requests that would take more.
-pub fn fds_in_use() -> u64 {
-    std::fs::read_dir("/proc/self/fd").map_or(u64::MAX, |d| d.count() as u64)
-}
-
 /// The size vmmctl reports. The kernel runs writes to a FUSE file in
 /// parallel only while they end within its size; vmmctl is opened as a
 /// stream (every write at offset 0) and a valid command is at most 254
@@ -738,7 +732,7 @@ impl<E: Engine> Service<E> {
     ) {
         let who = self.principal(opener);
         let in_use = match (&cmd, who.privileged()) {
-            (Command::Device { .. }, false) => fds_in_use(),
+            (Command::Device { .. }, false) => crate::fds::in_use(),
             _ => 0,
         };
         if let Err(e) = policy::command(&who, &cmd, &self.registry.limits, in_use) {
@@ -912,7 +906,11 @@ impl<E: Engine> Service<E> {
             name: &name,
             transient,
             memory: DEFAULT_MEMORY,
-            fds_in_use: if who.privileged() { 0 } else { fds_in_use() },
+            fds_in_use: if who.privileged() {
+                0
+            } else {
+                crate::fds::in_use()
+            },
         };
         let created =
             self.registry
@@ -1387,7 +1385,8 @@ impl<E: Engine> Deliver for Service<E> {
         let unprivileged = *user != 0;
         if vh.fds.len() + added > MAX_FDS_PER_HANDLE
             || (unprivileged && mine + added > MAX_FDS_PER_USER)
-            || (unprivileged && !policy::fds_available(fds_in_use(), 0, &self.registry.limits))
+            || (unprivileged
+                && !policy::fds_available(crate::fds::in_use(), 0, &self.registry.limits))
         {
             log::warn!(
                 "uid {user}: descriptors refused: {} held by the handle, {mine} by the user \
