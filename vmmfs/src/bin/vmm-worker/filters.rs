@@ -201,23 +201,37 @@ pub fn program(kind: Kind) -> Result<BpfProgram, String> {
         .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
-/// The thread kinds' programs, compiled once when the main thread's filter
-/// is installed: a spare worker does that before it is given a VM, so a
-/// launch's vCPU and device threads only load theirs.
-static THREAD_PROGRAMS: OnceLock<[BpfProgram; 3]> = OnceLock::new();
+/// Every kind's compiled program.
+pub struct Programs {
+    main: BpfProgram,
+    /// vCPU, device and helper threads.
+    threads: [BpfProgram; 3],
+}
+
+static PROGRAMS: OnceLock<Programs> = OnceLock::new();
+
+/// Compile every kind's program, once. The zygote does it before it forks,
+/// so a spare worker inherits them and neither its start nor a launch's
+/// threads compile anything.
+pub fn prepare() -> Result<&'static Programs, String> {
+    if let Some(p) = PROGRAMS.get() {
+        return Ok(p);
+    }
+    let p = Programs {
+        main: program(Kind::Main)?,
+        threads: [
+            program(Kind::Vcpu)?,
+            program(Kind::Device)?,
+            program(Kind::Helper)?,
+        ],
+    };
+    Ok(PROGRAMS.get_or_init(|| p))
+}
 
 /// Install the main thread's filter (after no_new_privs).
 pub fn install() -> Result<(), String> {
-    let prog = program(Kind::Main)?;
-    let threads = [
-        program(Kind::Vcpu)?,
-        program(Kind::Device)?,
-        program(Kind::Helper)?,
-    ];
-    if THREAD_PROGRAMS.set(threads).is_err() {
-        return Err("the thread filters were already compiled".into());
-    }
-    seccompiler::apply_filter(&prog).map_err(|e| e.to_string())?;
+    let p = prepare()?;
+    seccompiler::apply_filter(&p.main).map_err(|e| e.to_string())?;
     if !vmm_engine::threads::set_start_hook(on_thread_start) {
         return Err("the engine's thread hook was already set".into());
     }
@@ -232,10 +246,10 @@ fn on_thread_start(kind: ThreadKind) {
         ThreadKind::Device => 1,
         ThreadKind::Helper => 2,
     };
-    let r = THREAD_PROGRAMS
+    let r = PROGRAMS
         .get()
         .ok_or_else(|| "no compiled filters".to_string())
-        .and_then(|p| seccompiler::apply_filter(&p[i]).map_err(|e| e.to_string()));
+        .and_then(|p| seccompiler::apply_filter(&p.threads[i]).map_err(|e| e.to_string()));
     if let Err(e) = r {
         log::error!("cannot confine a {kind:?} thread: {e}");
         std::process::abort();

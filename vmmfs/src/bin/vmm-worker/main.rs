@@ -97,7 +97,14 @@ fn main() {
     let sock = unsafe { OwnedFd::from_raw_fd(SOCKET_FD) };
     match spawn {
         Some(s) => run_worker(sock, &s),
-        None => zygote::serve(sock),
+        None => {
+            // Compiled here once, inherited by every worker it forks.
+            if let Err(e) = filters::prepare() {
+                log::error!("zygote: cannot compile the seccomp filters: {e}");
+                std::process::exit(1);
+            }
+            zygote::serve(sock)
+        }
     }
 }
 
