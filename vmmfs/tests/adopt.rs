@@ -373,3 +373,157 @@ fn vms_outlive_the_daemon_and_are_adopted() {
     let _ = holder.wait();
     let _ = fs::remove_dir_all(&base);
 }
+
+/// A PID namespace (a jail, vmm(4) JAILS) kept alive by `unshare`; killed
+/// with it on drop.
+struct Jail {
+    unshare: Child,
+    /// The namespace's init, as the host sees it.
+    init: u32,
+}
+
+impl Jail {
+    fn new() -> Jail {
+        let unshare = Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "sleep", "100000"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare");
+        let pid = unshare.id();
+        let mut init = 0;
+        wait_for("the jail's init", Duration::from_secs(5), || {
+            init = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .ok()
+                .and_then(|c| c.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            init != 0
+        });
+        Jail { unshare, init }
+    }
+
+    /// `sh -c SCRIPT` as root inside the jail; its standard output.
+    fn sh(&self, script: &str) -> String {
+        let out = Command::new("nsenter")
+            .args([
+                "--target",
+                &self.init.to_string(),
+                "--pid",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("nsenter");
+        assert!(
+            out.status.success(),
+            "in the jail: {script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+/// A jail's VM across a daemon restart. Root in a jail is unprivileged
+/// (vmm(4) JAILS): its VMs are destroy-on-close, so the record names the
+/// jail (by its init's pid and start time) and says transient, and the
+/// restarted daemon destroys the VM: neither the jail nor the host sees it,
+/// its worker ends, its record goes.
+#[test]
+fn a_jails_vm_is_destroyed_at_adoption() {
+    if !usable() {
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("vmmfs-it-adopt-jail-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&base);
+    let (mnt, state) = (base.join("mnt"), base.join("state"));
+    fs::create_dir_all(&mnt).unwrap();
+    let mut daemon = start(&mnt, &state);
+    let _reap = Reap(daemon.id());
+    let jail = Jail::new();
+    let allowed = Command::new(env!("CARGO_BIN_EXE_vmmfs"))
+        .args([
+            "jail",
+            "allow",
+            "--pid",
+            &jail.init.to_string(),
+            "--state-dir",
+        ])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(allowed.success(), "vmmfs jail allow");
+    let m = mnt.display();
+    // A persistent VM is refused in a jail; a monitor-mode one is made,
+    // its vmmctl descriptor held by a shell in the jail.
+    let refused = Command::new("nsenter")
+        .args([
+            "--target",
+            &jail.init.to_string(),
+            "--pid",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(format!("printf 'create adopt-jp' > {m}/vmmctl"))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!refused.success(), "a jail's persistent VM is refused");
+    let mut holder = Command::new("nsenter")
+        .args([
+            "--target",
+            &jail.init.to_string(),
+            "--pid",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "exec 3<>{m}/vmmctl && printf 'create adopt-j destroy-on-close' >&3 && exec sleep 600"
+        ))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the jail's VM", Duration::from_secs(10), || {
+        worker_of(&state, "adopt-j").is_some()
+    });
+    assert_eq!(jail.sh(&format!("ls {m}/vmm")).trim(), "adopt-j");
+    let worker = worker_of(&state, "adopt-j").unwrap();
+    let record = fs::read_to_string(state.join("vms").join(format!("{worker}.vm"))).unwrap();
+    assert!(
+        record.contains(&format!(":{}:", jail.init)) && record.contains("transient=1"),
+        "the record names the jail's init and says transient: {record}"
+    );
+
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    assert!(alive(worker), "the worker outlives the daemon");
+    let mut daemon = start(&mnt, &state);
+    let _reap2 = Reap(daemon.id());
+    wait_for("the jail's worker to end", Duration::from_secs(5), || {
+        !alive(worker)
+    });
+    assert_eq!(
+        jail.sh(&format!("ls {m}/vmm")).trim(),
+        "",
+        "gone in the jail"
+    );
+    assert!(!mnt.join("vmm/adopt-j").exists(), "gone on the host");
+    assert!(records(&state).is_empty(), "{:?}", records(&state));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    drop(jail);
+    let _ = fs::remove_dir_all(&base);
+}
