@@ -354,6 +354,7 @@ fn serve(sock: OwnedFd, test_hooks: bool) {
     });
     let mut vm: Option<Arc<Vm>> = None;
     let mut listener: Option<OwnedFd> = None;
+    let mut counters: Option<Arc<Vm>> = None;
     let mut sent = Sent::default();
     loop {
         let sock = reporter.current();
@@ -405,7 +406,8 @@ fn serve(sock: OwnedFd, test_hooks: bool) {
                         }
                     }));
                     reporter.status(&v);
-                    report_counters(&v, &reporter);
+                    // Its counter thread starts once the create is answered.
+                    counters = Some(v.clone());
                     vm = Some(v);
                     Ok(())
                 }
@@ -442,6 +444,9 @@ fn serve(sock: OwnedFd, test_hooks: bool) {
                 Some(v) => await_daemon(listener.as_ref(), &reporter, v, &mut sent),
                 None => std::process::exit(0),
             }
+        }
+        if let Some(v) = counters.take() {
+            report_counters(&v, &reporter);
         }
     }
 }
