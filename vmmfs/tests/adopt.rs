@@ -211,6 +211,15 @@ fn records(state: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A fresh directory for test `tag`: (base, mount point, state directory).
+fn scratch(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let base = std::env::temp_dir().join(format!("vmmfs-it-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&base);
+    let (mnt, state) = (base.join("mnt"), base.join("state"));
+    fs::create_dir_all(&mnt).unwrap();
+    (base, mnt, state)
+}
+
 fn build_guests(out: &Path) -> PathBuf {
     test_support::build_guests(out, &["multi.rom"]).join("multi.rom")
 }
@@ -220,10 +229,7 @@ fn vms_outlive_the_daemon_and_are_adopted() {
     if !usable() {
         return;
     }
-    let base = std::env::temp_dir().join(format!("vmmfs-it-adopt-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&base);
-    let (mnt, state) = (base.join("mnt"), base.join("state"));
-    fs::create_dir_all(&mnt).unwrap();
+    let (base, mnt, state) = scratch("adopt");
     let rom = build_guests(&base.join("guests"));
     let console = base.join("console");
     let (member_uid, member_gid) = ids(MEMBER).unwrap();
@@ -401,21 +407,25 @@ impl Jail {
         Jail { unshare, init }
     }
 
+    /// `sh -c SCRIPT` as root inside the jail, to be run.
+    fn command(&self, script: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args([
+            "--target",
+            &self.init.to_string(),
+            "--pid",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(Stdio::null());
+        c
+    }
+
     /// `sh -c SCRIPT` as root inside the jail; its standard output.
     fn sh(&self, script: &str) -> String {
-        let out = Command::new("nsenter")
-            .args([
-                "--target",
-                &self.init.to_string(),
-                "--pid",
-                "--",
-                "sh",
-                "-c",
-                script,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("nsenter");
+        let out = self.command(script).output().expect("nsenter");
         assert!(
             out.status.success(),
             "in the jail: {script}: {}",
@@ -442,10 +452,7 @@ fn a_jails_vm_is_destroyed_at_adoption() {
     if !usable() {
         return;
     }
-    let base = std::env::temp_dir().join(format!("vmmfs-it-adopt-jail-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&base);
-    let (mnt, state) = (base.join("mnt"), base.join("state"));
-    fs::create_dir_all(&mnt).unwrap();
+    let (base, mnt, state) = scratch("adopt-jail");
     let mut daemon = start(&mnt, &state);
     let _reap = Reap(daemon.id());
     let jail = Jail::new();
@@ -464,33 +471,16 @@ fn a_jails_vm_is_destroyed_at_adoption() {
     let m = mnt.display();
     // A persistent VM is refused in a jail; a monitor-mode one is made,
     // its vmmctl descriptor held by a shell in the jail.
-    let refused = Command::new("nsenter")
-        .args([
-            "--target",
-            &jail.init.to_string(),
-            "--pid",
-            "--",
-            "sh",
-            "-c",
-        ])
-        .arg(format!("printf 'create adopt-jp' > {m}/vmmctl"))
+    let refused = jail
+        .command(&format!("printf 'create adopt-jp' > {m}/vmmctl"))
         .stderr(Stdio::null())
         .status()
         .unwrap();
     assert!(!refused.success(), "a jail's persistent VM is refused");
-    let mut holder = Command::new("nsenter")
-        .args([
-            "--target",
-            &jail.init.to_string(),
-            "--pid",
-            "--",
-            "sh",
-            "-c",
-        ])
-        .arg(format!(
+    let mut holder = jail
+        .command(&format!(
             "exec 3<>{m}/vmmctl && printf 'create adopt-j destroy-on-close' >&3 && exec sleep 600"
         ))
-        .stdin(Stdio::null())
         .spawn()
         .unwrap();
     wait_for("the jail's VM", Duration::from_secs(10), || {
