@@ -101,8 +101,12 @@ fn loader_error(e: linux_loader::loader::Error) -> Error {
 
 /// Load a bzImage's protected-mode part (linux-loader) where the kernel
 /// prefers to run, so that it decompresses in place, or at 1 MiB.
-fn load_bzimage(view: &GuestMemoryMmap, k: &[u8], low_end: u64) -> Result<Kernel> {
-    let hdr = bzimage_header(k).ok_or_else(|| bad("no bzImage setup header"))?;
+fn load_bzimage(
+    view: &GuestMemoryMmap,
+    k: &[u8],
+    hdr: setup_header,
+    low_end: u64,
+) -> Result<Kernel> {
     let (version, xlf) = (hdr.version, hdr.xloadflags);
     if version < 0x020c || xlf & XLF_KERNEL_64 == 0 {
         return Err(bad(format!(
@@ -138,7 +142,7 @@ fn load_bzimage(view: &GuestMemoryMmap, k: &[u8], low_end: u64) -> Result<Kernel
     Ok(Kernel {
         entry: r.kernel_load.raw_value() + 0x200,
         end: at + init_size,
-        hdr: r.setup_header.unwrap_or(hdr),
+        hdr,
         cmdline_max: if csize == 0 { 255 } else { csize },
     })
 }
@@ -232,8 +236,8 @@ pub fn load(
         return Err(bad("guest memory too small for direct boot"));
     }
     let view = mem.view()?;
-    let k = if is_bzimage(kernel) {
-        load_bzimage(&view, kernel, low_end)?
+    let k = if let Some(hdr) = bzimage_header(kernel) {
+        load_bzimage(&view, kernel, hdr, low_end)?
     } else if is_elf64(kernel) {
         load_elf(&view, kernel)?
     } else {
