@@ -107,9 +107,15 @@ fn take(fds: &mut dyn FdSource, n: i32) -> Result<OwnedFd> {
         .map_err(|e| Error::io(format!("descriptor {n}"), e))
 }
 
-impl Vm {
-    /// Create a VM: a KVM VM with default RAM (256 MiB, not yet touched).
-    pub fn create(name: &str) -> Result<Vm> {
+/// A VM before it has a name: its KVM VM and default RAM. A spare worker
+/// makes one while it waits for a create, which then costs neither the KVM
+/// VM nor its memory slot (the two system calls that make up most of a bare
+/// KVM create).
+pub struct Unnamed(Core);
+
+impl Unnamed {
+    /// The KVM VM with default RAM (256 MiB, not yet touched).
+    pub fn new() -> Result<Unnamed> {
         let mut machine = Machine::create()?;
         let fd = machine.set_memory(DEFAULT_MEMORY)?;
         let config = VmConfig::default();
@@ -119,16 +125,28 @@ impl Vm {
             cpus: config.topology.cpus,
             segments: vec![Segment::new("sysmem", DEFAULT_MEMORY, fd)],
         };
-        Ok(Vm {
+        Ok(Unnamed(Core {
+            ctl: Mutex::new(Control { machine, config }),
+            st: Mutex::new(st),
+            generation: AtomicU64::new(0),
+            notifier: Mutex::new(None),
+            counters: Arc::new(Counters::default()),
+        }))
+    }
+
+    /// The VM, named.
+    pub fn named(self, name: &str) -> Vm {
+        Vm {
             name: name.to_string(),
-            core: Arc::new(Core {
-                ctl: Mutex::new(Control { machine, config }),
-                st: Mutex::new(st),
-                generation: AtomicU64::new(0),
-                notifier: Mutex::new(None),
-                counters: Arc::new(Counters::default()),
-            }),
-        })
+            core: Arc::new(self.0),
+        }
+    }
+}
+
+impl Vm {
+    /// Create a VM: a KVM VM with default RAM (256 MiB, not yet touched).
+    pub fn create(name: &str) -> Result<Vm> {
+        Ok(Unnamed::new()?.named(name))
     }
 
     /// The VM's name.

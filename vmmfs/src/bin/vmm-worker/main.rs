@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Weak};
 use vmm_engine::command::{Command, Labelled};
+use vmm_engine::vm::Unnamed;
 use vmm_engine::{Error, Vm};
 use vmm_protocol::status::Status;
 use vmm_protocol::worker::{self, ErrorKind, Event, Reply, Request, SegmentInfo, Spawn};
@@ -168,10 +169,16 @@ pub(crate) fn run_worker(sock: OwnedFd, spawn: &Spawn) -> ! {
         log::error!("cannot install the seccomp filter: {e}");
         std::process::exit(JAIL_FAILED);
     }
+    // The KVM VM and its default RAM are made now, while this worker is a
+    // spare, so that the create it waits for costs neither. One that cannot
+    // be made now is tried again at the create, which then reports why.
+    let unnamed = Unnamed::new()
+        .inspect_err(|e| log::warn!("a spare worker could not make its VM yet: {e}"))
+        .ok();
     if worker::send(sock.as_fd(), &Event::Ready.to_string(), &[]).is_err() {
         std::process::exit(0);
     }
-    serve(sock, spawn.test_hooks);
+    serve(sock, spawn.test_hooks, unnamed);
     std::process::exit(0)
 }
 
@@ -348,7 +355,7 @@ fn reply_of(r: Result<(), Error>) -> Reply {
     }
 }
 
-fn serve(sock: OwnedFd, test_hooks: bool) {
+fn serve(sock: OwnedFd, test_hooks: bool, mut unnamed: Option<Unnamed>) {
     let reporter = Arc::new(Reporter {
         sock: Mutex::new(Arc::new(sock)),
     });
@@ -393,7 +400,10 @@ fn serve(sock: OwnedFd, test_hooks: bool) {
                 .transpose()
                 .and_then(|l| {
                     listener = l;
-                    Vm::create(&name)
+                    match unnamed.take() {
+                        Some(u) => Ok(u.named(&name)),
+                        None => Vm::create(&name),
+                    }
                 }) {
                 Ok(v) => {
                     name_process(&name);
