@@ -188,6 +188,19 @@ impl ProcessId {
     }
 }
 
+impl ProcessId {
+    /// The wait status of this process if it has ended and is not yet
+    /// reaped (a zombie): field 52 of /proc/PID/stat.
+    pub fn zombie_status(&self) -> Option<i32> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        if parse_stat(&stat)?.1 != self.start || stat_state(&stat)? != 'Z' {
+            return None;
+        }
+        let rest = &stat[stat.rfind(')')? + 2..];
+        rest.split_whitespace().nth(52 - 3)?.parse().ok()
+    }
+}
+
 /// (pid, start time) from the text of /proc/PID/stat. The command name may
 /// contain spaces and parentheses, so fields are counted after the last ')'.
 fn parse_stat(stat: &str) -> Option<(u32, u64)> {

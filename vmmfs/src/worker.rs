@@ -25,7 +25,8 @@
 //! connects ([`Engine::adopt`]), checks with SO_PEERCRED that the listener
 //! is the recorded process (pid, pinned by a pidfd and checked against its
 //! start time, and uid), and takes the VM over. Adopted workers are not the
-//! daemon's children: their end is seen on the pidfd, without an exit status.
+//! daemon's children: their end is seen on the pidfd, and their exit status
+//! read through it (PIDFD_GET_INFO, Linux 6.15 and later).
 
 use crate::cgroup::{Cgroups, Leaf};
 use crate::engine::{Creator, Engine, EngineError, EngineVm, WorkerId};
@@ -739,8 +740,12 @@ fn kill(pidfd: &OwnedFd) {
 }
 
 /// Wait for the end of a worker that is not our child (adopted): its
-/// pidfd turns readable; there is no exit status to collect.
-fn await_end(pidfd: &OwnedFd) {
+/// pidfd turns readable when it exits. Its exit status is not ours to
+/// collect (waitid is for parents), but it can be read: from /proc while
+/// it is a zombie, and once its new parent (init, or a subreaper) has reaped
+/// it, through the pidfd (PIDFD_GET_INFO, Linux 6.15 and later). (code,
+/// signal) as [`reap`] gives, or None where neither tells.
+fn await_end(pidfd: &OwnedFd, id: &WorkerId) -> Option<(i32, i32)> {
     let mut p = libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,
@@ -750,6 +755,49 @@ fn await_end(pidfd: &OwnedFd) {
     while unsafe { libc::poll(&mut p, 1, -1) } < 0
         && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
     {}
+    let zombie = ProcessId {
+        pid: id.pid,
+        start: id.start,
+    };
+    // Reaped between the two looks: the pidfd has it by then.
+    let status = exit_status(pidfd)
+        .or_else(|| zombie.zombie_status())
+        .or_else(|| exit_status(pidfd))?;
+    Some(if libc::WIFEXITED(status) {
+        (libc::WEXITSTATUS(status), 0)
+    } else {
+        (0, libc::WTERMSIG(status))
+    })
+}
+
+/// `struct pidfd_info` of <linux/pidfd.h>, as first published (64 bytes;
+/// `exit_code` since Linux 6.15).
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    ids: [u32; 11],
+    exit_code: i32,
+}
+
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+/// _IOWR(PIDFS_IOCTL_MAGIC = 0xFF, 11, struct pidfd_info).
+const PIDFD_GET_INFO: libc::c_ulong =
+    0xC000_0000 | ((std::mem::size_of::<PidfdInfo>() as libc::c_ulong) << 16) | (0xFF << 8) | 11;
+
+/// The wait status of the ended, reaped process of `pidfd`, where the
+/// kernel keeps it (Linux 6.15 and later).
+fn exit_status(pidfd: &OwnedFd) -> Option<i32> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: PIDFD_GET_INFO writes at most size_of::<PidfdInfo>() bytes
+    // (the size encoded in the request) into `info`, which lives across
+    // the call. Older kernels fail with ENOTTY or EINVAL.
+    let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info) };
+    (rc == 0 && info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code)
 }
 
 /// Wait for the worker to end and collect it: (code, signal).
@@ -1068,8 +1116,7 @@ impl Inner {
             kill(&self.pidfd);
         }
         let end = if self.adopted {
-            await_end(&self.pidfd);
-            None
+            await_end(&self.pidfd, &self.id)
         } else {
             reap(&self.pidfd)
         };

@@ -262,6 +262,9 @@ fn vms_outlive_the_daemon_and_are_adopted() {
     std::os::unix::fs::chown(&seg, None, Some(vmm)).unwrap();
     let persistent = worker_of(&state, "adopt-p").expect("a record of adopt-p");
     assert!(alive(persistent));
+    // A second persistent VM, whose worker will crash after adoption.
+    command(&ctl, "create adopt-s");
+    let crashing = worker_of(&state, "adopt-s").expect("a record of adopt-s");
 
     // A member's monitor-mode VM, its vmmctl descriptor held by a shell.
     let mut sh = Command::new("sh");
@@ -321,7 +324,7 @@ fn vms_outlive_the_daemon_and_are_adopted() {
         .collect();
     assert_eq!(
         names,
-        ["adopt-p"],
+        ["adopt-p", "adopt-s"],
         "the transient VM is destroyed at adoption"
     );
     wait_for(
@@ -344,6 +347,33 @@ fn vms_outlive_the_daemon_and_are_adopted() {
         (0, vmm, 0o640),
         "a segment node's owner, group and mode come back"
     );
+
+    // An adopted worker is not the daemon's child, yet its crash is
+    // reported with its cause, as for a worker the daemon started: the
+    // status says how it ended for the grace time, then the VM goes.
+    let crashed = mnt.join("vmm/adopt-s");
+    // SIGKILL (as the OOM killer sends): a worker is the init of its PID
+    // namespace, and such a process gets no other signal from outside
+    // unless it handles it.
+    // SAFETY: signalling the recorded worker (root may).
+    unsafe { libc::kill(crashing as i32, libc::SIGKILL) };
+    let mut last = String::new();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        let mut s = String::new();
+        match File::open(&crashed).and_then(|mut f| f.read_to_string(&mut s)) {
+            Ok(_) => last = s,
+            Err(_) => break,
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        last.contains("exit=error") && last.contains("killed by SIGKILL"),
+        "the adopted worker's end and its cause: {last}"
+    );
+    wait_for("the crashed VM to go", Duration::from_secs(5), || {
+        !crashed.exists()
+    });
 
     // Destroyed on request: node, worker, record and socket go.
     let ctl = OpenOptions::new()
