@@ -301,10 +301,10 @@ impl Platform {
             u64::from(rtc::RTC_INDEX),
             2,
         )?;
-        let kbd: SharedDevice = Arc::new(Mutex::new(I8042 {
-            floating: cfg.firmware.is_some(),
-            events: events.clone(),
-        }));
+        let kbd: SharedDevice = Arc::new(Mutex::new(I8042::new(
+            events.clone(),
+            cfg.firmware.is_some(),
+        )));
         insert(&mut pio, kbd.clone(), 0x60, 1)?;
         insert(&mut pio, kbd, 0x64, 1)?;
         let timer = BootTimer { counters, started };
