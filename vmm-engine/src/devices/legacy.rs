@@ -12,9 +12,11 @@ use crate::events::Counters;
 use crate::events::{ExitReason, VmEvents};
 use kvm_ioctls::VmFd;
 use parking_lot::Mutex;
+use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
+use vm_superio::{I8042Device, Trigger};
 
 /// Reset control register (PIIX), between the PCI address and data ports.
 pub const RESET_PORT: u16 = 0xcf9;
@@ -189,25 +191,62 @@ impl BusDevice for flash::Flash {
     }
 }
 
-/// The i8042's ports 0x60/0x64: writing 0xfe to 0x64 pulses the reset
-/// line. Status reads "no data, input buffer empty" (the FADT does not
-/// announce an 8042, so OSes do not probe it; boot ROMs may still poll).
+/// The i8042's ports 0x60/0x64, served by vm-superio's `I8042Device`:
+/// writing 0xfe to 0x64 pulses the reset line. Reads answer 0 ("no data,
+/// input buffer empty"; the FADT does not announce an 8042 and the DSDT
+/// has no PS/2 device, so OSes do not probe it; boot ROMs may still poll).
 /// Under UEFI firmware the ports float, so OVMF's PS/2 driver gives up at
 /// once instead of timing out on each command.
 pub struct I8042 {
-    pub floating: bool,
-    pub events: VmEvents,
+    floating: bool,
+    dev: I8042Device<ResetLine>,
+}
+
+/// Where the i8042's ports start: vm-superio decodes offsets from here.
+const I8042_BASE: u64 = 0x60;
+
+/// The i8042's reset line: the guest asks for a reboot.
+struct ResetLine(VmEvents);
+
+impl Trigger for ResetLine {
+    type E = Infallible;
+
+    fn trigger(&self) -> Result<(), Infallible> {
+        self.0.request_stop(ExitReason::Reboot);
+        Ok(())
+    }
+}
+
+impl I8042 {
+    pub fn new(events: VmEvents, floating: bool) -> I8042 {
+        I8042 {
+            floating,
+            dev: I8042Device::new(ResetLine(events)),
+        }
+    }
+
+    /// The port's offset from 0x60, as vm-superio takes it (0 or 4 here).
+    fn offset(base: u64, offset: u64) -> Option<u8> {
+        let o = (base + offset).checked_sub(I8042_BASE)?;
+        u8::try_from(o).ok()
+    }
 }
 
 impl BusDevice for I8042 {
-    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
-        data.fill(if self.floating { 0xff } else { 0 });
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        let v = match I8042::offset(base, offset) {
+            Some(o) if !self.floating => self.dev.read(o),
+            _ => 0xff,
+        };
+        data.fill(v);
     }
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        if base + offset == 0x64 && data.first() == Some(&0xfe) {
-            self.events.request_stop(ExitReason::Reboot);
-        }
+        let (Some(o), Some(&v)) = (I8042::offset(base, offset), data.first()) else {
+            return;
+        };
+        // The reset line cannot fail (its error type has no value).
+        let Ok(()) = self.dev.write(o, v);
     }
 }
 
@@ -313,13 +352,18 @@ mod tests {
         let mut d = [0u8; 4];
         cf9.read(0xcf8, 4, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x1275_1275);
-        let mut kbd = I8042 {
-            floating: false,
-            events: events.clone(),
-        };
+        let mut kbd = I8042::new(events.clone(), false);
         kbd.write(0x60, 0, &[0xfe]);
         assert_eq!(events.take_stop(), None);
         kbd.write(0x64, 0, &[0xfe]);
+        assert_eq!(events.take_stop(), Some(ExitReason::Reboot));
+        let mut status = [0xaa];
+        kbd.read(0x64, 0, &mut status);
+        assert_eq!(status, [0]);
+        let mut floating = I8042::new(events.clone(), true);
+        floating.read(0x60, 0, &mut status);
+        assert_eq!(status, [0xff]);
+        floating.write(0x64, 0, &[0xfe]);
         assert_eq!(events.take_stop(), Some(ExitReason::Reboot));
     }
 }

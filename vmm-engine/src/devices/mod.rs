@@ -301,10 +301,10 @@ impl Platform {
             u64::from(rtc::RTC_INDEX),
             2,
         )?;
-        let kbd: SharedDevice = Arc::new(Mutex::new(I8042 {
-            floating: cfg.firmware.is_some(),
-            events: events.clone(),
-        }));
+        let kbd: SharedDevice = Arc::new(Mutex::new(I8042::new(
+            events.clone(),
+            cfg.firmware.is_some(),
+        )));
         insert(&mut pio, kbd.clone(), 0x60, 1)?;
         insert(&mut pio, kbd, 0x64, 1)?;
         let timer = BootTimer { counters, started };
@@ -424,115 +424,4 @@ fn ram_below_above_4g(ram: &[Region]) -> (u64, u64) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn emulation_names() {
-        assert!(matches!(
-            PciEmulation::parse("hostbridge"),
-            Some(PciEmulation::HostBridge)
-        ));
-        assert!(matches!(
-            PciEmulation::parse("lpc"),
-            Some(PciEmulation::Lpc)
-        ));
-        assert!(PciEmulation::parse("virtio-blk").is_none());
-    }
-
-    /// A pipe whose write end is full: a blocking write on it waits.
-    fn full_pipe() -> (OwnedFd, OwnedFd) {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills two descriptors we then own.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both were just created and are owned by nobody else.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let fd = w.as_raw_fd();
-        // SAFETY: flag changes and writes on a descriptor we own.
-        unsafe {
-            libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
-            let buf = [0u8; 4096];
-            while libc::write(fd, buf.as_ptr().cast(), buf.len()) > 0 {}
-            libc::fcntl(fd, libc::F_SETFL, 0);
-        }
-        (r, w)
-    }
-
-    #[test]
-    fn a_uart_blocked_on_a_full_pipe_does_not_stall_other_devices() {
-        use std::os::fd::AsRawFd;
-        use std::sync::mpsc;
-        use std::time::Duration;
-        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-            eprintln!("skipping: no /dev/kvm");
-            return;
-        };
-        let vm = Arc::new(kvm.create_vm().unwrap());
-        let (r, w) = full_pipe();
-        let cfg = PlatformConfig {
-            serial_out: [Some(Arc::new(w)), None, None, None],
-            pci: Vec::new(),
-            ram: Vec::new(),
-            rtc_utc: true,
-            firmware: None,
-        };
-        let p = Arc::new(Platform::new(vm, cfg, Arc::default()).unwrap());
-        // A vCPU writes COM1's THR and blocks in write(2), holding COM1.
-        let (tx, blocked) = mpsc::channel();
-        let p1 = p.clone();
-        let writer = std::thread::spawn(move || {
-            let r = p1.io_out(0x3f8, b"x");
-            tx.send(()).unwrap();
-            r
-        });
-        assert!(blocked.recv_timeout(Duration::from_millis(200)).is_err());
-        // Another vCPU reaches PCI configuration space, COM2 and the RTC.
-        let (tx, rx) = mpsc::channel();
-        let p2 = p.clone();
-        std::thread::spawn(move || {
-            p2.io_out(0xcf8, &0x8000_0000u32.to_le_bytes());
-            let mut id = [0u8; 4];
-            p2.io_in(0xcfc, &mut id);
-            let mut lsr = [0u8];
-            p2.io_in(0x2f8 + 5, &mut lsr);
-            p2.io_out(0x70, &[0x0a]);
-            tx.send((u32::from_le_bytes(id), lsr[0])).unwrap();
-        });
-        let (id, lsr) = rx.recv_timeout(Duration::from_secs(5)).expect("stalled");
-        assert_eq!(id, 0x1275_1275);
-        assert_eq!(lsr & 0x60, 0x60, "COM2's transmitter is empty");
-        // Room in the pipe lets the blocked write finish.
-        let mut buf = [0u8; 4096];
-        // SAFETY: reading into a local buffer from a descriptor we own.
-        unsafe { libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        blocked
-            .recv_timeout(Duration::from_secs(5))
-            .expect("write done");
-        assert_eq!(writer.join().unwrap(), None);
-    }
-
-    #[test]
-    fn stop_requests_come_back_from_the_write_that_made_them() {
-        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-            eprintln!("skipping: no /dev/kvm");
-            return;
-        };
-        let cfg = PlatformConfig {
-            serial_out: [None, None, None, None],
-            pci: Vec::new(),
-            ram: Vec::new(),
-            rtc_utc: true,
-            firmware: None,
-        };
-        let vm = Arc::new(kvm.create_vm().unwrap());
-        let p = Platform::new(vm, cfg, Arc::default()).unwrap();
-        assert_eq!(p.io_out(RESET_PORT, &[0x2]), None);
-        assert_eq!(p.io_out(RESET_PORT, &[0x6]), Some(ExitReason::Reboot));
-        assert_eq!(p.io_out(0x64, &[0xfe]), Some(ExitReason::Reboot));
-        // SLP_TYP 5 with SLP_EN: S5.
-        let s5 = ((5u16 << 10) | (1 << 13)).to_le_bytes();
-        assert_eq!(p.io_out(PM1A_CNT, &s5), Some(ExitReason::PowerOff));
-        assert_eq!(p.io_out(0x80, &[1]), None);
-    }
-}
+mod tests;

@@ -5,9 +5,13 @@
 // Test code: casts of small fixed test values and test-side syscall results.
 #![allow(clippy::cast_possible_truncation)]
 
+use super::regs::*;
+use super::transfer::{ST_ERR, ST_READY};
 use super::*;
 use crate::devices::virtio::test_utils::heap_peak;
-use crate::memory::{memfd, Region};
+use crate::memory::{memfd, GuestMemory, Region};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::sync::Mutex;
 
 const RAM: usize = 8 << 20;
