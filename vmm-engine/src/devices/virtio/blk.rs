@@ -7,7 +7,7 @@
 //! errors too. Only queue-protocol violations mark the device broken.
 
 use super::queue::{Chain, Desc, QueueError};
-use super::{poll_fds, Activation, Ram, VirtioDevice, TYPE_BLOCK};
+use super::{Activation, EpollHelper, Ram, VirtioDevice, TYPE_BLOCK};
 use crate::cast;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -356,25 +356,8 @@ impl VirtioDevice for Blk {
         c
     }
 
-    fn run(&mut self, act: &mut Activation) {
-        let (stop, notify) = (act.stop.as_raw_fd(), act.notify[0].as_raw_fd());
-        let mut broken = false;
-        loop {
-            if act.should_stop() {
-                return;
-            }
-            super::drain(&act.notify[0]);
-            if !broken {
-                if let Err(why) = self.drain_queue(act) {
-                    act.broken(&why);
-                    broken = true;
-                }
-            }
-            let r = poll_fds(&[(stop, libc::POLLIN), (notify, libc::POLLIN)], -1);
-            if r[0] != 0 {
-                return;
-            }
-        }
+    fn run(&mut self, act: &mut Activation, ep: &mut EpollHelper) {
+        super::service::run_queue(act, ep, |act| self.drain_queue(act));
     }
 }
 

@@ -7,11 +7,13 @@
 //! to non-blocking: output waits for POLLOUT and writes at most a page at a
 //! time (what POLLOUT guarantees for pipes), input reads only after POLLIN.
 
-use super::{poll_fds, Activation, QueueError, VirtioDevice, TYPE_CONSOLE};
+use super::service::wanted;
+use super::{probe, Activation, EpollHelper, QueueError, VirtioDevice, TYPE_CONSOLE};
 use crate::cast;
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use vmm_sys_util::epoll::EventSet;
 
 const QUEUE_SIZE: u16 = 64;
 /// Bytes of one transmit chain at most. Linux's hvc driver hands the port
@@ -52,7 +54,7 @@ impl Console {
     }
 }
 
-impl super::RxTx for Console {
+impl super::service::RxTx for Console {
     fn transmit(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let mut any = false;
@@ -95,7 +97,7 @@ impl super::RxTx for Console {
     fn flush(&mut self) {
         let fd = self.cfg.output.as_raw_fd();
         while !self.out.is_empty() && !self.out_dead {
-            if poll_fds(&[(fd, libc::POLLOUT)], 0)[0] & libc::POLLOUT == 0 {
+            if probe(fd, libc::POLLOUT) & libc::POLLOUT == 0 {
                 return;
             }
             let (a, _) = self.out.as_slices();
@@ -116,12 +118,21 @@ impl super::RxTx for Console {
         }
     }
 
+    fn backend_interest(&self, broken: bool) -> [(RawFd, EventSet); 2] {
+        let want_in = !broken && !self.in_eof && self.pending.is_empty();
+        let want_out = !self.out.is_empty() && !self.out_dead;
+        [
+            (self.cfg.input.as_raw_fd(), wanted(EventSet::IN, want_in)),
+            (self.cfg.output.as_raw_fd(), wanted(EventSet::OUT, want_out)),
+        ]
+    }
+
     fn receive(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let fd = self.cfg.input.as_raw_fd();
         if self.pending.is_empty()
             && !self.in_eof
-            && poll_fds(&[(fd, libc::POLLIN)], 0)[0] & (libc::POLLIN | libc::POLLHUP) != 0
+            && probe(fd, libc::POLLIN) & (libc::POLLIN | libc::POLLHUP) != 0
         {
             let mut b = vec![0u8; CHUNK];
             // SAFETY: reading into our own buffer after POLLIN.
@@ -178,39 +189,15 @@ impl VirtioDevice for Console {
         vec![0u8; 12]
     }
 
-    fn run(&mut self, act: &mut Activation) {
-        let stop = act.stop.as_raw_fd();
-        let (rxn, txn) = (act.notify[0].as_raw_fd(), act.notify[1].as_raw_fd());
-        let (ifd, ofd) = (self.cfg.input.as_raw_fd(), self.cfg.output.as_raw_fd());
-        let mut broken = false;
-        loop {
-            if act.should_stop() {
-                return;
-            }
-            super::service_rx_tx(self, act, &mut broken);
-            let want_in = !broken && !self.in_eof && self.pending.is_empty();
-            let want_out = !self.out.is_empty() && !self.out_dead;
-            let r = poll_fds(
-                &[
-                    (stop, libc::POLLIN),
-                    (rxn, libc::POLLIN),
-                    (txn, libc::POLLIN),
-                    (if want_in { ifd } else { -1 }, libc::POLLIN),
-                    (if want_out { ofd } else { -1 }, libc::POLLOUT),
-                ],
-                -1,
-            );
-            if r[0] != 0 {
-                return;
-            }
-        }
+    fn run(&mut self, act: &mut Activation, ep: &mut EpollHelper) {
+        super::service::run_rx_tx(self, act, ep);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::service_rx_tx;
+    use crate::devices::virtio::service::service_rx_tx;
     use crate::devices::virtio::test_utils::*;
 
     /// Heap one round of the console may hold, whatever the guest queued:

@@ -1,5 +1,5 @@
 //! What virtio device threads use of the host: the guest-RAM view, eventfds
-//! and poll(2). A leaf: the transport, queues and interrupts build on it.
+//! and a readiness probe. A leaf: the transport, queues and interrupts build on it.
 
 use crate::cast;
 use crate::error::{Error, Result};
@@ -64,23 +64,22 @@ impl Ram {
     }
 }
 
-/// Wait on `fds` (plus nothing else) with poll(2); returns revents per fd.
-/// EINTR counts as "nothing ready".
-pub fn poll_fds(fds: &[(RawFd, i16)], timeout_ms: i32) -> Vec<i16> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&(fd, events)| libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: p is a valid array of pollfds of the given length.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+/// The `events` (POLLIN, POLLOUT) `fd` is ready for right now, by poll(2)
+/// with no wait: back ends on blocking descriptors shared with the client
+/// (console pipes, a tap) are read or written only when this says they
+/// will not block. EINTR or a failure counts as "nothing ready".
+pub fn probe(fd: RawFd, events: i16) -> i16 {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
     if r <= 0 {
-        return vec![0; fds.len()];
+        return 0;
     }
-    p.iter().map(|x| x.revents).collect()
+    p.revents
 }
 
 /// Read an eventfd's counter without blocking (it is only a wake-up).

@@ -11,11 +11,13 @@
 //! stops further reads) until the driver posts one.
 
 use super::queue::Chain;
-use super::{poll_fds, Activation, QueueError, Ram, VirtioDevice, TYPE_NET};
+use super::service::wanted;
+use super::{probe, Activation, EpollHelper, QueueError, Ram, VirtioDevice, TYPE_NET};
 use crate::cast;
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use vmm_sys_util::epoll::EventSet;
 
 /// The option length of a `timeval` for setsockopt.
 const TIMEVAL_LEN: libc::socklen_t = cast::const_u32(std::mem::size_of::<libc::timeval>() as u64);
@@ -171,7 +173,7 @@ impl Net {
                 }
             },
             NetBackend::Tap => {
-                if poll_fds(&[(fd, libc::POLLIN)], 0)[0] & libc::POLLIN == 0 {
+                if probe(fd, libc::POLLIN) & libc::POLLIN == 0 {
                     return;
                 }
                 let mut b = vec![0u8; MAX_FRAME];
@@ -208,7 +210,7 @@ impl Net {
     }
 }
 
-impl super::RxTx for Net {
+impl super::service::RxTx for Net {
     /// Take transmit chains while the back end keeps up.
     fn transmit(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
@@ -259,7 +261,7 @@ impl super::RxTx for Net {
     fn flush(&mut self) {
         let fd = self.cfg.fd.as_raw_fd();
         while let Some(f) = self.out_frames.front_mut() {
-            if poll_fds(&[(fd, libc::POLLOUT)], 0)[0] & libc::POLLOUT == 0 {
+            if probe(fd, libc::POLLOUT) & libc::POLLOUT == 0 {
                 return;
             }
             // SAFETY: sending/writing from a live buffer.
@@ -295,6 +297,31 @@ impl super::RxTx for Net {
             }
             self.out_bytes -= f.len();
             self.out_frames.pop_front();
+        }
+    }
+
+    /// Read while a frame can be delivered; write while frames wait.
+    fn backend_interest(&self, broken: bool) -> [(RawFd, EventSet); 2] {
+        let fd = self.cfg.fd.as_raw_fd();
+        let want_in = !self.dead && self.pending.is_none() && !broken;
+        let want_out = self.out_len() > 0 && !self.dead;
+        [
+            (fd, wanted(EventSet::IN, want_in)),
+            (fd, wanted(EventSet::OUT, want_out)),
+        ]
+    }
+
+    /// A hang-up or error with nothing left to read ends the back end.
+    fn backend_event(&mut self, events: EventSet) {
+        log::trace!(
+            "net: out {} pending {:?} dead {} events {events:?}",
+            self.out_len(),
+            self.pending.as_ref().map(|p| p.len()),
+            self.dead
+        );
+        if events.intersects(EventSet::HANG_UP | EventSet::ERROR) && !events.contains(EventSet::IN)
+        {
+            self.dead = true;
         }
     }
 
@@ -361,9 +388,7 @@ impl VirtioDevice for Net {
         c
     }
 
-    fn run(&mut self, act: &mut Activation) {
-        let stop = act.stop.as_raw_fd();
-        let (rxn, txn) = (act.notify[0].as_raw_fd(), act.notify[1].as_raw_fd());
+    fn run(&mut self, act: &mut Activation, ep: &mut EpollHelper) {
         let fd = self.cfg.fd.as_raw_fd();
         // Frames left from an earlier activation belong to a reset device.
         self.pending = None;
@@ -385,44 +410,7 @@ impl VirtioDevice for Net {
                 )
             };
         }
-        let mut broken = false;
-        loop {
-            if act.should_stop() {
-                return;
-            }
-            super::service_rx_tx(self, act, &mut broken);
-            let mut ev = 0;
-            if !self.dead && self.pending.is_none() && !broken {
-                ev |= libc::POLLIN;
-            }
-            if self.out_len() > 0 && !self.dead {
-                ev |= libc::POLLOUT;
-            }
-            // A back end with nothing to wait for is polled with no events
-            // (fd -1 is ignored by poll).
-            let bfd = if ev == 0 { -1 } else { fd };
-            let r = poll_fds(
-                &[
-                    (stop, libc::POLLIN),
-                    (rxn, libc::POLLIN),
-                    (txn, libc::POLLIN),
-                    (bfd, ev),
-                ],
-                -1,
-            );
-            log::trace!(
-                "net: out {} pending {:?} dead {} broken {broken} revents {r:?}",
-                self.out_len(),
-                self.pending.as_ref().map(|p| p.len()),
-                self.dead
-            );
-            if r[0] != 0 {
-                return;
-            }
-            if r[3] & (libc::POLLHUP | libc::POLLERR) != 0 && r[3] & libc::POLLIN == 0 {
-                self.dead = true;
-            }
-        }
+        super::service::run_rx_tx(self, act, ep);
     }
 }
 
@@ -432,7 +420,7 @@ mod tests {
     #![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 
     use super::*;
-    use crate::devices::virtio::service_rx_tx;
+    use crate::devices::virtio::service::service_rx_tx;
     use crate::devices::virtio::test_utils::*;
     use std::time::Duration;
 

@@ -337,6 +337,8 @@ impl VirtioPci {
         };
         let stop = Arc::new(super::eventfd().map_err(|e| e.to_string())?);
         let stopping = Arc::new(AtomicBool::new(false));
+        let mut ep = super::EpollHelper::new(stop.clone(), stopping.clone())
+            .map_err(|e| format!("event loop: {e}"))?;
         let mut act = Activation {
             ram: self.ram.clone(),
             queues,
@@ -352,7 +354,7 @@ impl VirtioPci {
             .name(self.name.clone())
             .spawn(move || {
                 crate::threads::started(crate::threads::ThreadKind::Device);
-                dev.run(&mut act);
+                dev.run(&mut act, &mut ep);
                 dev
             })
             .map_err(|e| format!("spawn: {e}"))?;
