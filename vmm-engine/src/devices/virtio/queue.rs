@@ -48,23 +48,67 @@ impl QueueConfig {
         }
     }
 
-    /// Build the device-side queue; Err explains what the driver got wrong.
-    pub fn build(&self, ram: &Ram, index: usize) -> Result<VirtQueue, String> {
-        let mut q = Queue::new(self.max_size).map_err(|e| format!("queue {index}: {e}"))?;
+    /// Build the device-side queue; Err says which setting the driver got
+    /// wrong.
+    pub fn build(&self, ram: &Ram, queue: usize) -> Result<VirtQueue, SetupError> {
+        let address = |ring, addr| {
+            move |source| SetupError::Address {
+                queue,
+                ring,
+                addr,
+                source,
+            }
+        };
+        let mut q = Queue::new(self.max_size).map_err(|source| SetupError::MaxSize {
+            queue,
+            max: self.max_size,
+            source,
+        })?;
         q.try_set_size(self.size)
-            .map_err(|e| format!("queue {index}: size {}: {e}", self.size))?;
+            .map_err(|source| SetupError::Size {
+                queue,
+                size: self.size,
+                source,
+            })?;
         q.try_set_desc_table_address(GuestAddress(self.desc))
-            .map_err(|e| format!("queue {index}: descriptor table {:#x}: {e}", self.desc))?;
+            .map_err(address("descriptor table", self.desc))?;
         q.try_set_avail_ring_address(GuestAddress(self.avail))
-            .map_err(|e| format!("queue {index}: available ring {:#x}: {e}", self.avail))?;
+            .map_err(address("available ring", self.avail))?;
         q.try_set_used_ring_address(GuestAddress(self.used))
-            .map_err(|e| format!("queue {index}: used ring {:#x}: {e}", self.used))?;
+            .map_err(address("used ring", self.used))?;
         q.set_ready(true);
         if !q.is_valid(&ram.mem) {
-            return Err(format!("queue {index}: rings not in guest RAM"));
+            return Err(SetupError::NotInRam { queue });
         }
-        Ok(VirtQueue { q, index })
+        Ok(VirtQueue { q, index: queue })
     }
+}
+
+/// What the driver set up wrong in a queue it enabled (found at DRIVER_OK).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("queue {queue}: maximum size {max}: {source}")]
+    MaxSize {
+        queue: usize,
+        max: u16,
+        source: virtio_queue::Error,
+    },
+    #[error("queue {queue}: size {size}: {source}")]
+    Size {
+        queue: usize,
+        size: u16,
+        source: virtio_queue::Error,
+    },
+    #[error("queue {queue}: {ring} at {addr:#x}: {source}")]
+    Address {
+        queue: usize,
+        ring: &'static str,
+        addr: u64,
+        source: virtio_queue::Error,
+    },
+    /// The rings (at their size) do not lie in guest RAM.
+    #[error("queue {queue}: rings not in guest RAM")]
+    NotInRam { queue: usize },
 }
 
 /// One buffer of a chain, already checked to lie in guest RAM.
@@ -327,7 +371,10 @@ mod tests {
             },
         );
         q.publish(&g, 0);
-        assert!(pop_one(&g, &q).is_err(), "indirect table followed");
+        assert!(
+            matches!(pop_one(&g, &q), Err(QueueError::Indirect { at: 0, .. })),
+            "indirect table followed"
+        );
     }
 
     #[test]
@@ -344,7 +391,10 @@ mod tests {
             q.set_desc(&g, i, d);
         }
         q.publish(&g, 0);
-        assert!(pop_one(&g, &q).is_err(), "loop");
+        assert!(matches!(
+            pop_one(&g, &q),
+            Err(QueueError::Loop { head: 0, .. })
+        ));
         // Next index past the table.
         let (g, mut q, buf) = setup(4);
         let d = RawDesc {
@@ -355,15 +405,21 @@ mod tests {
         };
         q.set_desc(&g, 0, d);
         q.publish(&g, 0);
-        assert!(pop_one(&g, &q).is_err(), "next past table");
+        assert!(matches!(
+            pop_one(&g, &q),
+            Err(QueueError::NextIndex { next: 4, .. })
+        ));
         // Head past the table.
         let (g, mut q, _) = setup(4);
         q.publish(&g, 9);
-        assert!(pop_one(&g, &q).is_err(), "head past table");
+        assert!(matches!(
+            pop_one(&g, &q),
+            Err(QueueError::HeadIndex { head: 9, .. })
+        ));
         // Available index more than a queue ahead.
         let (g, q, _) = setup(4);
         q.set_avail_idx(&g, 5);
-        assert!(pop_one(&g, &q).is_err(), "avail index jump");
+        assert!(matches!(pop_one(&g, &q), Err(QueueError::Ring { .. })));
     }
 
     #[test]
@@ -378,7 +434,10 @@ mod tests {
         ] {
             let (g, mut q, _) = setup(4);
             q.chain(&g, &[(addr, len, true)]);
-            assert!(pop_one(&g, &q).is_err(), "{addr:#x}+{len:#x}");
+            assert!(
+                matches!(pop_one(&g, &q), Err(QueueError::OutsideRam { .. })),
+                "{addr:#x}+{len:#x}"
+            );
         }
     }
 
@@ -412,6 +471,40 @@ mod tests {
         assert!(pop_one(&g, &q).is_ok(), "2 GiB in all is fine");
         let mut q = g.queue(16);
         q.chain(&g, &[(buf, 1 << 29, false); 9]);
-        assert!(pop_one(&g, &q).is_err(), "4.5 GiB in one chain");
+        assert!(
+            matches!(pop_one(&g, &q), Err(QueueError::ChainBytes { head: 0, .. })),
+            "4.5 GiB in one chain"
+        );
+    }
+
+    /// What the driver set up wrong is named at DRIVER_OK.
+    #[test]
+    fn setup_errors_name_the_setting() {
+        let (g, q, _) = setup(16);
+        let mut c = q.config();
+        c.size = 12;
+        assert!(matches!(
+            c.build(&g.ram, 3),
+            Err(SetupError::Size {
+                queue: 3,
+                size: 12,
+                ..
+            })
+        ));
+        let mut c = q.config();
+        c.avail = 0x1001; // the available ring is 2-byte aligned
+        assert!(matches!(
+            c.build(&g.ram, 0),
+            Err(SetupError::Address {
+                ring: "available ring",
+                ..
+            })
+        ));
+        let mut c = q.config();
+        c.used = (1 << 20) - 8;
+        assert!(matches!(
+            c.build(&g.ram, 0),
+            Err(SetupError::NotInRam { queue: 0 })
+        ));
     }
 }
