@@ -139,6 +139,15 @@ mod tests {
         fd: Arc<EventFd>,
     }
 
+    impl Count {
+        fn new(fd: Arc<EventFd>) -> Count {
+            Count {
+                seen: Vec::new(),
+                fd,
+            }
+        }
+    }
+
     impl EpollHandler for Count {
         fn handle_event(
             &mut self,
@@ -157,23 +166,22 @@ mod tests {
         }
     }
 
-    fn helper() -> (EpollHelper, Arc<EventFd>, Arc<AtomicBool>) {
+    /// A helper watching a signalled eventfd (token 7), with its stop
+    /// eventfd and flag.
+    fn helper() -> (EpollHelper, Arc<EventFd>, Arc<AtomicBool>, Arc<EventFd>) {
         let stop = Arc::new(eventfd().unwrap());
         let stopping = Arc::new(AtomicBool::new(false));
-        let h = EpollHelper::new(stop.clone(), stopping.clone()).unwrap();
-        (h, stop, stopping)
+        let mut h = EpollHelper::new(stop.clone(), stopping.clone()).unwrap();
+        let fd = Arc::new(eventfd().unwrap());
+        h.add_event(fd.as_raw_fd(), 7).unwrap();
+        fd.write(1).unwrap();
+        (h, stop, stopping, fd)
     }
 
     #[test]
     fn events_reach_the_handler_until_it_breaks() {
-        let (mut h, _stop, _) = helper();
-        let fd = Arc::new(eventfd().unwrap());
-        h.add_event(fd.as_raw_fd(), 7).unwrap();
-        fd.write(1).unwrap();
-        let mut c = Count {
-            seen: Vec::new(),
-            fd,
-        };
+        let (mut h, _stop, _, fd) = helper();
+        let mut c = Count::new(fd);
         h.run(&mut c).unwrap();
         assert_eq!(c.seen, [7, 7]);
     }
@@ -181,20 +189,13 @@ mod tests {
     /// Stop wins over events of the same wake-up, and the flag over both.
     #[test]
     fn stop_is_seen_before_anything_else() {
-        let (mut h, stop, _) = helper();
-        let fd = Arc::new(eventfd().unwrap());
-        h.add_event(fd.as_raw_fd(), 7).unwrap();
-        fd.write(1).unwrap();
+        let (mut h, stop, _, fd) = helper();
         stop.write(1).unwrap();
-        let mut c = Count {
-            seen: Vec::new(),
-            fd: fd.clone(),
-        };
+        let mut c = Count::new(fd);
         h.run(&mut c).unwrap();
         assert!(c.seen.is_empty());
         // The flag alone ends the loop before it waits.
-        let (mut h, _stop, stopping) = helper();
-        h.add_event(fd.as_raw_fd(), 7).unwrap();
+        let (mut h, _stop, stopping, _fd) = helper();
         stopping.store(true, Ordering::Release);
         h.run(&mut c).unwrap();
         assert!(c.seen.is_empty());
@@ -203,16 +204,16 @@ mod tests {
     /// watch() adds, changes and removes one registration per descriptor.
     #[test]
     fn watch_follows_the_wanted_events() {
-        let (mut h, _stop, _) = helper();
+        let (mut h, _stop, _, _fd) = helper();
         let fd = eventfd().unwrap();
         let raw = fd.as_raw_fd();
         h.watch(raw, 3, EventSet::empty()).unwrap();
-        assert_eq!(h.watched.len(), 1);
+        assert_eq!(h.watched.len(), 2);
         h.watch(raw, 3, EventSet::IN).unwrap();
         h.watch(raw, 3, EventSet::IN | EventSet::OUT).unwrap();
-        assert_eq!(h.watched.len(), 2);
-        assert_eq!(h.watched[1].2, EventSet::IN | EventSet::OUT);
+        assert_eq!(h.watched.len(), 3);
+        assert_eq!(h.watched[2].2, EventSet::IN | EventSet::OUT);
         h.watch(raw, 3, EventSet::empty()).unwrap();
-        assert_eq!(h.watched.len(), 1);
+        assert_eq!(h.watched.len(), 2);
     }
 }

@@ -57,6 +57,13 @@ pub struct VirtioPci {
     msix_cap: usize,
 }
 
+/// What a function is wired to: the VM, its interrupt routes, guest RAM.
+struct Wiring {
+    vm: Arc<VmFd>,
+    router: Arc<GsiRouter>,
+    ram: Arc<Ram>,
+}
+
 impl VirtioPci {
     /// Build the PCI function for `dev`, BAR 0 pre-placed at `bar_addr` with
     /// memory decoding on (as firmware would leave it; guests may move it).
@@ -68,7 +75,7 @@ impl VirtioPci {
         ram: Arc<Ram>,
         place: Placement,
     ) -> crate::error::Result<PciFunction> {
-        let (mut f, v) = VirtioPci::build(dev, name, vm, router, ram, place)?;
+        let (mut f, v) = VirtioPci::build(dev, name, Wiring { vm, router, ram }, place)?;
         f.dev = Some(Box::new(v));
         Ok(f)
     }
@@ -77,11 +84,10 @@ impl VirtioPci {
     fn build(
         dev: Box<dyn VirtioDevice>,
         name: String,
-        vm: Arc<VmFd>,
-        router: Arc<GsiRouter>,
-        ram: Arc<Ram>,
+        w: Wiring,
         place: Placement,
     ) -> crate::error::Result<(PciFunction, VirtioPci)> {
+        let Wiring { vm, router, ram } = w;
         let (intx_line, source) = (place.intx_line, place.source);
         let sizes = dev.queue_max_sizes();
         let nq = sizes.len();

@@ -22,9 +22,11 @@ fn transport(kvm: &kvm_ioctls::Kvm, g: &TestGuest) -> (PciFunction, VirtioPci) {
     VirtioPci::build(
         Box::new(crate::devices::virtio::rng::Rng),
         "test".into(),
-        vm,
-        router,
-        g.ram.clone(),
+        Wiring {
+            vm,
+            router,
+            ram: g.ram.clone(),
+        },
         Placement {
             bar_addr: 0xc000_0000,
             intx_pin: 0,
