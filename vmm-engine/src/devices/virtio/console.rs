@@ -197,7 +197,7 @@ impl VirtioDevice for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::service::service_rx_tx;
+    use crate::devices::virtio::service::{service_rx_tx, RxTx};
     use crate::devices::virtio::test_utils::*;
 
     /// Heap one round of the console may hold, whatever the guest queued:
@@ -233,6 +233,60 @@ mod tests {
         assert!(irq.needs_reset() && broken, "oversized chain accepted");
         assert!(read_available(&out_r).is_empty());
         assert!(tx.all_used(&g).is_empty());
+        // The rule that fired.
+        let (mut act, _irq) = g.activate(&[&rx, &tx]);
+        assert!(matches!(
+            con.transmit(&mut act),
+            Err(QueueError::OverLimit {
+                queue: 1,
+                len: 0x400_0000,
+                max: TX_CHAIN_MAX
+            })
+        ));
+    }
+
+    /// Back ends epoll cannot watch (regular files) are always ready, as
+    /// poll(2) has them: output is written and input read on the event
+    /// loop without waiting for an event that never comes.
+    #[test]
+    fn regular_file_back_ends_are_served() {
+        let mut g = TestGuest::new(1 << 20);
+        let (mut rx, mut tx) = (g.queue(64), g.queue(64));
+        let (a, b) = (g.alloc(4096), g.alloc(3 * 4096));
+        g.write(a, b"to a file\n");
+        tx.chain(&g, &[(a, 10, false)]);
+        // More input than one read takes: the rest must follow without
+        // another notify.
+        for k in 0..3 {
+            rx.chain(&g, &[(b + k * 4096, 4096, true)]);
+        }
+        let typed: Vec<u8> = (0..10_000u32).map(|i| cast::low_u8(u64::from(i))).collect();
+        let (mut act, _irq) = g.activate(&[&rx, &tx]);
+        let memfd = |name| crate::memory::memfd(name, 0).unwrap();
+        let (input, output) = (memfd("in"), memfd("out"));
+        // SAFETY: writing our bytes at offset 0 of the input memfd.
+        let w = unsafe { libc::pwrite(input.as_raw_fd(), typed.as_ptr().cast(), typed.len(), 0) };
+        assert_eq!(w, 10_000);
+        let mut con = Console::new(ConsoleConfig {
+            input: Arc::new(input),
+            output: Arc::new(output.try_clone().unwrap()),
+        });
+        let (took, _) = run_then_stop(
+            &mut con,
+            &mut act,
+            std::time::Duration::from_millis(100),
+            |_| {},
+        );
+        assert!(
+            took < std::time::Duration::from_millis(500),
+            "stop took {took:?}"
+        );
+        let mut got = [0u8; 16];
+        // SAFETY: reading into our buffer from the output memfd.
+        let n = unsafe { libc::pread(output.as_raw_fd(), got.as_mut_ptr().cast(), 16, 0) };
+        assert_eq!(&got[..usize::try_from(n).unwrap()], b"to a file\n");
+        assert_eq!(rx.all_used(&g), [(0, 4096), (1, 4096), (2, 1808)]);
+        assert_eq!(g.read(b, 10_000), typed);
     }
 
     #[test]
