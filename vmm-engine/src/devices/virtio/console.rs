@@ -7,11 +7,13 @@
 //! to non-blocking: output waits for POLLOUT and writes at most a page at a
 //! time (what POLLOUT guarantees for pipes), input reads only after POLLIN.
 
-use super::{poll_fds, Activation, QueueError, VirtioDevice, TYPE_CONSOLE};
+use super::service::wanted;
+use super::{probe, Activation, EpollHelper, QueueError, VirtioDevice, TYPE_CONSOLE};
 use crate::cast;
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use vmm_sys_util::epoll::EventSet;
 
 const QUEUE_SIZE: u16 = 64;
 /// Bytes of one transmit chain at most. Linux's hvc driver hands the port
@@ -52,7 +54,7 @@ impl Console {
     }
 }
 
-impl super::RxTx for Console {
+impl super::service::RxTx for Console {
     fn transmit(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let mut any = false;
@@ -95,7 +97,7 @@ impl super::RxTx for Console {
     fn flush(&mut self) {
         let fd = self.cfg.output.as_raw_fd();
         while !self.out.is_empty() && !self.out_dead {
-            if poll_fds(&[(fd, libc::POLLOUT)], 0)[0] & libc::POLLOUT == 0 {
+            if probe(fd, libc::POLLOUT) & libc::POLLOUT == 0 {
                 return;
             }
             let (a, _) = self.out.as_slices();
@@ -116,12 +118,21 @@ impl super::RxTx for Console {
         }
     }
 
+    fn backend_interest(&self, broken: bool) -> [(RawFd, EventSet); 2] {
+        let want_in = !broken && !self.in_eof && self.pending.is_empty();
+        let want_out = !self.out.is_empty() && !self.out_dead;
+        [
+            (self.cfg.input.as_raw_fd(), wanted(EventSet::IN, want_in)),
+            (self.cfg.output.as_raw_fd(), wanted(EventSet::OUT, want_out)),
+        ]
+    }
+
     fn receive(&mut self, act: &mut Activation) -> Result<bool, QueueError> {
         let ram = act.ram.clone();
         let fd = self.cfg.input.as_raw_fd();
         if self.pending.is_empty()
             && !self.in_eof
-            && poll_fds(&[(fd, libc::POLLIN)], 0)[0] & (libc::POLLIN | libc::POLLHUP) != 0
+            && probe(fd, libc::POLLIN) & (libc::POLLIN | libc::POLLHUP) != 0
         {
             let mut b = vec![0u8; CHUNK];
             // SAFETY: reading into our own buffer after POLLIN.
@@ -178,39 +189,15 @@ impl VirtioDevice for Console {
         vec![0u8; 12]
     }
 
-    fn run(&mut self, act: &mut Activation) {
-        let stop = act.stop.as_raw_fd();
-        let (rxn, txn) = (act.notify[0].as_raw_fd(), act.notify[1].as_raw_fd());
-        let (ifd, ofd) = (self.cfg.input.as_raw_fd(), self.cfg.output.as_raw_fd());
-        let mut broken = false;
-        loop {
-            if act.should_stop() {
-                return;
-            }
-            super::service_rx_tx(self, act, &mut broken);
-            let want_in = !broken && !self.in_eof && self.pending.is_empty();
-            let want_out = !self.out.is_empty() && !self.out_dead;
-            let r = poll_fds(
-                &[
-                    (stop, libc::POLLIN),
-                    (rxn, libc::POLLIN),
-                    (txn, libc::POLLIN),
-                    (if want_in { ifd } else { -1 }, libc::POLLIN),
-                    (if want_out { ofd } else { -1 }, libc::POLLOUT),
-                ],
-                -1,
-            );
-            if r[0] != 0 {
-                return;
-            }
-        }
+    fn run(&mut self, act: &mut Activation, ep: &mut EpollHelper) {
+        super::service::run_rx_tx(self, act, ep);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::service_rx_tx;
+    use crate::devices::virtio::service::{service_rx_tx, RxTx};
     use crate::devices::virtio::test_utils::*;
 
     /// Heap one round of the console may hold, whatever the guest queued:
@@ -246,6 +233,60 @@ mod tests {
         assert!(irq.needs_reset() && broken, "oversized chain accepted");
         assert!(read_available(&out_r).is_empty());
         assert!(tx.all_used(&g).is_empty());
+        // The rule that fired.
+        let (mut act, _irq) = g.activate(&[&rx, &tx]);
+        assert!(matches!(
+            con.transmit(&mut act),
+            Err(QueueError::OverLimit {
+                queue: 1,
+                len: 0x400_0000,
+                max: TX_CHAIN_MAX
+            })
+        ));
+    }
+
+    /// Back ends epoll cannot watch (regular files) are always ready, as
+    /// poll(2) has them: output is written and input read on the event
+    /// loop without waiting for an event that never comes.
+    #[test]
+    fn regular_file_back_ends_are_served() {
+        let mut g = TestGuest::new(1 << 20);
+        let (mut rx, mut tx) = (g.queue(64), g.queue(64));
+        let (a, b) = (g.alloc(4096), g.alloc(3 * 4096));
+        g.write(a, b"to a file\n");
+        tx.chain(&g, &[(a, 10, false)]);
+        // More input than one read takes: the rest must follow without
+        // another notify.
+        for k in 0..3 {
+            rx.chain(&g, &[(b + k * 4096, 4096, true)]);
+        }
+        let typed: Vec<u8> = (0..10_000u32).map(|i| cast::low_u8(u64::from(i))).collect();
+        let (mut act, _irq) = g.activate(&[&rx, &tx]);
+        let memfd = |name| crate::memory::memfd(name, 0).unwrap();
+        let (input, output) = (memfd("in"), memfd("out"));
+        // SAFETY: writing our bytes at offset 0 of the input memfd.
+        let w = unsafe { libc::pwrite(input.as_raw_fd(), typed.as_ptr().cast(), typed.len(), 0) };
+        assert_eq!(w, 10_000);
+        let mut con = Console::new(ConsoleConfig {
+            input: Arc::new(input),
+            output: Arc::new(output.try_clone().unwrap()),
+        });
+        let (took, _) = run_then_stop(
+            &mut con,
+            &mut act,
+            std::time::Duration::from_millis(100),
+            |_| {},
+        );
+        assert!(
+            took < std::time::Duration::from_millis(500),
+            "stop took {took:?}"
+        );
+        let mut got = [0u8; 16];
+        // SAFETY: reading into our buffer from the output memfd.
+        let n = unsafe { libc::pread(output.as_raw_fd(), got.as_mut_ptr().cast(), 16, 0) };
+        assert_eq!(&got[..usize::try_from(n).unwrap()], b"to a file\n");
+        assert_eq!(rx.all_used(&g), [(0, 4096), (1, 4096), (2, 1808)]);
+        assert_eq!(g.read(b, 10_000), typed);
     }
 
     #[test]

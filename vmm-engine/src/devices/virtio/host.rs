@@ -1,18 +1,17 @@
 //! What virtio device threads use of the host: the guest-RAM view, eventfds
-//! and poll(2). A leaf: the transport, queues and interrupts build on it.
+//! and a readiness probe. A leaf: the transport, queues and interrupts build on it.
 
-use crate::cast;
 use crate::error::{Error, Result};
 use crate::memory::Region;
 use std::os::fd::{AsRawFd, RawFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Guest RAM as device threads see it: the rust-vmm view for the queue crate
-/// plus the engine's regions for zero-copy I/O straight into guest pages.
+/// Guest RAM as device threads see it: rust-vmm's view, the one the queue
+/// crate reads the rings through, also serves every buffer (copies, and
+/// host addresses for zero-copy I/O straight into guest pages).
 pub struct Ram {
     pub mem: GuestMemoryMmap,
-    regions: Vec<Region>,
 }
 
 impl Ram {
@@ -23,64 +22,51 @@ impl Ram {
     pub fn new(regions: &[Region]) -> Result<Ram> {
         Ok(Ram {
             mem: crate::memory::GuestMemory::new(regions.to_vec()).view()?,
-            regions: regions.to_vec(),
         })
     }
 
-    /// Host address of guest range [gpa, gpa+len), if it lies entirely in one
-    /// RAM region. Every guest-supplied buffer goes through here.
-    pub fn host(&self, gpa: u64, len: usize) -> Option<*mut u8> {
-        let end = gpa.checked_add(len as u64)?;
-        let r = self
-            .regions
-            .iter()
-            .find(|r| gpa >= r.gpa && end <= r.gpa + r.len)?;
-        Some((r.host + cast::usize_from(gpa - r.gpa)) as *mut u8)
+    /// Guest range [gpa, gpa+len), if it lies entirely in one RAM region.
+    /// Every guest-supplied buffer goes through here.
+    fn slice(&self, gpa: u64, len: usize) -> Option<VolatileSlice<'_>> {
+        self.mem.get_slice(GuestAddress(gpa), len).ok()
     }
 
-    /// Copy guest bytes out (bounds-checked).
+    /// Host address of guest range [gpa, gpa+len), as [`Ram::slice`]
+    /// checks it: valid as long as the VM's RAM mappings (every run).
+    pub fn host(&self, gpa: u64, len: usize) -> Option<*mut u8> {
+        Some(self.slice(gpa, len)?.ptr_guard_mut().as_ptr())
+    }
+
+    /// Copy guest bytes out (bounds-checked; the guest may change them
+    /// meanwhile, which only changes what is copied).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        match self.host(gpa, buf.len()) {
-            Some(p) => {
-                // SAFETY: host() checked the range lies in live guest RAM. The
-                // guest may change it concurrently; we only copy bytes.
-                unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
-                true
-            }
-            None => false,
-        }
+        self.slice(gpa, buf.len()).map(|s| s.copy_to(buf)).is_some()
     }
 
     /// Copy bytes into the guest (bounds-checked).
     pub fn write(&self, gpa: u64, data: &[u8]) -> bool {
-        match self.host(gpa, data.len()) {
-            Some(p) => {
-                // SAFETY: as in read.
-                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
-                true
-            }
-            None => false,
-        }
+        self.slice(gpa, data.len())
+            .map(|s| s.copy_from(data))
+            .is_some()
     }
 }
 
-/// Wait on `fds` (plus nothing else) with poll(2); returns revents per fd.
-/// EINTR counts as "nothing ready".
-pub fn poll_fds(fds: &[(RawFd, i16)], timeout_ms: i32) -> Vec<i16> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&(fd, events)| libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: p is a valid array of pollfds of the given length.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+/// The `events` (POLLIN, POLLOUT) `fd` is ready for right now, by poll(2)
+/// with no wait: back ends on blocking descriptors shared with the client
+/// (console pipes, a tap) are read or written only when this says they
+/// will not block. EINTR or a failure counts as "nothing ready".
+pub fn probe(fd: RawFd, events: i16) -> i16 {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
     if r <= 0 {
-        return vec![0; fds.len()];
+        return 0;
     }
-    p.iter().map(|x| x.revents).collect()
+    p.revents
 }
 
 /// Read an eventfd's counter without blocking (it is only a wake-up).

@@ -7,12 +7,15 @@
 //! - [`irq`]: interrupt delivery (MSI-X through KVM irqfd + GSI routes,
 //!   INTx through the IOAPIC) shared by the transport and the device thread.
 //! - [`host`]: what device threads hold of the host: the guest-RAM view,
-//!   eventfds, poll(2).
+//!   eventfds, a readiness probe.
+//! - [`epoll`]: the device threads' one event loop (stop handled there);
+//!   [`service`]: the service rounds devices run on it.
 //! - [`queue`]: split virtqueues (the rust-vmm `virtio-queue` crate) over the
 //!   guest RAM, with the bounds checks device code relies on.
 //! - [`blk`], [`net`], [`rng`], [`console`]: device back ends. Each runs on its own
-//!   worker thread after DRIVER_OK, woken by the queues' notify eventfds (KVM
-//!   ioeventfds where the host offers them) and its back end's descriptors.
+//!   worker thread after DRIVER_OK, woken through its event loop by the
+//!   queues' notify eventfds (KVM ioeventfds where the host offers them) and
+//!   its back end's descriptors.
 //!
 //! Everything a guest writes (addresses, lengths, indexes, sizes) is checked;
 //! a guest that breaks the rules gets DEVICE_NEEDS_RESET, never a host failure.
@@ -26,6 +29,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod epoll;
 pub mod host;
 pub mod irq;
 pub mod net;
@@ -34,14 +38,16 @@ pub mod pci;
 mod properties;
 pub mod queue;
 pub mod rng;
+pub mod service;
 #[cfg(test)]
 pub mod test_utils;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use host::{drain, eventfd, poll_fds, Ram};
+pub use epoll::EpollHelper;
+pub use host::{drain, eventfd, probe, Ram};
 pub use irq::{GsiRouter, Interrupt, VirtioInterrupt};
 pub use queue::{Chain, QueueError, VirtQueue};
 
@@ -83,8 +89,9 @@ pub struct Activation {
 }
 
 impl Activation {
-    pub fn should_stop(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
+    /// The device thread's event loop, holding this activation's stop.
+    pub fn event_loop(&self) -> std::io::Result<EpollHelper> {
+        EpollHelper::new(self.stop.clone(), self.stopping.clone())
     }
 
     /// The guest broke the queue protocol: mark the device broken and stop
@@ -145,49 +152,7 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> Vec<u16>;
     /// Device configuration space (read-only snapshot for the driver).
     fn config(&self) -> Vec<u8>;
-    /// Run the device until `act.stop` fires. Called on the device thread.
-    fn run(&mut self, act: &mut Activation);
-}
-
-/// A device with a receive queue 0 and a transmit queue 1 (net, console).
-pub trait RxTx {
-    /// Take what the guest queued for sending (at most a ring's worth of
-    /// chains); true if buffers were used.
-    fn transmit(&mut self, act: &mut Activation) -> std::result::Result<bool, QueueError>;
-    /// Push what is waiting to the back end, as far as it takes it now.
-    fn flush(&mut self);
-    /// Fill the guest's receive buffers (at most a ring's worth); true if
-    /// buffers were used.
-    fn receive(&mut self, act: &mut Activation) -> std::result::Result<bool, QueueError>;
-}
-
-/// One round of an [`RxTx`] device: clear the notifications, move what the
-/// guest sent and what the back end has for it, and interrupt the guest for
-/// each queue that used buffers. A guest that breaks a queue makes the device
-/// broken (`*broken`) until the driver resets it.
-pub fn service_rx_tx(dev: &mut impl RxTx, act: &mut Activation, broken: &mut bool) {
-    drain(&act.notify[0]);
-    drain(&act.notify[1]);
-    if *broken {
-        return;
-    }
-    let moved = dev.transmit(act).and_then(|tx| {
-        dev.flush();
-        Ok((tx, dev.receive(act)?))
-    });
-    match moved {
-        Ok((tx, rx)) => {
-            let ram = act.ram.clone();
-            if tx && act.queues[1].needs_notification(&ram) {
-                act.irq.queue(1);
-            }
-            if rx && act.queues[0].needs_notification(&ram) {
-                act.irq.queue(0);
-            }
-        }
-        Err(why) => {
-            act.broken(&why);
-            *broken = true;
-        }
-    }
+    /// Run the device on `ep` (which holds the activation's stop) until it
+    /// must stop. Called on the device thread.
+    fn run(&mut self, act: &mut Activation, ep: &mut EpollHelper);
 }

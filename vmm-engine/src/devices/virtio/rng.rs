@@ -1,9 +1,8 @@
 //! virtio-rnd (entropy device): fills the driver's writable buffers with
 //! bytes from getrandom(2).
 
-use super::{poll_fds, Activation, QueueError, VirtioDevice, TYPE_RNG};
+use super::{Activation, EpollHelper, QueueError, VirtioDevice, TYPE_RNG};
 use crate::cast;
-use std::os::fd::AsRawFd;
 
 /// Bytes served per request at most, from one buffer of this size (a guest
 /// asking for gigabytes, e.g. with aliasing buffers, gets a short answer,
@@ -65,24 +64,8 @@ impl VirtioDevice for Rng {
         Vec::new()
     }
 
-    fn run(&mut self, act: &mut Activation) {
-        let (stop, notify) = (act.stop.as_raw_fd(), act.notify[0].as_raw_fd());
-        let mut broken = false;
-        loop {
-            if act.should_stop() {
-                return;
-            }
-            super::drain(&act.notify[0]);
-            if !broken {
-                if let Err(why) = Self::serve(act) {
-                    act.broken(&why);
-                    broken = true;
-                }
-            }
-            if poll_fds(&[(stop, libc::POLLIN), (notify, libc::POLLIN)], -1)[0] != 0 {
-                return;
-            }
-        }
+    fn run(&mut self, act: &mut Activation, ep: &mut EpollHelper) {
+        super::service::run_queue(act, ep, Self::serve);
     }
 }
 

@@ -410,7 +410,7 @@ pub fn read_available(fd: &std::os::fd::OwnedFd) -> Vec<u8> {
     use std::os::fd::AsRawFd;
     let mut out = Vec::new();
     let mut b = vec![0u8; 65536];
-    while super::poll_fds(&[(fd.as_raw_fd(), libc::POLLIN)], 0)[0] & libc::POLLIN != 0 {
+    while super::probe(fd.as_raw_fd(), libc::POLLIN) & libc::POLLIN != 0 {
         // SAFETY: reading into our own buffer after POLLIN.
         let r = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
         if r <= 0 {
@@ -435,10 +435,11 @@ pub fn run_then_stop<D: super::VirtioDevice>(
     let fed_up = AtomicBool::new(false);
     let (stopping, stop) = (act.stopping.clone(), act.stop.clone());
     let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let mut ep = act.event_loop().expect("event loop");
     std::thread::scope(|s| {
         s.spawn(|| feed(&fed_up));
         s.spawn(move || {
-            let ((), peak) = heap_peak(|| dev.run(act));
+            let ((), peak) = heap_peak(|| dev.run(act, &mut ep));
             let _ = done_tx.send(peak);
         });
         std::thread::sleep(run_for);

@@ -48,23 +48,67 @@ impl QueueConfig {
         }
     }
 
-    /// Build the device-side queue; Err explains what the driver got wrong.
-    pub fn build(&self, ram: &Ram, index: usize) -> Result<VirtQueue, String> {
-        let mut q = Queue::new(self.max_size).map_err(|e| format!("queue {index}: {e}"))?;
+    /// Build the device-side queue; Err says which setting the driver got
+    /// wrong.
+    pub fn build(&self, ram: &Ram, queue: usize) -> Result<VirtQueue, SetupError> {
+        let address = |ring, addr| {
+            move |source| SetupError::Address {
+                queue,
+                ring,
+                addr,
+                source,
+            }
+        };
+        let mut q = Queue::new(self.max_size).map_err(|source| SetupError::MaxSize {
+            queue,
+            max: self.max_size,
+            source,
+        })?;
         q.try_set_size(self.size)
-            .map_err(|e| format!("queue {index}: size {}: {e}", self.size))?;
+            .map_err(|source| SetupError::Size {
+                queue,
+                size: self.size,
+                source,
+            })?;
         q.try_set_desc_table_address(GuestAddress(self.desc))
-            .map_err(|e| format!("queue {index}: descriptor table {:#x}: {e}", self.desc))?;
+            .map_err(address("descriptor table", self.desc))?;
         q.try_set_avail_ring_address(GuestAddress(self.avail))
-            .map_err(|e| format!("queue {index}: available ring {:#x}: {e}", self.avail))?;
+            .map_err(address("available ring", self.avail))?;
         q.try_set_used_ring_address(GuestAddress(self.used))
-            .map_err(|e| format!("queue {index}: used ring {:#x}: {e}", self.used))?;
+            .map_err(address("used ring", self.used))?;
         q.set_ready(true);
         if !q.is_valid(&ram.mem) {
-            return Err(format!("queue {index}: rings not in guest RAM"));
+            return Err(SetupError::NotInRam { queue });
         }
-        Ok(VirtQueue { q, index })
+        Ok(VirtQueue { q, index: queue })
     }
+}
+
+/// What the driver set up wrong in a queue it enabled (found at DRIVER_OK).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("queue {queue}: maximum size {max}: {source}")]
+    MaxSize {
+        queue: usize,
+        max: u16,
+        source: virtio_queue::Error,
+    },
+    #[error("queue {queue}: size {size}: {source}")]
+    Size {
+        queue: usize,
+        size: u16,
+        source: virtio_queue::Error,
+    },
+    #[error("queue {queue}: {ring} at {addr:#x}: {source}")]
+    Address {
+        queue: usize,
+        ring: &'static str,
+        addr: u64,
+        source: virtio_queue::Error,
+    },
+    /// The rings (at their size) do not lie in guest RAM.
+    #[error("queue {queue}: rings not in guest RAM")]
+    NotInRam { queue: usize },
 }
 
 /// One buffer of a chain, already checked to lie in guest RAM.
@@ -101,20 +145,29 @@ impl Chain {
             .sum()
     }
 
-    /// Gather up to `buf.len()` readable bytes starting `skip` bytes in.
-    pub fn read_at(&self, ram: &Ram, mut skip: u64, buf: &mut [u8]) -> usize {
+    /// Walk the buffers of one direction (device-writable or not) from
+    /// `skip` bytes in, handing `piece` each part as (guest address, range
+    /// of the caller's `len` bytes) until all are done or it refuses one;
+    /// returns the bytes done.
+    fn walk(
+        &self,
+        write: bool,
+        mut skip: u64,
+        len: usize,
+        mut piece: impl FnMut(u64, std::ops::Range<usize>) -> bool,
+    ) -> usize {
         let mut done = 0;
-        for d in self.descs.iter().filter(|d| !d.write) {
-            if done == buf.len() {
+        for d in self.descs.iter().filter(|d| d.write == write) {
+            if done == len {
                 break;
             }
-            let len = u64::from(d.len);
-            if skip >= len {
-                skip -= len;
+            let dlen = u64::from(d.len);
+            if skip >= dlen {
+                skip -= dlen;
                 continue;
             }
-            let n = cast::usize_from(len - skip).min(buf.len() - done);
-            if !ram.read(d.addr + skip, &mut buf[done..done + n]) {
+            let n = cast::usize_from(dlen - skip).min(len - done);
+            if !piece(d.addr + skip, done..done + n) {
                 break;
             }
             done += n;
@@ -123,26 +176,14 @@ impl Chain {
         done
     }
 
+    /// Gather up to `buf.len()` readable bytes starting `skip` bytes in.
+    pub fn read_at(&self, ram: &Ram, skip: u64, buf: &mut [u8]) -> usize {
+        self.walk(false, skip, buf.len(), |gpa, r| ram.read(gpa, &mut buf[r]))
+    }
+
     /// Scatter `data` into the writable buffers starting `skip` bytes in.
-    pub fn write_at(&self, ram: &Ram, mut skip: u64, data: &[u8]) -> usize {
-        let mut done = 0;
-        for d in self.descs.iter().filter(|d| d.write) {
-            if done == data.len() {
-                break;
-            }
-            let len = u64::from(d.len);
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let n = cast::usize_from(len - skip).min(data.len() - done);
-            if !ram.write(d.addr + skip, &data[done..done + n]) {
-                break;
-            }
-            done += n;
-            skip = 0;
-        }
-        done
+    pub fn write_at(&self, ram: &Ram, skip: u64, data: &[u8]) -> usize {
+        self.walk(true, skip, data.len(), |gpa, r| ram.write(gpa, &data[r]))
     }
 }
 
@@ -284,134 +325,4 @@ impl VirtQueue {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::devices::virtio::test_utils::*;
-
-    fn setup(size: u16) -> (TestGuest, DriverQueue, u64) {
-        let mut g = TestGuest::new(1 << 20);
-        let q = g.queue(size);
-        let buf = g.alloc(4096);
-        (g, q, buf)
-    }
-
-    fn pop_one(g: &TestGuest, q: &DriverQueue) -> Result<Option<Chain>, QueueError> {
-        let mut vq = q.config().build(&g.ram, 0).unwrap();
-        vq.pop(&g.ram)
-    }
-
-    /// Indirect descriptors were never offered: a chain using one breaks
-    /// the protocol (and would reach past the queue size: up to 65535
-    /// descriptors in one table).
-    #[test]
-    fn indirect_descriptor_is_a_protocol_error() {
-        let (g, mut q, buf) = setup(16);
-        let table = buf + 1024;
-        for i in 0..4u16 {
-            let d = RawDesc {
-                addr: buf,
-                len: 8,
-                flags: if i < 3 { NEXT } else { 0 },
-                next: i + 1,
-            };
-            d.write_to(&g, table + 16 * u64::from(i));
-        }
-        q.set_desc(
-            &g,
-            0,
-            RawDesc {
-                addr: table,
-                len: 64,
-                flags: INDIRECT,
-                next: 0,
-            },
-        );
-        q.publish(&g, 0);
-        assert!(pop_one(&g, &q).is_err(), "indirect table followed");
-    }
-
-    #[test]
-    fn loops_bad_links_and_bad_heads_are_protocol_errors() {
-        // A loop through every descriptor: longer than the queue.
-        let (g, mut q, buf) = setup(4);
-        for i in 0..4u16 {
-            let d = RawDesc {
-                addr: buf,
-                len: 8,
-                flags: NEXT,
-                next: (i + 1) % 4,
-            };
-            q.set_desc(&g, i, d);
-        }
-        q.publish(&g, 0);
-        assert!(pop_one(&g, &q).is_err(), "loop");
-        // Next index past the table.
-        let (g, mut q, buf) = setup(4);
-        let d = RawDesc {
-            addr: buf,
-            len: 8,
-            flags: NEXT,
-            next: 4,
-        };
-        q.set_desc(&g, 0, d);
-        q.publish(&g, 0);
-        assert!(pop_one(&g, &q).is_err(), "next past table");
-        // Head past the table.
-        let (g, mut q, _) = setup(4);
-        q.publish(&g, 9);
-        assert!(pop_one(&g, &q).is_err(), "head past table");
-        // Available index more than a queue ahead.
-        let (g, q, _) = setup(4);
-        q.set_avail_idx(&g, 5);
-        assert!(pop_one(&g, &q).is_err(), "avail index jump");
-    }
-
-    #[test]
-    fn buffers_must_lie_in_ram_whatever_the_arithmetic() {
-        let ram = 1u64 << 20;
-        for (addr, len) in [
-            (ram - 8, 9),
-            (ram, 1),
-            (u64::MAX - 3, 8),
-            (u64::MAX, u32::MAX),
-            (0x7fff_0000_0000, 64),
-        ] {
-            let (g, mut q, _) = setup(4);
-            q.chain(&g, &[(addr, len, true)]);
-            assert!(pop_one(&g, &q).is_err(), "{addr:#x}+{len:#x}");
-        }
-    }
-
-    /// Zero-length descriptors are never dereferenced, so their address
-    /// does not matter; a chain of exactly queue-size descriptors is legal.
-    #[test]
-    fn zero_length_and_full_size_chains_are_accepted() {
-        let (g, mut q, buf) = setup(4);
-        q.chain(
-            &g,
-            &[
-                (u64::MAX, 0, false),
-                (buf, 8, false),
-                (0x7fff_0000_0000, 0, true),
-                (buf, 8, true),
-            ],
-        );
-        let c = pop_one(&g, &q).unwrap().unwrap();
-        assert_eq!(c.descs.len(), 4);
-        assert_eq!((c.readable_len(), c.writable_len()), (8, 8));
-    }
-
-    /// The used ring's length field is 32 bits: a chain whose buffers add
-    /// up to more (aliasing makes that cheap) is refused.
-    #[test]
-    fn chain_total_over_u32_is_a_protocol_error() {
-        let mut g = TestGuest::new(1 << 30);
-        let mut q = g.queue(4);
-        let buf = g.alloc(1 << 29);
-        q.chain(&g, &[(buf, 1 << 29, false); 4]);
-        assert!(pop_one(&g, &q).is_ok(), "2 GiB in all is fine");
-        let mut q = g.queue(16);
-        q.chain(&g, &[(buf, 1 << 29, false); 9]);
-        assert!(pop_one(&g, &q).is_err(), "4.5 GiB in one chain");
-    }
-}
+mod tests;
