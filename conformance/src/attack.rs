@@ -201,10 +201,9 @@ fn recv(fd: RawFd) -> Result<String, i32> {
     let mut buf = [0u8; 512];
     // SAFETY: valid buffer.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(errno_now());
-    }
-    Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+    // Negative: the call failed.
+    let n = usize::try_from(n).map_err(|_| errno_now())?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// Send `fds` labelled by their numbers; Err(errno) from the daemon's answer.
@@ -1024,7 +1023,7 @@ pub fn kill_storm(s: &mut Suite) {
     let mut i = 0u64;
     while t0.elapsed() < STORM {
         i += 1;
-        let who = users[rng.below(users.len() as u64) as usize];
+        let who = users[rng.index(users.len())];
         match rng.below(10) {
             0..=3 if live.len() < 12 => {
                 let name = format!("ks{i}");
@@ -1043,15 +1042,15 @@ pub fn kill_storm(s: &mut Suite) {
                 }
             }
             _ if !live.is_empty() => {
-                let k = rng.below(live.len() as u64) as usize;
+                let k = rng.index(live.len());
                 match &mut live[k] {
                     Live::Bhyve(t) => {
                         // The monitor child, or the parent.
                         let kid = crate::harness::children_of(t.pid()).first().copied();
                         match kid.filter(|_| rng.below(2) == 0) {
                             Some(c) => {
-                                // SAFETY: a process of bhyve's, which we started.
-                                unsafe { libc::kill(c as i32, libc::SIGKILL) };
+                                // A process of bhyve's, which we started.
+                                crate::harness::kill(c, libc::SIGKILL);
                                 let _ = t.wait(Duration::from_secs(5));
                             }
                             None => t.sigkill(),

@@ -279,6 +279,13 @@ impl Rng {
     pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+
+    /// An index below `len` (not 0).
+    pub(crate) fn index(&mut self, len: usize) -> usize {
+        let n = u64::try_from(len).unwrap_or(u64::MAX);
+        // Below `len`, so it fits.
+        usize::try_from(self.below(n)).unwrap_or(0)
+    }
 }
 
 /// `CONFORMANCE_SEED` (hex, `0x` optional) or one from the clock.
@@ -289,16 +296,18 @@ pub(crate) fn seed() -> u64 {
         }
     }
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 32)
+    // The clock's low 64 bits of nanoseconds.
+    let nanos = u64::try_from(t.as_nanos() % (1 << 64)).unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32)
 }
 
 const KILL_ITERATIONS: u64 = 12;
 /// The group stops starting iterations after this long.
 const KILL_BUDGET: Duration = Duration::from_secs(30);
 
+/// SIGKILL to bhyve, which we started, or its monitor child.
 fn sigkill_pid(pid: u32) {
-    // SAFETY: signalling bhyve, which we started, or its monitor child.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    crate::harness::kill(pid, libc::SIGKILL);
 }
 
 /// The first child of `parent` within `limit`.

@@ -807,7 +807,7 @@ fn default_limit(s: &mut Suite) {
     }
     if up {
         // SAFETY: plain sysconf query.
-        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        let cpus = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1).max(1);
         let max = 4 * cpus;
         let mut want = vec!["OK"; max];
         want.push("ENOMEM");

@@ -120,9 +120,12 @@ pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
-fn kill(pid: u32, sig: i32) {
+/// Send `sig` to `pid`, a process the suite started (or one of its
+/// children); a number that is no pid_t is not signalled.
+pub fn kill(pid: u32, sig: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
     // SAFETY: sending a signal to a process we started.
-    unsafe { libc::kill(pid as i32, sig) };
+    unsafe { libc::kill(pid, sig) };
 }
 
 /// Run `f` on a helper thread; None if it takes longer than `limit` (a hung
@@ -783,7 +786,8 @@ impl Env {
     /// Log text written since `from` bytes.
     pub fn log_since(&self, from: u64) -> String {
         let text = std::fs::read(&self.log).unwrap_or_default();
-        String::from_utf8_lossy(text.get(from as usize..).unwrap_or(&[])).into_owned()
+        let rest = usize::try_from(from).ok().and_then(|from| text.get(from..));
+        String::from_utf8_lossy(rest.unwrap_or(&[])).into_owned()
     }
 
     pub fn log_len(&self) -> u64 {

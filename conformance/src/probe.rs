@@ -92,10 +92,9 @@ pub(crate) fn pread_fd(fd: &Fd, len: usize) -> Result<Vec<u8>, i32> {
     let mut buf = vec![0u8; len];
     // SAFETY: valid buffer.
     let n = unsafe { libc::pread(fd.0, buf.as_mut_ptr().cast(), len, 0) };
-    if n < 0 {
-        return Err(errno_now());
-    }
-    buf.truncate(n as usize);
+    // Negative: the call failed.
+    let n = usize::try_from(n).map_err(|_| errno_now())?;
+    buf.truncate(n);
     Ok(buf)
 }
 
@@ -202,12 +201,14 @@ pub(crate) fn transient_create(fd: &Fd, name: &str, via: &str) -> Result<(), i32
     }
 }
 
-fn parse_num(s: &str) -> u64 {
+/// A number, decimal or `0x` hex, of type `T`; a usage error if it is none
+/// or does not fit.
+fn parse_num<T: TryFrom<u64>>(s: &str) -> T {
     let r = match s.strip_prefix("0x") {
         Some(h) => u64::from_str_radix(h, 16),
         None => s.parse(),
     };
-    r.unwrap_or_else(|_| usage(&format!("bad number '{s}'")))
+    r.ok().and_then(|n| T::try_from(n).ok()).unwrap_or_else(|| usage(&format!("bad number '{s}'")))
 }
 
 /// Take on another user's identity: supplementary groups, gid, uid.
@@ -244,7 +245,7 @@ pub fn main(args: &[String]) -> i32 {
                 args.drain(..2);
             }
             "--ruid" if args.len() > 1 => {
-                ruid = Some(parse_num(args[1]) as u32);
+                ruid = Some(parse_num(args[1]));
                 args.drain(..2);
             }
             _ => break,
@@ -282,12 +283,12 @@ fn run(args: &[&str]) -> String {
             Err(e) => res(Err(e)),
         },
         ["ioctl-create", path, name, flags, rest @ ..] => {
-            let reserved = rest.first().map(|s| parse_num(s) as usize);
-            let flags = parse_num(flags) as u32;
+            let reserved = rest.first().map(|s| parse_num(s));
+            let flags = parse_num(flags);
             res(open(path, libc::O_RDWR).and_then(|fd| ioctl_create(&fd, name, flags, reserved)))
         }
         ["ioctl-destroy", path, name, rest @ ..] => {
-            let reserved = rest.first().map(|s| parse_num(s) as usize);
+            let reserved = rest.first().map(|s| parse_num(s));
             res(open(path, libc::O_RDWR).and_then(|fd| ioctl_destroy(&fd, name, reserved)))
         }
         ["stat", path] => stat_line(Path::new(path)),
@@ -303,7 +304,7 @@ fn run(args: &[&str]) -> String {
                 if s == "-1" {
                     u32::MAX
                 } else {
-                    parse_num(s) as u32
+                    parse_num(s)
                 }
             };
             let c = cpath(path);
@@ -345,7 +346,8 @@ fn map(fd: &Fd) -> Result<*mut u8, i32> {
 }
 
 fn mmap_rw(path: &str) -> String {
-    let pattern = (std::process::id() as u8) | 0x81;
+    // The low byte of the pid: differs between runs.
+    let pattern = std::process::id().to_le_bytes()[0] | 0x81;
     let write = || -> Result<(), i32> {
         let fd = open(path, libc::O_RDWR)?;
         let p = map(&fd)?;
@@ -683,8 +685,8 @@ mod tests {
         assert_eq!(create_line("a", false), b"create a");
         assert_eq!(vm_node("/m/vmmctl", "x"), Path::new("/m/vmm/x"));
         assert_eq!(seg_node("/m/vmmctl", "x"), Path::new("/m/vmm.io/x.sysmem"));
-        assert_eq!(parse_num("0x10"), 16);
-        assert_eq!(parse_num("7"), 7);
+        assert_eq!(parse_num::<u64>("0x10"), 16);
+        assert_eq!(parse_num::<u32>("7"), 7);
     }
 
     #[test]
