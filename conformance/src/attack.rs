@@ -12,7 +12,7 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 /// Probe operations defined here.
-pub fn is_probe(op: &str) -> bool {
+fn is_probe(op: &str) -> bool {
     matches!(
         op,
         "setid-write"
@@ -33,9 +33,13 @@ pub fn is_probe(op: &str) -> bool {
     )
 }
 
-/// Run probe `op`; the result line.
-pub fn probe(op: &str, args: &[&str]) -> String {
-    match (op, args) {
+/// Run probe `op` (`conformance probe OP ARGS...`, see probe.rs); the result
+/// line, None if `op` is not one of these.
+pub fn probe(op: &str, args: &[&str]) -> Option<String> {
+    if !is_probe(op) {
+        return None;
+    }
+    Some(match (op, args) {
         ("setid-write", [helper, path, text]) => setid_write(helper, path, text),
         ("setid-vm", [helper, ctl, name, text, hold]) => setid_vm(helper, ctl, name, text, hold),
         ("handover", [ctl, name, what, rest @ ..]) => hand_over(ctl, name, what, rest),
@@ -77,7 +81,7 @@ pub fn probe(op: &str, args: &[&str]) -> String {
         }
         ("open-many", [path, n]) => open_many(path, n.parse().unwrap_or_else(|_| usage("n"))),
         _ => usage(&format!("{op}: wrong arguments")),
-    }
+    })
 }
 
 fn ready() {
@@ -494,8 +498,8 @@ fn fill(ctl: &str, prefix: &str) -> String {
 
 // ================================================================ the groups
 
-use crate::cases::Suite;
 use crate::harness::{Holder, Place, Who, MAX_VMS, MEMBER1, MEMBER2};
+use crate::suite::Suite;
 
 /// Make (once) the set-uid-root helper: a root-owned 04755 copy of this
 /// executable in the world-searchable temporary directory.

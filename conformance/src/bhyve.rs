@@ -5,8 +5,8 @@
 //! "Jails". Each row reports the exit status, the message and what root's
 //! `ls vmm/` shows afterwards.
 
-use crate::cases::Suite;
 use crate::harness::{children_of, exited_within, progress, Place, Tool, ToolEnd, Who, MEMBER1, MEMBER2, OUTSIDER};
+use crate::suite::Suite;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! The runner's machinery: the daemon under test, users, probes run as
 //! other users or in PID namespaces, holders of transient VMs, jails.
 
-use crate::probe;
+use crate::lines;
 use nix::unistd::{Group, User};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -774,13 +774,13 @@ impl Env {
     /// stat as root on the host.
     pub fn stat(&self, path: &str) -> String {
         let path = PathBuf::from(path);
-        timed(FS_TIMEOUT, move || observed(&probe::stat_line(&path))).unwrap_or_else(|| "TIMEOUT(stat)".into())
+        timed(FS_TIMEOUT, move || observed(&lines::stat_line(&path))).unwrap_or_else(|| "TIMEOUT(stat)".into())
     }
 
     /// Sorted listing as root on the host (`OK a,b` or an errno name).
     pub fn readdir(&self, path: &str) -> String {
         let path = PathBuf::from(path);
-        timed(FS_TIMEOUT, move || observed(&probe::readdir_line(&path))).unwrap_or_else(|| "TIMEOUT(readdir)".into())
+        timed(FS_TIMEOUT, move || observed(&lines::readdir_line(&path))).unwrap_or_else(|| "TIMEOUT(readdir)".into())
     }
 
     /// Log text written since `from` bytes.

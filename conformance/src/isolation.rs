@@ -6,8 +6,8 @@
 //! from /proc as an administrator would, with real bhyve runs.
 
 use crate::bhyve::{bhyve_args, guests, message, strs};
-use crate::cases::Suite;
 use crate::harness::{Who, MEMBER1};
+use crate::suite::Suite;
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -13,7 +13,9 @@ mod errno;
 mod harness;
 mod ioctl;
 mod isolation;
+mod lines;
 mod probe;
+mod suite;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -148,8 +150,8 @@ fn run(o: Options) -> i32 {
         return fatal(&format!("cannot start vmmfs: {e}"));
     }
     let rows = {
-        let mut suite = cases::Suite::new(&mut env, o.only);
-        suite.run_all();
+        let mut suite = suite::Suite::new(&mut env, o.only);
+        cases::run_all(&mut suite);
         suite.rows
     };
     let failed = rows.iter().any(|r| !r.passed());
@@ -211,7 +213,7 @@ fn stage_tools(env: &harness::Env) -> Result<PathBuf, String> {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("probe") {
-        std::process::exit(probe::main(&args[1..]));
+        std::process::exit(probe::main(&args[1..], attack::probe));
     }
     if args.first().map(String::as_str) == Some("setid-helper") {
         std::process::exit(attack::setid_helper(&args[1..]));

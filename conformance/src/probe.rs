@@ -5,6 +5,7 @@
 
 use crate::errno;
 use crate::ioctl::{self, VmCreate, VmDestroy, CREATE_DESTROY_ON_CLOSE};
+use crate::lines::{readdir_line, stat_line};
 use std::ffi::CString;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -115,42 +116,6 @@ fn key_of(status: &[u8], key: &str) -> String {
     }
 }
 
-/// `stat` summary line, shared with the runner.
-pub fn stat_line(path: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(path) {
-        Ok(m) => {
-            let kind = if m.is_file() {
-                "file"
-            } else if m.is_dir() {
-                "dir"
-            } else {
-                "other"
-            };
-            format!("OK uid={} gid={} mode={:04o} type={kind}", m.uid(), m.gid(), m.mode() & 0o7777)
-        }
-        Err(e) => format!("ERR {}", errno::of_io(&e)),
-    }
-}
-
-/// Sorted directory listing, shared with the runner.
-pub fn readdir_line(path: &Path) -> String {
-    match std::fs::read_dir(path) {
-        Ok(rd) => {
-            let mut names = Vec::new();
-            for e in rd {
-                match e {
-                    Ok(e) => names.push(e.file_name().to_string_lossy().into_owned()),
-                    Err(e) => return format!("ERR {}", errno::of_io(&e)),
-                }
-            }
-            names.sort();
-            format!("OK {}", names.join(","))
-        }
-        Err(e) => format!("ERR {}", errno::of_io(&e)),
-    }
-}
-
 pub(crate) fn mount_of(ctl: &str) -> PathBuf {
     Path::new(ctl).parent().unwrap_or(Path::new("/")).to_path_buf()
 }
@@ -233,8 +198,13 @@ fn become_user(name: &str, ruid: Option<u32>) -> Result<(), String> {
     Ok(())
 }
 
-/// Entry point of `conformance probe ...`; returns the process exit code.
-pub fn main(args: &[String]) -> i32 {
+/// Probe operations defined outside this file (attack.rs's): the result
+/// line of `op ARGS`, None for an operation they do not define.
+pub type MoreOps = fn(op: &str, args: &[&str]) -> Option<String>;
+
+/// Entry point of `conformance probe ...`, with the operations of this file
+/// and `more`; returns the process exit code.
+pub fn main(args: &[String], more: MoreOps) -> i32 {
     let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut user = None;
     let mut ruid = None;
@@ -259,7 +229,7 @@ pub fn main(args: &[String]) -> i32 {
     } else if ruid.is_some() {
         usage("--ruid needs --user");
     }
-    let line = run(&args);
+    let line = run(&args, more);
     // The runner may have stopped listening (a holder's reader reads one line).
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -267,7 +237,7 @@ pub fn main(args: &[String]) -> i32 {
     0
 }
 
-fn run(args: &[&str]) -> String {
+fn run(args: &[&str], more: MoreOps) -> String {
     match args {
         ["open", path, mode] => res(open(path, access_mode(mode)).map(drop)),
         ["write", path, text] => res(open(path, libc::O_RDWR).and_then(|fd| write_fd(&fd, text.as_bytes()))),
@@ -319,14 +289,14 @@ fn run(args: &[&str]) -> String {
         ["stale-fd", ctl, name, which, how] => stale_fd(ctl, name, which, how),
         ["reuse", ctl, name, how] => reuse(ctl, name, how),
         ["jail-inherit", ctl, name, via] => jail_inherit(ctl, name, via),
-        [op, rest @ ..] if crate::attack::is_probe(op) => crate::attack::probe(op, rest),
         ["exec", prog, rest @ ..] => {
             use std::os::unix::process::CommandExt;
             let e = std::process::Command::new(prog).args(rest).exec();
             eprintln!("conformance probe: exec {prog}: {e}");
             std::process::exit(127)
         }
-        _ => usage("unknown probe or wrong arguments"),
+        [op, rest @ ..] => more(op, rest).unwrap_or_else(|| usage("unknown probe or wrong arguments")),
+        [] => usage("no probe"),
     }
 }
 
