@@ -598,15 +598,15 @@ pub fn handover(s: &mut Suite) {
         s.check(&format!("Hand-over: a member hands its VM {why} -> {expect}"), expect, r);
     }
     // Monitor mode cannot be escaped through the VM's own files.
-    let Some(g) = crate::bhyve::guests(s) else { return };
+    let Some(g) = crate::tools::guests(s) else { return };
     let com2 = format!("com2,{ctl}");
-    let end = crate::bhyve::run_bhyve(s, m1, &["-M", "-l", &com2], &g.join("hello.rom"), "ho-escape");
-    let msg = crate::bhyve::message(&end.stderr);
+    let end = crate::tools::run_bhyve(s, m1, &["-M", "-l", &com2], &g.join("hello.rom"), "ho-escape");
+    let msg = crate::tools::message(&end.stderr);
     let obs = format!(
         "{}; {}; {}",
         end.status,
         if msg.contains("vmmfs mount") { "refused: vmmfs's own file" } else { &msg },
-        crate::bhyve::ls_after(s, "ho-escape")
+        crate::tools::ls_after(s, "ho-escape")
     );
     s.check(
         "Hand-over: bhyve -M -l com2,vmmctl (the VM's own vmmctl as a console) -> 4, VM gone",
@@ -630,14 +630,14 @@ fn within(ms: Option<u128>, limit: u128) -> String {
 /// Wall time of a member's bhyve -M hello.rom, and what it printed.
 fn timed_bhyve(s: &Suite, rom: &std::path::Path, name: &str) -> (u128, String) {
     let t0 = Instant::now();
-    let end = crate::bhyve::run_bhyve(s, Who::user(MEMBER1), &["-M"], rom, name);
+    let end = crate::tools::run_bhyve(s, Who::user(MEMBER1), &["-M"], rom, name);
     let ms = t0.elapsed().as_millis();
-    (ms, format!("{}; {}", end.status, crate::bhyve::console(&end.stdout)))
+    (ms, format!("{}; {}", end.status, crate::tools::console(&end.stdout)))
 }
 
 /// SPEC "Authority" 4: nothing a user or guest controls makes the daemon wait.
 pub fn no_freeze(s: &mut Suite) {
-    let Some(g) = crate::bhyve::guests(s) else { return };
+    let Some(g) = crate::tools::guests(s) else { return };
     let (hello, multi) = (g.join("hello.rom"), g.join("multi.rom"));
     let ctl = s.env.ctl();
     let (solo, _) = timed_bhyve(s, &hello, "nf-solo");
@@ -676,7 +676,7 @@ pub fn no_freeze(s: &mut Suite) {
     let bound = solo + 1000;
     s.check(
         "No freeze: vmmtest1's bhyve -M hello.rom runs, within 1 s of its unloaded time",
-        format!("status 1; {}; <= {bound} ms", crate::bhyve::console("hello from bootrom\n")),
+        format!("status 1; {}; <= {bound} ms", crate::tools::console("hello from bootrom\n")),
         format!("{out}; {}", if ms <= bound { format!("<= {bound} ms") } else { format!("{ms} ms") }),
     );
     let r = s.probe(Who::root(), &["timed-write", &ctl, "destroy nf-w0"]);
@@ -919,7 +919,7 @@ pub fn root_reserve(s: &mut Suite) {
 
 /// SPEC "Authority": SIGTERM always completes within 5 s.
 pub fn sigterm(s: &mut Suite) {
-    let Some(g) = crate::bhyve::guests(s) else { return };
+    let Some(g) = crate::tools::guests(s) else { return };
     let multi = g.join("multi.rom").to_string_lossy().into_owned();
     let ctl = s.env.ctl();
     let m2 = Who::user(MEMBER2);
@@ -1007,15 +1007,15 @@ fn held(pid: u32) -> Held {
 /// SIGKILLs hit bhyve parents, their monitor children and the clients; then
 /// nothing may be left: VMs, descriptors, memfds, threads, passt processes.
 pub fn kill_storm(s: &mut Suite) {
-    let Some(g) = crate::bhyve::guests(s) else { return };
+    let Some(g) = crate::tools::guests(s) else { return };
     let rom = g.join("multi.rom");
     let Some(pid) = s.env.daemon_pid() else { return };
     // The engine keeps /dev/kvm open from its first VM on: make that happen first.
     s.probe(Who::root(), &["timed-create-destroy", &s.env.ctl(), "ks-warm"]);
     let before = steady_held(pid);
-    let seed = crate::bhyve::seed();
+    let seed = crate::tools::seed();
     crate::harness::progress(&format!("  kill-storm: seed {seed:#x} (CONFORMANCE_SEED repeats it)"));
-    let mut rng = crate::bhyve::Rng(seed);
+    let mut rng = crate::tools::Rng(seed);
     let users = [Who::root(), Who::user(MEMBER1), Who::user(MEMBER2), Who::user(MEMBER1).with_ruid(60123)];
     enum Live {
         Bhyve(crate::harness::Tool),
@@ -1033,8 +1033,8 @@ pub fn kill_storm(s: &mut Suite) {
                 let name = format!("ks{i}");
                 let net = rng.below(4) == 0;
                 let extra: Vec<&str> = if net { vec!["-M", "-s", "3,virtio-net,slirp"] } else { vec!["-M"] };
-                let args = crate::bhyve::bhyve_args(&extra, &rom, &name);
-                if let Ok(t) = s.env.tool(who, "bhyve", &crate::bhyve::strs(&args)) {
+                let args = crate::tools::bhyve_args(&extra, &rom, &name);
+                if let Ok(t) = s.env.tool(who, "bhyve", &crate::tools::strs(&args)) {
                     live.push(Live::Bhyve(t));
                     started += 1;
                 }

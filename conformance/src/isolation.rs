@@ -5,9 +5,9 @@
 //! a forbidden system call, or dies any other way, ends only its VM. Checked
 //! from /proc as an administrator would, with real bhyve runs.
 
-use crate::bhyve::{bhyve_args, guests, message, strs};
 use crate::harness::{Who, MEMBER1};
 use crate::suite::Suite;
+use crate::tools::{bhyve_args, guests, message, strs};
 use std::path::Path;
 use std::time::{Duration, Instant};
 

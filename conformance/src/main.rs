@@ -17,6 +17,7 @@ mod lines;
 mod probe;
 mod suite;
 mod table;
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;

@@ -11,9 +11,10 @@
 //!
 //! Every crate is checked, and a cycle in any of them fails. In conformance
 //! the imports point main -> cases (the registry) -> the groups (attack,
-//! isolation -> bhyve) -> suite -> harness -> leaves (lines, errno, ioctl,
-//! table); attack's probe operations use probe.rs's helpers, and probe.rs
-//! is handed them by main instead of importing attack.rs.
+//! bhyve, isolation; none imports another) -> tools (running bhyve) ->
+//! suite -> harness -> leaves (lines, errno, ioctl, table); attack's probe
+//! operations use probe.rs's helpers, and probe.rs is handed them by main
+//! instead of importing attack.rs.
 //!
 //! `cargo test -p vmm-engine --test module_cycles -- --nocapture` prints
 //! each crate's cycles (strongly connected components) and their edges.
