@@ -7,6 +7,7 @@
 //! child processes (see probe.rs).
 
 mod attack;
+mod attack_probes;
 mod bhyve;
 mod cases;
 mod errno;
@@ -214,10 +215,10 @@ fn stage_tools(env: &harness::Env) -> Result<PathBuf, String> {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("probe") {
-        std::process::exit(probe::main(&args[1..], attack::probe));
+        std::process::exit(probe::main(&args[1..], attack_probes::probe));
     }
     if args.first().map(String::as_str) == Some("setid-helper") {
-        std::process::exit(attack::setid_helper(&args[1..]));
+        std::process::exit(attack_probes::setid_helper(&args[1..]));
     }
     let code = match parse(&args) {
         Ok(Some(o)) => run(o),

@@ -34,7 +34,7 @@ conformance probe [--user NAME] [--ruid UID] OP ARGS...
   jail-inherit CTL NAME write|ioctl|destroy-write|destroy-ioctl
                                       open on the host; create (or destroy) from a new PID namespace
   exec PROG ARGS...                   become the user, then exec PROG (bhyve, bhyvectl...)
-  (attack probes: see attack.rs)";
+  (attack probes: see attack_probes.rs)";
 
 fn cpath(p: &str) -> CString {
     CString::new(p).unwrap_or_else(|_| usage("path contains NUL"))

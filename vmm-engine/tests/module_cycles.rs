@@ -10,11 +10,11 @@
 //! modules (tests may use any fixture) are not dependencies between files.
 //!
 //! Every crate is checked, and a cycle in any of them fails. In conformance
-//! the imports point main -> cases (the registry) -> the groups (attack,
-//! bhyve, isolation; none imports another) -> tools (running bhyve) ->
-//! suite -> harness -> leaves (lines, errno, ioctl, table); attack's probe
-//! operations use probe.rs's helpers, and probe.rs is handed them by main
-//! instead of importing attack.rs.
+//! the runner's imports point main -> cases (the registry) -> the groups
+//! (attack, bhyve, isolation; none imports another) -> tools (running
+//! bhyve) -> suite -> harness -> leaves (lines, errno, ioctl, table), and the
+//! child's main -> attack_probes -> probe -> the same leaves (main hands
+//! probe.rs the attack probes; probe.rs imports no group).
 //!
 //! `cargo test -p vmm-engine --test module_cycles -- --nocapture` prints
 //! each crate's cycles (strongly connected components) and their edges.
