@@ -277,10 +277,15 @@ pub fn parse_bsf(s: &str) -> Option<(u8, u8, u8)> {
         [b, sl, f] => (*b, *sl, *f),
         _ => return None,
     };
-    if b > 255 || sl > 31 || f > 7 {
+    let (b, sl, f) = (
+        u8::try_from(b).ok()?,
+        u8::try_from(sl).ok()?,
+        u8::try_from(f).ok()?,
+    );
+    if sl > 31 || f > 7 {
         return None;
     }
-    Some((b as u8, sl as u8, f as u8))
+    Some((b, sl, f))
 }
 
 /// Convert a legacy `-s` configuration string into `pci.B.S.F.*` variables, as

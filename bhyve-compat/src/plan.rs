@@ -159,11 +159,8 @@ pub fn topology(cfg: &Config) -> Result<Topology> {
     let threads = get("threads")?.unwrap_or(1);
     let sockets = get("sockets")?.unwrap_or(cpus.unwrap_or(1));
     let n = u64::from(sockets) * u64::from(cores) * u64::from(threads);
-    if n > u64::from(u16::MAX) {
-        return Err(Error::Config(format!(
-            "Computed number of vCPUs too high: {n}"
-        )));
-    }
+    let too_high = || Error::Config(format!("Computed number of vCPUs too high: {n}"));
+    let vcpus = u16::try_from(n).map_err(|_| too_high())?;
     if let Some(c) = cpus {
         if u64::from(c) != n {
             return Err(Error::Config(format!(
@@ -171,11 +168,13 @@ pub fn topology(cfg: &Config) -> Result<Topology> {
             )));
         }
     }
+    // Each factor is at least 1, so none exceeds their product.
+    let fit = |v: u32| u16::try_from(v).map_err(|_| too_high());
     Ok(Topology {
-        cpus: n as u16,
-        sockets: sockets as u16,
-        cores: cores as u16,
-        threads: threads as u16,
+        cpus: vcpus,
+        sockets: fit(sockets)?,
+        cores: fit(cores)?,
+        threads: fit(threads)?,
     })
 }
 

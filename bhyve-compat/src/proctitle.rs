@@ -18,7 +18,7 @@ extern "C" fn capture(
     argv: *mut *mut libc::c_char,
     _env: *mut *mut libc::c_char,
 ) {
-    ARGC.store(argc.max(0) as usize, Ordering::Relaxed);
+    ARGC.store(usize::try_from(argc).unwrap_or(0), Ordering::Relaxed);
     ARGV.store(argv, Ordering::Relaxed);
 }
 
@@ -46,7 +46,8 @@ pub fn set(title: &str) {
                 }
                 end = a.add(libc::strlen(a));
             }
-            let room = end.offset_from(start) as usize;
+            // end >= start (it only moves forward from start).
+            let room = usize::try_from(end.offset_from(start)).unwrap_or(0);
             let n = title.len().min(room);
             std::ptr::copy_nonoverlapping(title.as_ptr(), start.cast::<u8>(), n);
             std::ptr::write_bytes(start.add(n), 0, room - n + 1);

@@ -14,7 +14,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, pipe, ForkResult, Pid};
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use vmm_protocol::command::Command;
 
 /// Print "PROG: MSG" on stderr (warnx).
@@ -325,8 +325,10 @@ fn pidfd_open(pid: Pid) -> Result<OwnedFd> {
     if r < 0 {
         return Err(Error::sys("pidfd_open", Errno::last()));
     }
-    // SAFETY: r is a fresh descriptor returned by the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    // A descriptor is an int; anything else is not one we could own.
+    let fd = RawFd::try_from(r).map_err(|_| Error::sys("pidfd_open", Errno::EBADF))?;
+    // SAFETY: fd is a fresh descriptor returned by the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Monitor mode: fork a child per boot; reinit and fork again on reboot.

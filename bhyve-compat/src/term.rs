@@ -67,10 +67,10 @@ pub fn restore() {
         if let Some(t) = s.termios {
             let _ = tcsetattr(fd(0), SetArg::TCSAFLUSH, &t);
         }
-        for (n, fl) in s.flags.iter().enumerate() {
+        for (n, fl) in (0..).zip(s.flags.iter()) {
             if let Some(fl) = fl {
                 // SAFETY: F_SETFL with flags previously read from the same fd.
-                unsafe { libc::fcntl(n as i32, libc::F_SETFL, *fl) };
+                unsafe { libc::fcntl(n, libc::F_SETFL, *fl) };
             }
         }
     }

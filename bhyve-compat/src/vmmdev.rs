@@ -326,7 +326,9 @@ impl VmHandle {
                 }
                 buf.resize(buf.len() * 2, 0);
             }
-            match nix::sys::uio::pread(self.fd.as_fd(), &mut buf[len..], len as i64) {
+            // len stays below 2 MiB (the loop's bound).
+            let offset = libc::off_t::try_from(len).map_err(|_| Errno::EOVERFLOW)?;
+            match nix::sys::uio::pread(self.fd.as_fd(), &mut buf[len..], offset) {
                 Ok(0) => break,
                 Ok(n) => len += n,
                 Err(Errno::EINTR) => continue,

@@ -213,7 +213,7 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         // SAFETY: signalling our own child process.
-        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(test_support::pid_t(self.daemon.id()), libc::SIGTERM) };
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(5) {
             if let Ok(Some(_)) = self.daemon.try_wait() {
@@ -362,7 +362,7 @@ impl Bhyve {
     }
 
     fn pid(&self) -> i32 {
-        self.child.id() as i32
+        test_support::pid_t(self.child.id())
     }
 
     /// After exit, let the reader threads take what is left: stderr to its
@@ -993,11 +993,11 @@ fn peer_corpus_runs_or_is_refused_as_freebsd() {
     let disk2 = m.file("disk2.img", &vec![0; 1 << 20], 0o644);
     let iso = m.file("install.iso", &vec![0; 1 << 20], 0o444);
     let mut failures = Vec::new();
-    for (i, (origin, line, expect)) in CORPUS.iter().enumerate() {
+    for (i, (origin, line, expect)) in (0u32..).zip(CORPUS) {
         let name = format!("corpus{i}");
         let con = m.file(&format!("con{i}"), &[], 0o644);
         let vars = m.file(&format!("vars{i}.fd"), &[0xff; 8192], 0o644);
-        let port = 20000 + (std::process::id() % 20000) + i as u32;
+        let port = 20000 + (std::process::id() % 20000) + i;
         let args = line
             .replace("{ROM}", &rom.display().to_string())
             .replace("{VARS}", &vars.display().to_string())

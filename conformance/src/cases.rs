@@ -1,9 +1,10 @@
 //! The conformance cases: one or more rows per SPEC.md row (Files, vmmctl,
-//! Per-VM device, Jails; the bhyve groups are in bhyve.rs). Every group
-//! leaves no VM behind.
+//! Per-VM device, Jails; the bhyve groups are in bhyve.rs), and the registry
+//! of every group (GROUPS, run_all), the one module that imports the groups
+//! of the other files. Every group leaves no VM behind.
 
-use crate::harness::{progress, Env, Place, Who, MAX_VMS, MEMBER1, MEMBER2, OUTSIDER};
-use crate::table::Row;
+use crate::harness::{progress, Place, Who, MAX_VMS, MEMBER1, MEMBER2, OUTSIDER};
+use crate::suite::{Suite, MAX_TIMEOUTS};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,18 +14,6 @@ use std::time::{Duration, Instant};
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 const SEC: Duration = Duration::from_secs(1);
-
-/// The running suite.
-pub struct Suite<'e> {
-    pub env: &'e mut Env,
-    pub rows: Vec<Row>,
-    only: Vec<String>,
-    /// Consecutive rows that observed a timeout: the daemon may be hung.
-    timeouts: usize,
-}
-
-/// After this many timeouts in a row the suite stops.
-const MAX_TIMEOUTS: usize = 3;
 
 type Group = fn(&mut Suite);
 
@@ -71,6 +60,45 @@ pub const GROUPS: &[(&str, Group)] = &[
     ("worker-isolation", crate::isolation::worker_isolation),
 ];
 
+/// Run every selected group; a panicking group becomes a failed row.
+pub fn run_all(s: &mut Suite) {
+    for (name, group) in GROUPS {
+        if !s.selected(name) {
+            continue;
+        }
+        if s.hung() {
+            s.check(
+                "vmmfs answers requests",
+                "responsive",
+                format!("{MAX_TIMEOUTS} timeouts in a row; stopped before '{name}'"),
+            );
+            break;
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            s.check("suite interrupted", "completed", format!("stopped before '{name}'"));
+            break;
+        }
+        progress(&format!("== {name}"));
+        s.settle(name);
+        let r = catch_unwind(AssertUnwindSafe(|| group(s)));
+        if let Err(p) = r {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            s.check(&format!("group {name} ran to the end"), "completed", format!("panicked: {msg}"));
+        }
+        if !s.env.daemon_alive() {
+            s.check(&format!("vmmfs still running after group {name}"), "running", "daemon exited");
+            if let Err(e) = s.env.restart() {
+                s.check("vmmfs restarted after it died", "OK", e);
+                break;
+            }
+        }
+    }
+}
+
 fn listed(readdir: &str, name: &str) -> String {
     match readdir.strip_prefix("OK ") {
         Some(list) if list.split(',').any(|n| n == name) => "listed".into(),
@@ -90,129 +118,6 @@ fn exists(stat: &str) -> String {
 
 fn transient_line(name: &str) -> String {
     format!("create {name} destroy-on-close")
-}
-
-impl<'e> Suite<'e> {
-    pub fn new(env: &'e mut Env, only: Vec<String>) -> Suite<'e> {
-        Suite { env, rows: Vec::new(), only, timeouts: 0 }
-    }
-
-    /// Record one row.
-    pub fn check(&mut self, case: &str, expected: impl Into<String>, observed: impl Into<String>) {
-        let row = Row { case: case.into(), expected: expected.into(), observed: observed.into() };
-        let verdict = if row.passed() { "PASS" } else { "FAIL" };
-        if row.passed() {
-            progress(&format!("  {verdict} {}", row.case));
-        } else {
-            progress(&format!("  {verdict} {}: expected '{}', observed '{}'", row.case, row.expected, row.observed));
-        }
-        if row.observed.contains("TIMEOUT") {
-            self.timeouts += 1;
-        } else {
-            self.timeouts = 0;
-        }
-        self.rows.push(row);
-    }
-
-    /// Run every selected group; a panicking group becomes a failed row.
-    pub fn run_all(&mut self) {
-        for (name, group) in GROUPS {
-            if !self.only.is_empty() && !self.only.iter().any(|o| name.contains(o.as_str())) {
-                continue;
-            }
-            if self.timeouts >= MAX_TIMEOUTS {
-                self.check(
-                    "vmmfs answers requests",
-                    "responsive",
-                    format!("{MAX_TIMEOUTS} timeouts in a row; stopped before '{name}'"),
-                );
-                break;
-            }
-            if INTERRUPTED.load(Ordering::SeqCst) {
-                self.check("suite interrupted", "completed", format!("stopped before '{name}'"));
-                break;
-            }
-            progress(&format!("== {name}"));
-            self.settle(name);
-            let r = catch_unwind(AssertUnwindSafe(|| group(self)));
-            if let Err(p) = r {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                self.check(&format!("group {name} ran to the end"), "completed", format!("panicked: {msg}"));
-            }
-            if !self.env.daemon_alive() {
-                self.check(&format!("vmmfs still running after group {name}"), "running", "daemon exited");
-                if let Err(e) = self.env.restart() {
-                    self.check("vmmfs restarted after it died", "OK", e);
-                    break;
-                }
-            }
-        }
-    }
-
-    pub(crate) fn probe(&self, who: Who, args: &[&str]) -> String {
-        if self.timeouts >= MAX_TIMEOUTS {
-            return "TIMEOUT(not run: vmmfs hung)".into();
-        }
-        self.env.probe(who, args)
-    }
-
-    /// VMs visible to root on the host: names in vmm/.
-    pub(crate) fn leftovers(&self) -> Vec<String> {
-        let dir = self.env.readdir(&self.env.vm_dir());
-        match dir.strip_prefix("OK ") {
-            Some(list) => list.split(',').filter(|n| !n.is_empty()).map(String::from).collect(),
-            None => Vec::new(),
-        }
-    }
-
-    /// Wait (<= 3 s) until no VM is left; destroy leftovers as root and record them.
-    fn settle(&mut self, group: &str) {
-        let end = Instant::now() + Duration::from_secs(3);
-        let mut left = self.leftovers();
-        while !left.is_empty() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(20));
-            left = self.leftovers();
-        }
-        if !left.is_empty() {
-            self.check(&format!("no VM left over before group {group}"), "none", left.join(","));
-            for name in left {
-                self.root_destroy(&name);
-            }
-        }
-    }
-
-    /// Retry a probe for up to `limit` while it reports EEXIST.
-    fn retry_eexist(&self, who: Who, args: &[&str], limit: Duration) -> String {
-        let end = Instant::now() + limit;
-        loop {
-            let r = self.probe(who, args);
-            if r != "EEXIST" || Instant::now() >= end {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ctl(&self) -> String {
-        self.env.ctl()
-    }
-
-    fn node_line(&self, uid: u32, mode: u32) -> String {
-        format!("OK uid={uid} gid={} mode={mode:04o} type=file", self.env.users.vmm_gid)
-    }
-
-    /// Root creates a non-transient VM (write protocol); "OK" or errno.
-    fn root_create(&self, name: &str) -> String {
-        self.probe(Who::root(), &["write", &self.ctl(), &format!("create {name}")])
-    }
-
-    pub(crate) fn root_destroy(&self, name: &str) -> String {
-        self.probe(Who::root(), &["write", &self.ctl(), &format!("destroy {name}")])
-    }
 }
 
 // ---------------------------------------------------------------- Files
@@ -807,7 +712,7 @@ fn default_limit(s: &mut Suite) {
     }
     if up {
         // SAFETY: plain sysconf query.
-        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        let cpus = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1).max(1);
         let max = 4 * cpus;
         let mut want = vec!["OK"; max];
         want.push("ENOMEM");

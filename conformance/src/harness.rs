@@ -1,7 +1,7 @@
 //! The runner's machinery: the daemon under test, users, probes run as
 //! other users or in PID namespaces, holders of transient VMs, jails.
 
-use crate::probe;
+use crate::lines;
 use nix::unistd::{Group, User};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -120,9 +120,12 @@ pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
-fn kill(pid: u32, sig: i32) {
+/// Send `sig` to `pid`, a process the suite started (or one of its
+/// children); a number that is no pid_t is not signalled.
+pub fn kill(pid: u32, sig: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
     // SAFETY: sending a signal to a process we started.
-    unsafe { libc::kill(pid as i32, sig) };
+    unsafe { libc::kill(pid, sig) };
 }
 
 /// Run `f` on a helper thread; None if it takes longer than `limit` (a hung
@@ -771,19 +774,20 @@ impl Env {
     /// stat as root on the host.
     pub fn stat(&self, path: &str) -> String {
         let path = PathBuf::from(path);
-        timed(FS_TIMEOUT, move || observed(&probe::stat_line(&path))).unwrap_or_else(|| "TIMEOUT(stat)".into())
+        timed(FS_TIMEOUT, move || observed(&lines::stat_line(&path))).unwrap_or_else(|| "TIMEOUT(stat)".into())
     }
 
     /// Sorted listing as root on the host (`OK a,b` or an errno name).
     pub fn readdir(&self, path: &str) -> String {
         let path = PathBuf::from(path);
-        timed(FS_TIMEOUT, move || observed(&probe::readdir_line(&path))).unwrap_or_else(|| "TIMEOUT(readdir)".into())
+        timed(FS_TIMEOUT, move || observed(&lines::readdir_line(&path))).unwrap_or_else(|| "TIMEOUT(readdir)".into())
     }
 
     /// Log text written since `from` bytes.
     pub fn log_since(&self, from: u64) -> String {
         let text = std::fs::read(&self.log).unwrap_or_default();
-        String::from_utf8_lossy(text.get(from as usize..).unwrap_or(&[])).into_owned()
+        let rest = usize::try_from(from).ok().and_then(|from| text.get(from..));
+        String::from_utf8_lossy(rest.unwrap_or(&[])).into_owned()
     }
 
     pub fn log_len(&self) -> u64 {

@@ -5,9 +5,9 @@
 //! a forbidden system call, or dies any other way, ends only its VM. Checked
 //! from /proc as an administrator would, with real bhyve runs.
 
-use crate::bhyve::{bhyve_args, guests, message, strs};
-use crate::cases::Suite;
 use crate::harness::{Who, MEMBER1};
+use crate::suite::Suite;
+use crate::tools::{bhyve_args, guests, message, strs};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -150,8 +150,8 @@ pub fn worker_isolation(s: &mut Suite) {
     // ends its VM the same way.
     let observed = match worker_of(daemon, "wi-b") {
         Some(wb) => {
-            // SAFETY: signalling the worker this case found.
-            unsafe { libc::kill(wb as i32, libc::SIGKILL) };
+            // The worker this case found.
+            crate::harness::kill(wb, libc::SIGKILL);
             let end = b.wait(Duration::from_secs(10));
             let cause = if b.stderr().contains("SIGKILL") { "names SIGKILL" } else { "no cause" };
             format!("{end}; {cause}; {}", s.env.gone_within(&s.env.vm("wi-b"), GONE))

@@ -7,14 +7,18 @@
 //! child processes (see probe.rs).
 
 mod attack;
+mod attack_probes;
 mod bhyve;
 mod cases;
 mod errno;
 mod harness;
 mod ioctl;
 mod isolation;
+mod lines;
 mod probe;
+mod suite;
 mod table;
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -148,8 +152,8 @@ fn run(o: Options) -> i32 {
         return fatal(&format!("cannot start vmmfs: {e}"));
     }
     let rows = {
-        let mut suite = cases::Suite::new(&mut env, o.only);
-        suite.run_all();
+        let mut suite = suite::Suite::new(&mut env, o.only);
+        cases::run_all(&mut suite);
         suite.rows
     };
     let failed = rows.iter().any(|r| !r.passed());
@@ -211,10 +215,10 @@ fn stage_tools(env: &harness::Env) -> Result<PathBuf, String> {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("probe") {
-        std::process::exit(probe::main(&args[1..]));
+        std::process::exit(probe::main(&args[1..], attack_probes::probe));
     }
     if args.first().map(String::as_str) == Some("setid-helper") {
-        std::process::exit(attack::setid_helper(&args[1..]));
+        std::process::exit(attack_probes::setid_helper(&args[1..]));
     }
     let code = match parse(&args) {
         Ok(Some(o)) => run(o),

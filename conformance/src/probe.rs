@@ -5,6 +5,7 @@
 
 use crate::errno;
 use crate::ioctl::{self, VmCreate, VmDestroy, CREATE_DESTROY_ON_CLOSE};
+use crate::lines::{readdir_line, stat_line};
 use std::ffi::CString;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -33,7 +34,7 @@ conformance probe [--user NAME] [--ruid UID] OP ARGS...
   jail-inherit CTL NAME write|ioctl|destroy-write|destroy-ioctl
                                       open on the host; create (or destroy) from a new PID namespace
   exec PROG ARGS...                   become the user, then exec PROG (bhyve, bhyvectl...)
-  (attack probes: see attack.rs)";
+  (attack probes: see attack_probes.rs)";
 
 fn cpath(p: &str) -> CString {
     CString::new(p).unwrap_or_else(|_| usage("path contains NUL"))
@@ -92,10 +93,9 @@ pub(crate) fn pread_fd(fd: &Fd, len: usize) -> Result<Vec<u8>, i32> {
     let mut buf = vec![0u8; len];
     // SAFETY: valid buffer.
     let n = unsafe { libc::pread(fd.0, buf.as_mut_ptr().cast(), len, 0) };
-    if n < 0 {
-        return Err(errno_now());
-    }
-    buf.truncate(n as usize);
+    // Negative: the call failed.
+    let n = usize::try_from(n).map_err(|_| errno_now())?;
+    buf.truncate(n);
     Ok(buf)
 }
 
@@ -113,42 +113,6 @@ fn key_of(status: &[u8], key: &str) -> String {
     match text.lines().find(|l| l.split_once('=').is_some_and(|(k, _)| k == key)) {
         Some(l) => format!("OK {l}"),
         None => format!("ERR NOKEY({key})"),
-    }
-}
-
-/// `stat` summary line, shared with the runner.
-pub fn stat_line(path: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(path) {
-        Ok(m) => {
-            let kind = if m.is_file() {
-                "file"
-            } else if m.is_dir() {
-                "dir"
-            } else {
-                "other"
-            };
-            format!("OK uid={} gid={} mode={:04o} type={kind}", m.uid(), m.gid(), m.mode() & 0o7777)
-        }
-        Err(e) => format!("ERR {}", errno::of_io(&e)),
-    }
-}
-
-/// Sorted directory listing, shared with the runner.
-pub fn readdir_line(path: &Path) -> String {
-    match std::fs::read_dir(path) {
-        Ok(rd) => {
-            let mut names = Vec::new();
-            for e in rd {
-                match e {
-                    Ok(e) => names.push(e.file_name().to_string_lossy().into_owned()),
-                    Err(e) => return format!("ERR {}", errno::of_io(&e)),
-                }
-            }
-            names.sort();
-            format!("OK {}", names.join(","))
-        }
-        Err(e) => format!("ERR {}", errno::of_io(&e)),
     }
 }
 
@@ -202,12 +166,14 @@ pub(crate) fn transient_create(fd: &Fd, name: &str, via: &str) -> Result<(), i32
     }
 }
 
-fn parse_num(s: &str) -> u64 {
+/// A number, decimal or `0x` hex, of type `T`; a usage error if it is none
+/// or does not fit.
+fn parse_num<T: TryFrom<u64>>(s: &str) -> T {
     let r = match s.strip_prefix("0x") {
         Some(h) => u64::from_str_radix(h, 16),
         None => s.parse(),
     };
-    r.unwrap_or_else(|_| usage(&format!("bad number '{s}'")))
+    r.ok().and_then(|n| T::try_from(n).ok()).unwrap_or_else(|| usage(&format!("bad number '{s}'")))
 }
 
 /// Take on another user's identity: supplementary groups, gid, uid.
@@ -232,8 +198,13 @@ fn become_user(name: &str, ruid: Option<u32>) -> Result<(), String> {
     Ok(())
 }
 
-/// Entry point of `conformance probe ...`; returns the process exit code.
-pub fn main(args: &[String]) -> i32 {
+/// Probe operations defined outside this file (attack.rs's): the result
+/// line of `op ARGS`, None for an operation they do not define.
+pub type MoreOps = fn(op: &str, args: &[&str]) -> Option<String>;
+
+/// Entry point of `conformance probe ...`, with the operations of this file
+/// and `more`; returns the process exit code.
+pub fn main(args: &[String], more: MoreOps) -> i32 {
     let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut user = None;
     let mut ruid = None;
@@ -244,7 +215,7 @@ pub fn main(args: &[String]) -> i32 {
                 args.drain(..2);
             }
             "--ruid" if args.len() > 1 => {
-                ruid = Some(parse_num(args[1]) as u32);
+                ruid = Some(parse_num(args[1]));
                 args.drain(..2);
             }
             _ => break,
@@ -258,7 +229,7 @@ pub fn main(args: &[String]) -> i32 {
     } else if ruid.is_some() {
         usage("--ruid needs --user");
     }
-    let line = run(&args);
+    let line = run(&args, more);
     // The runner may have stopped listening (a holder's reader reads one line).
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -266,7 +237,7 @@ pub fn main(args: &[String]) -> i32 {
     0
 }
 
-fn run(args: &[&str]) -> String {
+fn run(args: &[&str], more: MoreOps) -> String {
     match args {
         ["open", path, mode] => res(open(path, access_mode(mode)).map(drop)),
         ["write", path, text] => res(open(path, libc::O_RDWR).and_then(|fd| write_fd(&fd, text.as_bytes()))),
@@ -282,12 +253,12 @@ fn run(args: &[&str]) -> String {
             Err(e) => res(Err(e)),
         },
         ["ioctl-create", path, name, flags, rest @ ..] => {
-            let reserved = rest.first().map(|s| parse_num(s) as usize);
-            let flags = parse_num(flags) as u32;
+            let reserved = rest.first().map(|s| parse_num(s));
+            let flags = parse_num(flags);
             res(open(path, libc::O_RDWR).and_then(|fd| ioctl_create(&fd, name, flags, reserved)))
         }
         ["ioctl-destroy", path, name, rest @ ..] => {
-            let reserved = rest.first().map(|s| parse_num(s) as usize);
+            let reserved = rest.first().map(|s| parse_num(s));
             res(open(path, libc::O_RDWR).and_then(|fd| ioctl_destroy(&fd, name, reserved)))
         }
         ["stat", path] => stat_line(Path::new(path)),
@@ -303,7 +274,7 @@ fn run(args: &[&str]) -> String {
                 if s == "-1" {
                     u32::MAX
                 } else {
-                    parse_num(s) as u32
+                    parse_num(s)
                 }
             };
             let c = cpath(path);
@@ -318,14 +289,14 @@ fn run(args: &[&str]) -> String {
         ["stale-fd", ctl, name, which, how] => stale_fd(ctl, name, which, how),
         ["reuse", ctl, name, how] => reuse(ctl, name, how),
         ["jail-inherit", ctl, name, via] => jail_inherit(ctl, name, via),
-        [op, rest @ ..] if crate::attack::is_probe(op) => crate::attack::probe(op, rest),
         ["exec", prog, rest @ ..] => {
             use std::os::unix::process::CommandExt;
             let e = std::process::Command::new(prog).args(rest).exec();
             eprintln!("conformance probe: exec {prog}: {e}");
             std::process::exit(127)
         }
-        _ => usage("unknown probe or wrong arguments"),
+        [op, rest @ ..] => more(op, rest).unwrap_or_else(|| usage("unknown probe or wrong arguments")),
+        [] => usage("no probe"),
     }
 }
 
@@ -345,7 +316,8 @@ fn map(fd: &Fd) -> Result<*mut u8, i32> {
 }
 
 fn mmap_rw(path: &str) -> String {
-    let pattern = (std::process::id() as u8) | 0x81;
+    // The low byte of the pid: differs between runs.
+    let pattern = std::process::id().to_le_bytes()[0] | 0x81;
     let write = || -> Result<(), i32> {
         let fd = open(path, libc::O_RDWR)?;
         let p = map(&fd)?;
@@ -683,8 +655,8 @@ mod tests {
         assert_eq!(create_line("a", false), b"create a");
         assert_eq!(vm_node("/m/vmmctl", "x"), Path::new("/m/vmm/x"));
         assert_eq!(seg_node("/m/vmmctl", "x"), Path::new("/m/vmm.io/x.sysmem"));
-        assert_eq!(parse_num("0x10"), 16);
-        assert_eq!(parse_num("7"), 7);
+        assert_eq!(parse_num::<u64>("0x10"), 16);
+        assert_eq!(parse_num::<u32>("7"), 7);
     }
 
     #[test]

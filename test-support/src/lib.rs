@@ -88,6 +88,13 @@ pub fn vmm_group() -> &'static str {
     }
 }
 
+/// A process id as `Child::id` gives it, as the kernel's `pid_t` (kill(2),
+/// waitpid(2), pidfd_open(2)). Pids never exceed pid_max (2^22), so this
+/// only fails, failing the test, for a number that is no pid.
+pub fn pid_t(id: u32) -> libc::pid_t {
+    libc::pid_t::try_from(id).expect("a process id fits pid_t")
+}
+
 /// A close-on-exec pipe: (read end, write end).
 pub fn pipe() -> (OwnedFd, OwnedFd) {
     let mut p = [0; 2];

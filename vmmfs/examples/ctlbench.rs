@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 const RAM: u64 = 256 << 20;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+/// The `pct`th percentile (nearest rank, rounded half up) of `sorted`.
+fn percentile(sorted: &[Duration], pct: usize) -> Duration {
+    sorted[((sorted.len() - 1) * pct + 50) / 100]
 }
 
 /// p50, p99 and operations per second of one series.
@@ -33,8 +34,8 @@ impl Stats {
         let total: Duration = times.iter().sum();
         times.sort();
         Stats {
-            p50: percentile(&times, 0.5),
-            p99: percentile(&times, 0.99),
+            p50: percentile(&times, 50),
+            p99: percentile(&times, 99),
             per_sec: times.len() as f64 / total.as_secs_f64(),
         }
     }
@@ -186,8 +187,8 @@ fn victim_pairs(mount: &str, n: usize, tag: &str) -> Vec<Duration> {
                 .expect("victim: create");
             ctl.write_all(format!("destroy {tag}{i}").as_bytes())
                 .expect("victim: destroy");
-            w.write_all(&(t0.elapsed().as_nanos() as u64).to_le_bytes())
-                .expect("victim: report");
+            let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            w.write_all(&ns.to_le_bytes()).expect("victim: report");
         }
     });
     let mut out = Vec::with_capacity(n);

@@ -63,7 +63,8 @@ fn peer_is_host_root(conn: &UnixStream, jails: &Jails) -> bool {
         uid: u32::MAX,
         gid: 0,
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let mut len: libc::socklen_t =
+        const { vmm_engine::cast::const_u32(std::mem::size_of::<libc::ucred>() as u64) };
     // SAFETY: getsockopt writes at most `len` bytes into `cred`.
     let rc = unsafe {
         libc::getsockopt(
@@ -74,7 +75,9 @@ fn peer_is_host_root(conn: &UnixStream, jails: &Jails) -> bool {
             &mut len,
         )
     };
-    rc == 0 && cred.uid == 0 && jails.of_pid(cred.pid as u32).is_ok_and(|j| j.is_host())
+    rc == 0
+        && cred.uid == 0
+        && u32::try_from(cred.pid).is_ok_and(|pid| jails.of_pid(pid).is_ok_and(|j| j.is_host()))
 }
 
 fn handle<E: Engine>(service: &Service<E>, conn: UnixStream) -> std::io::Result<()> {

@@ -304,7 +304,11 @@ impl<E: Engine> Filesystem for VmmFs<E> {
             caller,
             data,
             Box::new(move |r| match r {
-                Ok(n) => reply.written(n as u32),
+                // At most the request's size, a u32.
+                Ok(n) => match u32::try_from(n) {
+                    Ok(n) => reply.written(n),
+                    Err(_) => reply.error(Errno::from_i32(libc::EOVERFLOW)),
+                },
                 Err(e) => reply.error(errno(e)),
             }),
         );
@@ -370,7 +374,9 @@ impl<E: Engine> Filesystem for VmmFs<E> {
                 .into_iter()
                 .map(|e| (e.node, e.name, e.node.is_dir())),
         );
-        for (i, (n, name, _)) in all.enumerate().skip(offset as usize) {
+        // An offset past every entry (any that does not fit) lists nothing.
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (n, name, _)) in all.enumerate().skip(skip) {
             if reply.add(INodeNo(n.ino()), (i + 1) as u64, Self::kind(n), name) {
                 break;
             }

@@ -87,8 +87,8 @@ fn nonce() -> Nonce {
     while got < n.len() {
         // SAFETY: getrandom writes at most the given length into the buffer.
         let r = unsafe { libc::getrandom(n[got..].as_mut_ptr().cast(), n.len() - got, 0) };
-        if r > 0 {
-            got += r as usize;
+        if let Some(k) = usize::try_from(r).ok().filter(|&k| k > 0) {
+            got += k;
         } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             // The kernel's random pool never fails once booted; a nonce is
             // not a secret worth stopping the daemon for, but make it loud.
@@ -277,7 +277,10 @@ impl Handover {
         let Ok(cred) = socket::getsockopt(&sock, socket::sockopt::PeerCredentials) else {
             return;
         };
-        let Ok(peer) = Creds::of_thread(cred.pid() as u32, &self.jails) else {
+        let Ok(pid) = u32::try_from(cred.pid()) else {
+            return;
+        };
+        let Ok(peer) = Creds::of_thread(pid, &self.jails) else {
             return;
         };
         let user = peer.ruid();
@@ -363,7 +366,10 @@ impl Handover {
                             // SAFETY: the kernel installed these descriptors for us.
                             fds.extend(v.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
                         }
-                        ControlMessageOwned::ScmCredentials(uc) => sender = Some(uc.pid() as u32),
+                        // No pid (not one that fits): no sender, refused.
+                        ControlMessageOwned::ScmCredentials(uc) => {
+                            sender = u32::try_from(uc.pid()).ok()
+                        }
                         _ => {}
                     }
                 }

@@ -3,6 +3,7 @@
 //! newer VM.
 
 use crate::policy::VmId;
+use vmm_engine::cast::usize_from;
 
 pub const ROOT: u64 = 1;
 pub const VMMCTL: u64 = 2;
@@ -15,7 +16,7 @@ const VM_BASE: u64 = 1 << 32;
 /// Inode numbers reserved per VM: the node itself and its segments.
 const PER_VM: u64 = 256;
 /// Most segments a VM can show.
-pub const MAX_SEGMENTS: usize = (PER_VM - 1) as usize;
+pub const MAX_SEGMENTS: usize = usize_from(PER_VM - 1);
 
 /// What an inode number stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +45,7 @@ impl Node {
                 let rel = i - VM_BASE;
                 match rel % PER_VM {
                     0 => Node::Vm(rel / PER_VM),
-                    s => Node::Segment(rel / PER_VM, (s - 1) as usize),
+                    s => Node::Segment(rel / PER_VM, usize_from(s - 1)),
                 }
             }
             _ => return None,

@@ -115,7 +115,8 @@ pub fn classify(fd: &OwnedFd, own_dev: Option<(u32, u32)>) -> Result<Kind, Refus
 
 fn sockopt(raw: i32, opt: libc::c_int) -> std::io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let mut len: libc::socklen_t =
+        const { vmm_engine::cast::const_u32(std::mem::size_of::<libc::c_int>() as u64) };
     // SAFETY: getsockopt writes at most `len` bytes into `v`.
     let rc = unsafe {
         libc::getsockopt(
@@ -161,7 +162,7 @@ fn check_socket(fd: &OwnedFd) -> Result<(), Refusal> {
             libc::SOL_SOCKET,
             SO_PASSRIGHTS,
             (&off as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            const { vmm_engine::cast::const_u32(std::mem::size_of::<libc::c_int>() as u64) },
         )
     };
     if rc < 0 && !NO_PASSRIGHTS_WARNED.swap(true, Ordering::Relaxed) {

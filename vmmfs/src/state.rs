@@ -145,14 +145,12 @@ impl State {
                 "vmmctl" | "vmm" | "vmm.io" => {
                     expect(&["uid", "gid", "mode"])?;
                     let (uid, gid, mode) = (num("uid", 10)?, num("gid", 10)?, num("mode", 8)?);
-                    if uid > u32::MAX as u64 || gid > u32::MAX as u64 || mode > 0o7777 {
+                    let (Ok(uid), Ok(gid), Ok(mode @ 0..=0o7777)) =
+                        (u32::try_from(uid), u32::try_from(gid), u16::try_from(mode))
+                    else {
                         return Err((n, "value out of range".into()));
-                    }
-                    let a = NodeAttrs {
-                        uid: uid as u32,
-                        gid: gid as u32,
-                        mode: mode as u16,
                     };
+                    let a = NodeAttrs { uid, gid, mode };
                     let slot = match kind {
                         "vmmctl" => &mut vmmctl,
                         "vmm" => &mut vmm,
@@ -183,12 +181,12 @@ impl State {
                     let init = if legacy {
                         ProcessId { pid: 0, start: 0 }
                     } else {
-                        let pid = num("init", 10)?;
-                        if pid == 0 || pid > u64::from(u32::MAX) {
-                            return Err((n, "bad value for 'init'".into()));
-                        }
+                        let pid = u32::try_from(num("init", 10)?)
+                            .ok()
+                            .filter(|&pid| pid != 0)
+                            .ok_or_else(|| (n, "bad value for 'init'".to_string()))?;
                         ProcessId {
-                            pid: pid as u32,
+                            pid,
                             start: num("start", 10)?,
                         }
                     };

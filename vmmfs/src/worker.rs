@@ -285,17 +285,17 @@ impl Spawner {
     /// A jailed worker for `uid`, with what its create needs made ahead.
     fn spare(&self, uid: u32) -> std::io::Result<Spare> {
         let child = self.spawn(uid)?;
-        let made = ProcessId::of(child.pid as u32).and_then(|p| {
-            let reader = Parked::new(format!("worker-{}", child.pid))?;
-            Ok((p.start, reader))
-        });
+        // A pid that does not fit is no process of ours (never: the
+        // zygote's answer was checked): the worker is ended.
+        let made = u32::try_from(child.pid)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))
+            .and_then(|pid| {
+                let start = ProcessId::of(pid)?.start;
+                Ok((pid, start, Parked::new(format!("worker-{pid}"))?))
+            });
         match made {
-            Ok((start, reader)) => Ok(Spare {
-                id: WorkerId {
-                    pid: child.pid as u32,
-                    start,
-                    uid,
-                },
+            Ok((pid, start, reader)) => Ok(Spare {
+                id: WorkerId { pid, start, uid },
                 child,
                 reader,
             }),
@@ -465,11 +465,10 @@ impl Workers {
         if !sp.uids.lock().used.insert(id.uid) {
             return Err(refuse(format!("worker uid {} is taken twice", id.uid)));
         }
-        let child = Child {
-            pid: id.pid as i32,
-            pidfd,
-            sock,
+        let Ok(pid) = libc::pid_t::try_from(id.pid) else {
+            return Err(refuse(format!("worker pid {} is no pid", id.pid)));
         };
+        let child = Child { pid, pidfd, sock };
         if let Err(e) = wait_ready(&child) {
             sp.uids.lock().used.remove(&id.uid);
             kill(&child.pidfd);
@@ -547,13 +546,16 @@ fn peer_cred(sock: &OwnedFd) -> Option<(u32, u32)> {
 }
 
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: pidfd_open with a pid and no flags.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: a fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A started worker.
@@ -671,8 +673,15 @@ impl Spawner {
             answer?
         };
         drop(theirs);
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            kill(&pidfd);
+            reap(&pidfd);
+            return Err(std::io::Error::other(format!(
+                "the zygote answered pid {pid}"
+            )));
+        };
         let child = Child {
-            pid: pid as i32,
+            pid,
             pidfd,
             sock: ours,
         };
@@ -705,8 +714,9 @@ fn wait_ready(child: &Child) -> std::io::Result<()> {
         events: libc::POLLIN,
         revents: 0,
     };
+    let ready_ms = i32::try_from(READY_WITHIN.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: one pollfd.
-    let n = unsafe { libc::poll(&mut p, 1, READY_WITHIN.as_millis() as i32) };
+    let n = unsafe { libc::poll(&mut p, 1, ready_ms) };
     if n <= 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -804,16 +814,11 @@ fn exit_status(pidfd: &OwnedFd) -> Option<i32> {
 fn reap(pidfd: &OwnedFd) -> Option<(i32, i32)> {
     // SAFETY: waitid writes the siginfo.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // An owned descriptor is not negative.
+    let pidfd_id = libc::id_t::try_from(pidfd.as_raw_fd()).ok()?;
     loop {
         // SAFETY: P_PIDFD with a pidfd we own.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED,
-            )
-        };
+        let rc = unsafe { libc::waitid(libc::P_PIDFD, pidfd_id, &mut info, libc::WEXITED) };
         if rc == 0 {
             break;
         }
@@ -1029,7 +1034,7 @@ fn check_memfd(fd: &OwnedFd, size: u64) -> Result<(), String> {
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err("fstat failed".into());
     }
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size as u64 != size {
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || u64::try_from(st.st_size).ok() != Some(size) {
         return Err(format!("size {} instead of {size}", st.st_size));
     }
     Ok(())
@@ -1191,7 +1196,7 @@ impl EngineVm for WorkerVm {
                 // SAFETY: fstat on a descriptor we own writes only into `st`,
                 // which lives across the call (on failure `st` stays zeroed).
                 unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
-                st.st_size.max(0) as u64
+                u64::try_from(st.st_size).unwrap_or(0)
             }
             _ => 0,
         };

@@ -322,7 +322,7 @@ fn virtio_devices_run_under_the_filters() {
     assert_eq!(out, "vdev rng\nrng 64 bytes, random, msix delivered\n");
     let path = std::env::temp_dir().join(format!("vmmfs-worker-disk-{}", std::process::id()));
     let data: Vec<u8> = (0..2 << 20)
-        .map(|i: usize| (i * 7 + i / 4096) as u8)
+        .map(|i: usize| (i * 7 + i / 4096).to_le_bytes()[0])
         .collect();
     std::fs::write(&path, &data).unwrap();
     let disk = std::fs::OpenOptions::new()

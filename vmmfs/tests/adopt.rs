@@ -169,7 +169,7 @@ impl Drop for Reap {
     fn drop(&mut self) {
         if std::thread::panicking() {
             // SAFETY: signalling a daemon this test started.
-            unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+            unsafe { libc::kill(test_support::pid_t(self.0), libc::SIGTERM) };
         }
     }
 }
@@ -356,7 +356,7 @@ fn vms_outlive_the_daemon_and_are_adopted() {
     // namespace, and such a process gets no other signal from outside
     // unless it handles it.
     // SAFETY: signalling the recorded worker (root may).
-    unsafe { libc::kill(crashing as i32, libc::SIGKILL) };
+    unsafe { libc::kill(test_support::pid_t(crashing), libc::SIGKILL) };
     let mut last = String::new();
     let t0 = std::time::Instant::now();
     while t0.elapsed() < Duration::from_secs(5) {
@@ -397,7 +397,7 @@ fn vms_outlive_the_daemon_and_are_adopted() {
     let q = worker_of(&state, "adopt-q").unwrap();
     drop(ctl);
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(test_support::pid_t(daemon.id()), libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
     wait_for("SIGTERM to end the worker", Duration::from_secs(5), || {
         !alive(q)
@@ -540,7 +540,7 @@ fn a_jails_vm_is_destroyed_at_adoption() {
     assert!(!mnt.join("vmm/adopt-j").exists(), "gone on the host");
     assert!(records(&state).is_empty(), "{:?}", records(&state));
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(test_support::pid_t(daemon.id()), libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
     let _ = holder.kill();
     let _ = holder.wait();

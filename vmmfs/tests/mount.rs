@@ -77,7 +77,7 @@ impl Mount {
 
     fn shutdown(&mut self) {
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(test_support::pid_t(self.child.id()), libc::SIGTERM) };
         let _ = self.child.wait();
     }
 }

@@ -63,7 +63,7 @@ fn ready_after_the_mount_and_journal_priorities() {
     assert!(vmmctl && socket, "READY=1 before the mount or vmm.sock");
 
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(test_support::pid_t(child.id()), libc::SIGTERM) };
     let n = sock.recv(&mut buf).expect("no STOPPING=1");
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");

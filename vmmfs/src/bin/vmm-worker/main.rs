@@ -265,7 +265,8 @@ fn peer_uid(sock: &OwnedFd) -> Option<u32> {
         uid: u32::MAX,
         gid: u32::MAX,
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let mut len: libc::socklen_t =
+        const { vmm_engine::cast::const_u32(std::mem::size_of::<libc::ucred>() as u64) };
     // SAFETY: getsockopt writes at most `len` bytes into `cred`.
     let rc = unsafe {
         libc::getsockopt(

@@ -107,5 +107,8 @@ fn clone_worker(req: &Spawn, sock: OwnedFd) -> std::io::Result<(u32, OwnedFd)> {
     }
     drop(sock);
     // SAFETY: clone3 stored a fresh pidfd.
-    Ok((pid as u32, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // A pid is positive and below pid_max (2^22).
+    let pid = u32::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    Ok((pid, pidfd))
 }
