@@ -561,7 +561,11 @@ impl<E: Engine> Service<E> {
                     backing: None,
                 })
             }),
-            Node::Segment(id, idx) => self.registry.check_open(&who, id).and_then(|_| {
+            Node::Segment(id, idx) => self.registry.check_open(&who, id).and_then(|rt| {
+                // Before the memfd is looked up: a teardown either empties
+                // it or has cleared the VM's segments first (the lookup
+                // then fails).
+                rt.serving_segments();
                 let seg = self.segment(id, &self.registry.segment_name(id, idx)?)?;
                 Ok(Opened {
                     fh: self.add_handle(user, privileged, Kinded::Segment)?,
@@ -943,10 +947,11 @@ impl<E: Engine> Service<E> {
             ) {
                 Ok(vm) => {
                     self.watch(id, &vm);
-                    let rt = Arc::new(Runtime {
+                    let rt = Arc::new(Runtime::new(
                         vm,
-                        exec: Executor::new(&name, MAX_QUEUED_PER_VM),
-                    });
+                        Executor::new(&name, MAX_QUEUED_PER_VM),
+                        false,
+                    ));
                     self.registry.commit(id, rt);
                     self.persist(id);
                     done.call(Ok(()))
@@ -999,9 +1004,11 @@ impl<E: Engine> Service<E> {
             // Open vmm.io handles pass through to the memfds and keep them
             // alive: empty them so the memory is freed now and stale mappings
             // fault instead of reading a dead guest's memory.
-            for seg in segments {
-                // SAFETY: plain syscall on a descriptor we own.
-                unsafe { libc::ftruncate(seg.fd.as_raw_fd(), 0) };
+            if rt2.segments_served() {
+                for seg in segments {
+                    // SAFETY: plain syscall on a descriptor we own.
+                    unsafe { libc::ftruncate(seg.fd.as_raw_fd(), 0) };
+                }
             }
             svc.runners.lock().remove(&id);
             svc.registry.finish(id);
@@ -1323,10 +1330,12 @@ impl<E: Engine> Service<E> {
                 transient: None,
                 memory: 0,
             };
-            let rt = Arc::new(Runtime {
+            // Clients of the earlier daemon may still hold its segments.
+            let rt = Arc::new(Runtime::new(
                 vm,
-                exec: Executor::new(&rec.name, MAX_QUEUED_PER_VM),
-            });
+                Executor::new(&rec.name, MAX_QUEUED_PER_VM),
+                true,
+            ));
             match self
                 .registry
                 .adopt(record, rec.node, rec.segments, rec.charges, rt.clone())
