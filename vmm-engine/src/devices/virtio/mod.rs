@@ -50,28 +50,35 @@ pub use epoll::EpollHelper;
 pub use host::{drain, eventfd, probe, Ram};
 pub use irq::{GsiRouter, Interrupt, VirtioInterrupt};
 pub use queue::{Chain, QueueError, VirtQueue};
+use virtio_bindings::{virtio_config as config, virtio_ids as ids};
 
 /// PCI vendor id of virtio devices.
 pub const VIRTIO_VENDOR: u16 = 0x1af4;
 /// Modern (non-transitional) PCI device ids are 0x1040 + device type.
 pub const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
 
-/// Device types (virtio 1.x section 5).
-pub const TYPE_NET: u32 = 1;
-pub const TYPE_BLOCK: u32 = 2;
-pub const TYPE_CONSOLE: u32 = 3;
-pub const TYPE_RNG: u32 = 4;
+/// Device types (virtio 1.x section 5), from rust-vmm's virtio-bindings
+/// (Linux's uapi headers).
+pub const TYPE_NET: u32 = ids::VIRTIO_ID_NET;
+pub const TYPE_BLOCK: u32 = ids::VIRTIO_ID_BLOCK;
+pub const TYPE_CONSOLE: u32 = ids::VIRTIO_ID_CONSOLE;
+pub const TYPE_RNG: u32 = ids::VIRTIO_ID_RNG;
 
 /// Feature bits common to every device.
-pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_VERSION_1: u64 = 1 << config::VIRTIO_F_VERSION_1;
 
-/// Device status bits.
-pub const S_ACKNOWLEDGE: u8 = 1;
-pub const S_DRIVER: u8 = 2;
-pub const S_DRIVER_OK: u8 = 4;
-pub const S_FEATURES_OK: u8 = 8;
-pub const S_NEEDS_RESET: u8 = 0x40;
-pub const S_FAILED: u8 = 0x80;
+/// Device status bits (one byte in the common configuration).
+pub const S_ACKNOWLEDGE: u8 = status(config::VIRTIO_CONFIG_S_ACKNOWLEDGE);
+pub const S_DRIVER: u8 = status(config::VIRTIO_CONFIG_S_DRIVER);
+pub const S_DRIVER_OK: u8 = status(config::VIRTIO_CONFIG_S_DRIVER_OK);
+pub const S_FEATURES_OK: u8 = status(config::VIRTIO_CONFIG_S_FEATURES_OK);
+pub const S_NEEDS_RESET: u8 = status(config::VIRTIO_CONFIG_S_NEEDS_RESET);
+pub const S_FAILED: u8 = status(config::VIRTIO_CONFIG_S_FAILED);
+
+/// A status bit of the bindings (a u32) as the byte it lives in.
+const fn status(bit: u32) -> u8 {
+    crate::cast::const_u8(bit as u64)
+}
 
 /// What a device thread gets at DRIVER_OK.
 pub struct Activation {

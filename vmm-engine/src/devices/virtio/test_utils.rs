@@ -26,13 +26,14 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use virtio_bindings::virtio_ring as ring;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Descriptor flags (virtio 1.x 2.7.5).
-pub const NEXT: u16 = 1;
-pub const WRITE: u16 = 2;
-pub const INDIRECT: u16 = 4;
+pub const NEXT: u16 = crate::cast::const_u16(ring::VRING_DESC_F_NEXT as u64);
+pub const WRITE: u16 = crate::cast::const_u16(ring::VRING_DESC_F_WRITE as u64);
+pub const INDIRECT: u16 = crate::cast::const_u16(ring::VRING_DESC_F_INDIRECT as u64);
 
 /// Guest RAM at guest-physical 0 in an anonymous mapping, unmapped on drop.
 ///

@@ -21,17 +21,19 @@ use request::{
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
+use virtio_bindings::virtio_blk as blk;
+
 pub use request::MAX_REQUEST_BYTES;
 
-const F_SIZE_MAX: u64 = 1 << 1;
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
-const F_DISCARD: u64 = 1 << 13;
+const F_SIZE_MAX: u64 = 1 << blk::VIRTIO_BLK_F_SIZE_MAX;
+const F_SEG_MAX: u64 = 1 << blk::VIRTIO_BLK_F_SEG_MAX;
+const F_RO: u64 = 1 << blk::VIRTIO_BLK_F_RO;
+const F_BLK_SIZE: u64 = 1 << blk::VIRTIO_BLK_F_BLK_SIZE;
+const F_FLUSH: u64 = 1 << blk::VIRTIO_BLK_F_FLUSH;
+const F_DISCARD: u64 = 1 << blk::VIRTIO_BLK_F_DISCARD;
 
 /// Bytes of the GET_ID answer.
-const ID_BYTES: usize = 20;
+const ID_BYTES: usize = crate::cast::usize_from(blk::VIRTIO_BLK_ID_BYTES as u64);
 
 /// Options of `device S virtio-blk fd=N[,ro][,sectorsize=L[/P]]`.
 #[derive(Debug, Clone)]

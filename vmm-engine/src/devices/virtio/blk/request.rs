@@ -6,15 +6,18 @@ use super::super::queue::{Chain, Desc};
 use super::super::Ram;
 use crate::cast;
 
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
+use virtio_bindings::virtio_blk as blk;
 
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
+pub const T_IN: u32 = blk::VIRTIO_BLK_T_IN;
+pub const T_OUT: u32 = blk::VIRTIO_BLK_T_OUT;
+pub const T_FLUSH: u32 = blk::VIRTIO_BLK_T_FLUSH;
+pub const T_GET_ID: u32 = blk::VIRTIO_BLK_T_GET_ID;
+pub const T_DISCARD: u32 = blk::VIRTIO_BLK_T_DISCARD;
+
+/// The status byte a request ends with.
+pub const S_OK: u8 = cast::const_u8(blk::VIRTIO_BLK_S_OK as u64);
+pub const S_IOERR: u8 = cast::const_u8(blk::VIRTIO_BLK_S_IOERR as u64);
+pub const S_UNSUPP: u8 = cast::const_u8(blk::VIRTIO_BLK_S_UNSUPP as u64);
 
 /// Discard segments per request we advertise and accept: the segment list
 /// (16 bytes each) is checked against it before one is read, and Linux

@@ -23,9 +23,11 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-const F_MTU: u64 = 1 << 3;
-const F_MAC: u64 = 1 << 5;
-const F_STATUS: u64 = 1 << 16;
+use virtio_bindings::virtio_net as net;
+
+const F_MTU: u64 = 1 << net::VIRTIO_NET_F_MTU;
+const F_MAC: u64 = 1 << net::VIRTIO_NET_F_MAC;
+const F_STATUS: u64 = 1 << net::VIRTIO_NET_F_STATUS;
 
 /// Bytes of the virtio-net header in front of every frame.
 pub(super) const HDR: usize = 12;
