@@ -112,7 +112,7 @@ impl Runtime {
 }
 
 /// Start a named engine thread of `kind`.
-fn spawn<T: Send + 'static>(
+pub(crate) fn spawn<T: Send + 'static>(
     name: String,
     kind: ThreadKind,
     f: impl FnOnce() -> T + Send + 'static,

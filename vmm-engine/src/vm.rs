@@ -118,6 +118,7 @@ impl Unnamed {
     pub fn new() -> Result<Unnamed> {
         let mut machine = Machine::create()?;
         let fd = machine.set_memory(DEFAULT_MEMORY)?;
+        machine.start_irqchip()?;
         let config = VmConfig::default();
         let st = Status {
             state: VmState::Configuring,
