@@ -196,10 +196,7 @@ impl Machine {
     }
 
     /// Start making the in-kernel irqchip and PIT on a thread of their own,
-    /// for the first run to take. Most of it is waiting: turning the PIT's
-    /// tick reinjection off makes KVM wait for two SRCU grace periods
-    /// (measured 16 ms, most of a small guest's launch), which then
-    /// overlaps with the VM's configuration instead of delaying its run.
+    /// for the first run to take ([`crate::vm::Unnamed::start_irqchip`]).
     pub(crate) fn start_irqchip(&mut self) -> Result<()> {
         let vm = self.vm()?.clone();
         let h = crate::runtime::spawn(

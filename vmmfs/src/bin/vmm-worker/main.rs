@@ -170,11 +170,19 @@ pub(crate) fn run_worker(sock: OwnedFd, spawn: &Spawn) -> ! {
         std::process::exit(JAIL_FAILED);
     }
     // The KVM VM and its default RAM are made now, while this worker is a
-    // spare, so that the create it waits for costs neither. One that cannot
-    // be made now is tried again at the create, which then reports why.
+    // spare, so that the create it waits for costs neither; its irqchip and
+    // PIT follow on a thread of their own, for the first run. One that
+    // cannot be made now is tried again at the create, which then reports
+    // why.
     let unnamed = Unnamed::new()
         .inspect_err(|e| log::warn!("a spare worker could not make its VM yet: {e}"))
-        .ok();
+        .ok()
+        .map(|mut u| {
+            if let Err(e) = u.start_irqchip() {
+                log::warn!("a spare worker could not start its irqchip yet: {e}");
+            }
+            u
+        });
     if worker::send(sock.as_fd(), &Event::Ready.to_string(), &[]).is_err() {
         std::process::exit(0);
     }
