@@ -186,9 +186,7 @@ impl ProcessId {
             Err(_) => false,
         }
     }
-}
 
-impl ProcessId {
     /// The wait status of this process if it has ended and is not yet
     /// reaped (a zombie): field 52 of /proc/PID/stat.
     pub fn zombie_status(&self) -> Option<i32> {
@@ -196,8 +194,7 @@ impl ProcessId {
         if parse_stat(&stat)?.1 != self.start || stat_state(&stat)? != 'Z' {
             return None;
         }
-        let rest = &stat[stat.rfind(')')? + 2..];
-        rest.split_whitespace().nth(52 - 3)?.parse().ok()
+        stat_field(&stat, 52)?.parse().ok()
     }
 }
 
@@ -205,14 +202,24 @@ impl ProcessId {
 /// contain spaces and parentheses, so fields are counted after the last ')'.
 fn parse_stat(stat: &str) -> Option<(u32, u64)> {
     let pid = stat.split(' ').next()?.parse().ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    // rest starts at field 3 (state); starttime is field 22.
-    let start = rest.split(' ').nth(22 - 3)?.parse().ok()?;
+    // starttime is field 22.
+    let start = stat_field(stat, 22)?.parse().ok()?;
     Some((pid, start))
 }
 
 fn stat_state(stat: &str) -> Option<char> {
-    stat[stat.rfind(')')? + 2..].chars().next()
+    stat_field(stat, 3)?.chars().next()
+}
+
+/// Field `n` (numbered from 1, as proc(5) does; 3 or higher) of the text
+/// of /proc/PID/stat.
+fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    // The fields after the command name start at field 3 (state); the
+    // last one ends the line.
+    stat[stat.rfind(')')? + 2..]
+        .split(' ')
+        .nth(n.checked_sub(3)?)
+        .map(str::trim_end)
 }
 
 /// The init process (PID 1 inside) of the PID namespace `jail`, found by
@@ -253,6 +260,10 @@ mod tests {
         assert_eq!(parse_stat(s), Some((1234, 98765)));
         assert_eq!(stat_state(s), Some('S'));
         assert_eq!(parse_stat("garbage"), None);
+        // The last field (52, exit_code) ends the line.
+        let zombie = format!("7 (w) Z{}\n", " 0".repeat(48) + " 9");
+        assert_eq!(stat_field(&zombie, 52), Some("9"));
+        assert_eq!(stat_field(&zombie, 3), Some("Z"));
     }
 
     #[test]

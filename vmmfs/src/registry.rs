@@ -35,8 +35,9 @@ impl<V> Runtime<V> {
         }
     }
 
-    /// Called before a segment open is checked: a teardown that comes after
-    /// the check sees it.
+    /// Called by a segment open once its check passed and before it looks
+    /// the memfd up: a teardown that clears the segments after the check
+    /// sees the mark.
     pub fn serving_segments(&self) {
         self.segments_served.store(true, Ordering::SeqCst);
     }

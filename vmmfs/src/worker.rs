@@ -291,7 +291,7 @@ impl Spawner {
             .map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))
             .and_then(|pid| {
                 let start = ProcessId::of(pid)?.start;
-                Ok((pid, start, Parked::new(format!("worker-{pid}"))?))
+                Ok((pid, start, Parked::reader(pid)?))
             });
         match made {
             Ok((pid, start, reader)) => Ok(Spare {
@@ -320,7 +320,8 @@ struct Spare {
 enum Origin {
     /// A spare of ours, with its reader thread parked.
     Spare(Parked),
-    /// Taken over from an earlier daemon: not our child.
+    /// Taken over from an earlier daemon: not our child, and no reader was
+    /// started ahead for it.
     Adopted,
 }
 
@@ -331,6 +332,11 @@ enum Origin {
 struct Parked(mpsc::SyncSender<Box<dyn FnOnce() + Send>>);
 
 impl Parked {
+    /// The thread that will read the messages of worker `pid`.
+    fn reader(pid: u32) -> std::io::Result<Parked> {
+        Parked::new(format!("worker-{pid}"))
+    }
+
     fn new(name: String) -> std::io::Result<Parked> {
         let (tx, rx) = mpsc::sync_channel::<Box<dyn FnOnce() + Send>>(1);
         std::thread::Builder::new()
@@ -931,14 +937,11 @@ impl WorkerVm {
             images: AtomicU64::new(0),
         });
         let reader = inner.clone();
-        let spawned = match origin {
-            Origin::Spare(parked) => parked.run(Box::new(move || reader.read_events())),
-            Origin::Adopted => std::thread::Builder::new()
-                .name(format!("worker-{}", child.pid))
-                .stack_size(READER_STACK)
-                .spawn(move || reader.read_events())
-                .map(drop),
+        let parked = match origin {
+            Origin::Spare(parked) => Ok(parked),
+            Origin::Adopted => Parked::reader(id.pid),
         };
+        let spawned = parked.and_then(|p| p.run(Box::new(move || reader.read_events())));
         if let Err(e) = spawned {
             kill(&inner.pidfd);
             inner.finish(None);
