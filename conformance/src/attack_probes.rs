@@ -5,8 +5,7 @@
 //! hand-over client here is written from vmm(4), independent of the tools.
 
 use crate::errno;
-use crate::probe::{errno_now, mount_of, open, res, transient_create, usage, wait_stdin_eof, write_fd, Fd};
-use std::io::Write;
+use crate::probe::{errno_now, mount_of, open, ready_and_hold, res, transient_create, usage, write_fd, Fd};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
@@ -46,10 +45,9 @@ pub fn probe(op: &str, args: &[&str]) -> Option<String> {
         ("stuck-connect", [ctl]) => stuck_connect(ctl),
         ("hold-open", [path]) => match open(path, libc::O_RDWR) {
             Ok(fd) => {
-                ready();
-                wait_stdin_eof();
+                let released = ready_and_hold("");
                 drop(fd);
-                "RELEASED".into()
+                released
             }
             Err(e) => res(Err(e)),
         },
@@ -81,12 +79,6 @@ pub fn probe(op: &str, args: &[&str]) -> Option<String> {
         ("open-many", [path, n]) => open_many(path, n.parse().unwrap_or_else(|_| usage("n"))),
         _ => usage(&format!("{op}: wrong arguments")),
     })
-}
-
-fn ready() {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "READY {}", std::process::id());
-    let _ = out.flush();
 }
 
 /// open(2) without O_CLOEXEC: the descriptor survives exec into the helper.
@@ -391,23 +383,18 @@ fn wedge(ctl: &str, name: &str, rom: &str) -> String {
     drop((rom, in_r, out_w));
     // "ready\n" comes first; then ask for endless output.
     let _ = write_fd(&in_w, b"y");
-    ready();
-    wait_stdin_eof();
+    let released = ready_and_hold("");
     drop((out_r, in_w, s));
-    "RELEASED".into()
+    released
 }
 
 fn stuck_connect(ctl: &str) -> String {
     // Connected, never attached, never reading: the daemon must not care.
     let c = connect(&mount_of(ctl));
-    let mut out = std::io::stdout().lock();
     let how = if c.is_ok() { "connected" } else { "refused" };
-    let _ = writeln!(out, "READY {} {how}", std::process::id());
-    let _ = out.flush();
-    drop(out);
-    wait_stdin_eof();
+    let released = ready_and_hold(how);
     drop(c);
-    "RELEASED".into()
+    released
 }
 
 fn ms(d: Duration) -> String {
@@ -486,11 +473,7 @@ fn fill(ctl: &str, prefix: &str) -> String {
             break "NO-LIMIT".into();
         }
     };
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "READY {} {made} {end}", std::process::id());
-    let _ = out.flush();
-    drop(out);
-    wait_stdin_eof();
+    let released = ready_and_hold(&format!("{made} {end}"));
     drop(fd);
-    "RELEASED".into()
+    released
 }

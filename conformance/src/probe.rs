@@ -357,18 +357,27 @@ fn hold_create(ctl: &str, names: &str, via: &str) -> String {
             return res(Err(e));
         }
     }
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "READY {}", std::process::id());
-    let _ = out.flush();
-    drop(out);
-    // Hold the descriptor until the runner closes our stdin (or kills us).
-    wait_stdin_eof();
+    let released = ready_and_hold("");
     drop(fd);
+    released
+}
+
+/// Tell the runner, which waits for the line, that we are ready (`READY
+/// PID`, then `detail` if there is one), then hold what the caller holds
+/// until the runner closes our stdin (or kills us).
+pub(crate) fn ready_and_hold(detail: &str) -> String {
+    {
+        let mut out = std::io::stdout().lock();
+        let pid = std::process::id();
+        let _ = if detail.is_empty() { writeln!(out, "READY {pid}") } else { writeln!(out, "READY {pid} {detail}") };
+        let _ = out.flush();
+    }
+    wait_stdin_eof();
     "RELEASED".into()
 }
 
 /// Block until the runner closes our stdin (or kills us).
-pub(crate) fn wait_stdin_eof() {
+fn wait_stdin_eof() {
     let mut sink = String::new();
     while std::io::stdin().lock().read_line(&mut sink).is_ok_and(|n| n > 0) {
         sink.clear();
