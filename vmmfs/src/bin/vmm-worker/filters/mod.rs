@@ -19,12 +19,13 @@
 //! are in no list.
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule,
 };
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use vmm_engine::threads::ThreadKind;
+
+mod tree;
 
 /// Which filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,27 +179,29 @@ pub fn syscalls(kind: Kind) -> Vec<i64> {
     v
 }
 
-/// The compiled filter of `kind`.
+/// The allowed calls of `kind` and the argument rules of each.
+fn rules_of(kind: Kind) -> BTreeMap<i64, Vec<SeccompRule>> {
+    syscalls(kind)
+        .into_iter()
+        .map(|nr| {
+            let r = match nr {
+                libc::SYS_ioctl => ioctl_rules(),
+                libc::SYS_clone => clone_rule(),
+                _ => Vec::new(),
+            };
+            (nr, r)
+        })
+        .collect()
+}
+
+/// The compiled filter of `kind`, as a search on the call's number
+/// (tree.rs says why).
 pub fn program(kind: Kind) -> Result<BpfProgram, String> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for nr in syscalls(kind) {
-        let r = match nr {
-            libc::SYS_ioctl => ioctl_rules(),
-            libc::SYS_clone => clone_rule(),
-            _ => Vec::new(),
-        };
-        rules.insert(nr, r);
-    }
-    let filter = SeccompFilter::new(
-        rules,
+    tree::compile(
+        rules_of(kind),
         SeccompAction::KillProcess,
         SeccompAction::Allow,
-        TargetArch::x86_64,
     )
-    .map_err(|e| e.to_string())?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
 /// Every kind's compiled program.
