@@ -24,7 +24,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-pub use crate::builder::use_kvm_fd;
+pub use crate::builder::{prefetch_supported_cpuid, use_kvm_fd};
 pub use crate::config::{DEFAULT_MEMORY, MAX_DEVICES, MAX_KERNEL};
 pub use crate::memory::Segment;
 
@@ -108,9 +108,8 @@ fn take(fds: &mut dyn FdSource, n: i32) -> Result<OwnedFd> {
 }
 
 /// A VM before it has a name: its KVM VM and default RAM. A spare worker
-/// makes one while it waits for a create, which then costs neither the KVM
-/// VM nor its memory slot (the two system calls that make up most of a bare
-/// KVM create).
+/// makes one while it waits for a create, which then costs no KVM VM and no
+/// memory (KVM is given the RAM's slot at the first run, as every VM's).
 pub struct Unnamed(Core);
 
 impl Unnamed {

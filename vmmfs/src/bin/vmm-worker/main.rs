@@ -104,6 +104,10 @@ fn main() {
                 log::error!("zygote: cannot compile the seccomp filters: {e}");
                 std::process::exit(1);
             }
+            // Likewise KVM's CPUID answer (the host's, for every VM).
+            // SAFETY: the daemon placed /dev/kvm at KVM_FD; it stays open.
+            let kvm = unsafe { BorrowedFd::borrow_raw(KVM_FD) };
+            vmm_engine::vm::prefetch_supported_cpuid(kvm);
             zygote::serve(sock)
         }
     }
