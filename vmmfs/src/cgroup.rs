@@ -26,6 +26,11 @@ pub struct Cgroups {
 #[derive(Debug)]
 pub struct Leaf {
     path: PathBuf,
+    /// The memory.max this daemon last wrote, so that an unchanged limit is
+    /// not written again: the kernel drains every CPU's charge cache on each
+    /// write, and a bhyve launch asks about 18 times (before and after each
+    /// configuration command) for two or three changes.
+    memory_max: parking_lot::Mutex<Option<u64>>,
 }
 
 fn write(path: &Path, value: &str) -> std::io::Result<()> {
@@ -77,9 +82,7 @@ impl Cgroups {
         // Controllers must be enabled for the parent's children; already
         // enabled is fine, and a failure shows when the limits are written.
         let _ = write(&parent.join("cgroup.subtree_control"), "+memory +pids");
-        let leaf = Leaf {
-            path: parent.join(format!("vmm-worker-{uid}")),
-        };
+        let leaf = Leaf::at(parent.join(format!("vmm-worker-{uid}")));
         let made = std::fs::create_dir(&leaf.path)
             .and_then(|()| write(&leaf.path.join("pids.max"), &self.pids.to_string()))
             .and_then(|()| write(&leaf.path.join("cgroup.procs"), &pid.to_string()));
@@ -120,9 +123,7 @@ fn leaf_of(mount: &Path, text: &str, uid: u32) -> Option<Leaf> {
     {
         return None;
     }
-    Some(Leaf {
-        path: mount.join(own),
-    })
+    Some(Leaf::at(mount.join(own)))
 }
 
 /// Where a leaf goes for a process whose /proc/PID/cgroup reads `text`:
@@ -135,11 +136,27 @@ fn parent_of(mount: &Path, text: &str) -> Option<PathBuf> {
 }
 
 impl Leaf {
+    fn at(path: PathBuf) -> Leaf {
+        Leaf {
+            path,
+            memory_max: parking_lot::Mutex::new(None),
+        }
+    }
+
     /// Set memory.max for `bytes` of guest memory and images.
     pub fn set_memory(&self, bytes: u64) {
         let max = bytes.saturating_add(OVERHEAD);
-        if let Err(e) = write(&self.path.join("memory.max"), &max.to_string()) {
-            log::warn!("{}/memory.max: {e}", self.path.display());
+        // Held across the write, so that the value kept is the file's.
+        let mut last = self.memory_max.lock();
+        if *last == Some(max) {
+            return;
+        }
+        match write(&self.path.join("memory.max"), &max.to_string()) {
+            Ok(()) => *last = Some(max),
+            Err(e) => {
+                *last = None;
+                log::warn!("{}/memory.max: {e}", self.path.display());
+            }
         }
     }
 
@@ -171,6 +188,28 @@ impl Leaf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unchanged_memory_limit_is_not_written_again() {
+        let dir = std::env::temp_dir().join(format!("vmmfs-leaf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("memory.max");
+        std::fs::write(&file, "").unwrap();
+        let leaf = Leaf::at(dir.clone());
+        leaf.set_memory(1 << 20);
+        let first = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(first, ((1u64 << 20) + OVERHEAD).to_string());
+        // Marked, to see whether the same limit writes again.
+        std::fs::write(&file, "marked").unwrap();
+        leaf.set_memory(1 << 20);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "marked");
+        leaf.set_memory(2 << 20);
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            ((2u64 << 20) + OVERHEAD).to_string()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn leaves_go_beside_the_creators_cgroup() {
