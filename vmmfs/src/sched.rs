@@ -189,7 +189,7 @@ pub enum Refused {
 }
 
 /// One VM's serial queue and the thread that drains it. The thread exists
-/// only while there is work, so idle VMs cost none.
+/// only while there is work (and [`LINGER`] after), so idle VMs cost none.
 pub struct Executor {
     name: String,
     state: Arc<(Mutex<ExecState>, Condvar)>,
@@ -247,6 +247,9 @@ impl Executor {
         s.queue.push_back(job);
         s.used = true;
         if s.running {
+            // The thread may be waiting out its LINGER.
+            drop(s);
+            self.state.1.notify_all();
             return;
         }
         s.running = true;
@@ -272,20 +275,30 @@ fn truncate(s: &str, n: usize) -> &str {
     }
 }
 
+/// How long an [`Executor`]'s thread waits for the VM's next job once its
+/// queue is empty. A client configures a VM one command per reply (a bhyve
+/// launch sends nine within a few milliseconds); a thread started for each
+/// cost the start and, on a busy machine, a wait for its first time slice.
+const LINGER: Duration = Duration::from_millis(50);
+
 fn drain(state: &(Mutex<ExecState>, Condvar)) {
+    let mut s = state.0.lock();
     loop {
-        let job = {
-            let mut s = state.0.lock();
-            match s.queue.pop_front() {
-                Some(j) => j,
-                None => {
-                    s.running = false;
-                    state.1.notify_all();
-                    return;
-                }
-            }
-        };
-        job();
+        if let Some(job) = s.queue.pop_front() {
+            drop(s);
+            job();
+            s = state.0.lock();
+            continue;
+        }
+        // A closed queue gets no more work; an open one may, shortly.
+        if !s.closed && !state.1.wait_for(&mut s, LINGER).timed_out() {
+            continue;
+        }
+        if s.queue.is_empty() {
+            s.running = false;
+            state.1.notify_all();
+            return;
+        }
     }
 }
 
