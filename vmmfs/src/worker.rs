@@ -37,7 +37,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmm_engine::{Command, FdSource, Segment};
 use vmm_protocol::status::{Exit, State, Status};
 use vmm_protocol::worker::{self, ErrorKind, Event, Reply, Request, Spawn, Spawned};
@@ -189,7 +189,19 @@ struct Spawner {
     ready: Mutex<Vec<Spare>>,
     /// Signalled when a ready worker was taken.
     taken: Condvar,
+    /// When creates took a spare: the one before the last, and the last.
+    takes: Mutex<(Instant, Instant)>,
 }
+
+/// How long the pool waits after a lone create before it makes a spare
+/// (not when the pool is empty, nor in a burst of creates). The client
+/// that created a VM usually configures and starts it at once (a bhyve
+/// launch: nine commands in about 10 ms), and making a spare is mostly
+/// kernel work that is not preempted (a network namespace alone is about
+/// 1 ms): on two cores it delayed a launch's commands by half a
+/// millisecond at a time. Creates closer together than this are a burst,
+/// where spares are what keeps creates fast.
+const REFILL_QUIET: Duration = Duration::from_millis(20);
 
 impl Workers {
     pub fn new(config: WorkerConfig, cgroups: Option<Cgroups>) -> std::io::Result<Workers> {
@@ -212,6 +224,13 @@ impl Workers {
             kvm,
             ready: Mutex::new(Vec::new()),
             taken: Condvar::new(),
+            // No create yet: the pool fills at once.
+            takes: Mutex::new({
+                let long_ago = Instant::now()
+                    .checked_sub(REFILL_QUIET)
+                    .unwrap_or_else(Instant::now);
+                (long_ago, long_ago)
+            }),
         });
         if spawner.config.prefork > 0 {
             let s = Arc::downgrade(&spawner);
@@ -233,14 +252,18 @@ impl Spawner {
     fn keep_ready(me: std::sync::Weak<Spawner>) {
         loop {
             let Some(s) = me.upgrade() else { return };
-            let missing = s.config.prefork.saturating_sub(s.ready.lock().len());
-            if missing == 0 {
+            {
                 let mut r = s.ready.lock();
                 if r.len() >= s.config.prefork {
                     // Wake up now and then to notice the engine's end.
                     s.taken.wait_for(&mut r, Duration::from_secs(1));
+                    continue;
                 }
-                continue;
+                let takes = *s.takes.lock();
+                if let Some(wait) = refill_wait(r.len(), takes, Instant::now()) {
+                    s.taken.wait_for(&mut r, wait);
+                    continue;
+                }
             }
             let Some(uid) = s.uids.lock().take(&[]) else {
                 drop(s);
@@ -308,6 +331,17 @@ impl Spawner {
     }
 }
 
+/// How long the pool should wait before it makes a spare, holding `ready`
+/// spares, after creates took spares at `takes` (the one before the last,
+/// the last): while a spare is still there and the last create came alone,
+/// until [`REFILL_QUIET`] after it, so that its client goes first.
+fn refill_wait(ready: usize, takes: (Instant, Instant), now: Instant) -> Option<Duration> {
+    let (before, last) = takes;
+    let lone = last.saturating_duration_since(before) >= REFILL_QUIET;
+    let since = now.saturating_duration_since(last);
+    (ready > 0 && lone && since < REFILL_QUIET).then(|| REFILL_QUIET - since)
+}
+
 /// A worker waiting for its VM, with its identity (for the VM record) and
 /// the thread that will read its messages already started.
 struct Spare {
@@ -364,6 +398,10 @@ impl Engine for Workers {
 
     fn create(&self, name: &str, creator: &Creator) -> Result<WorkerVm, EngineError> {
         let r = self.create_on_spare(name, creator);
+        {
+            let mut t = self.spawner.takes.lock();
+            *t = (t.1, Instant::now());
+        }
         self.spawner.taken.notify_one();
         r
     }
@@ -1265,7 +1303,7 @@ impl EngineVm for WorkerVm {
         // worker first would turn its reply into ENXIO. Bounded, so that a
         // command stuck on its client's own hung file cannot hold up the
         // destroy.
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         while self.0.pending.lock().is_some() && t.elapsed() < KILL_GRACE {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
@@ -1317,6 +1355,27 @@ mod live_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pool_lets_a_lone_creates_client_go_first() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let lone = (t0, t0 + ms(100));
+        // Just after a lone create, with a spare left: wait out the quiet.
+        assert_eq!(
+            refill_wait(1, lone, t0 + ms(105)),
+            Some(REFILL_QUIET - ms(5))
+        );
+        // Quiet over: make it now.
+        assert_eq!(refill_wait(1, lone, t0 + ms(100) + REFILL_QUIET), None);
+        // The pool is empty: at once, whatever the client does.
+        assert_eq!(refill_wait(0, lone, t0 + ms(101)), None);
+        // A burst (creates 2 ms apart): spares first.
+        assert_eq!(
+            refill_wait(1, (t0 + ms(98), t0 + ms(100)), t0 + ms(101)),
+            None
+        );
+    }
 
     #[test]
     fn uid_ranges() {
