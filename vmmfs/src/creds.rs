@@ -9,8 +9,7 @@
 //! supplementary groups, capability sets (file capabilities gained at exec)
 //! and the PID namespace.
 
-use crate::jails::{Jail, Jails};
-use std::fs;
+use crate::jails::{read_proc, Jail, Jails};
 use std::sync::Arc;
 
 /// Everything that decides what a process may do.
@@ -48,7 +47,7 @@ impl Creds {
     /// Read the credentials of thread `tid` (FUSE reports thread ids; Linux
     /// credentials are per thread).
     pub fn of_thread(tid: u32, jails: &Jails) -> std::io::Result<Creds> {
-        let status = fs::read_to_string(format!("/proc/{tid}/status"))?;
+        let status = read_proc(&format!("/proc/{tid}/status"))?;
         Creds::from_status(&status, tid, jails)
     }
 
@@ -169,7 +168,7 @@ pub struct Caller {
 impl Caller {
     /// The thread `tid` that made a request, as it is now.
     pub fn of_thread(tid: u32, jails: &Jails) -> std::io::Result<Caller> {
-        let status = fs::read_to_string(format!("/proc/{tid}/status"))?;
+        let status = read_proc(&format!("/proc/{tid}/status"))?;
         let creds = Creds::from_status(&status, tid, jails)?;
         let tgid = status
             .lines()

@@ -211,6 +211,17 @@ fn stat_state(stat: &str) -> Option<char> {
     stat_field(stat, 3)?.chars().next()
 }
 
+/// The text of a /proc file, in two reads. The kernel reports a size of 0
+/// for these files, so `fs::read_to_string` starts with a 32-byte read and
+/// doubles: ten system calls for a /proc/PID/status, which the daemon reads
+/// at every request whose caller it checks (a bhyve launch makes a dozen).
+pub fn read_proc(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::with_capacity(4096);
+    fs::File::open(path)?.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// Field `n` (numbered from 1, as proc(5) does; 3 or higher) of the text
 /// of /proc/PID/stat.
 fn stat_field(stat: &str, n: usize) -> Option<&str> {
@@ -232,7 +243,7 @@ pub fn init_of(jail: &Jail) -> std::io::Result<ProcessId> {
         if fs::metadata(ns_path(pid)).map(|m| m.ino()).ok() != Some(jail.ns()) {
             continue;
         }
-        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        let Ok(status) = read_proc(&format!("/proc/{pid}/status")) else {
             continue;
         };
         let inner_pid = status
