@@ -427,6 +427,7 @@ impl Machine {
         self.vm = None;
         self.irqchip = None;
         self.ram = None;
+        self.ram_in_kvm = false;
         self.bootrom = None;
     }
 }
