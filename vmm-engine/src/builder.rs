@@ -63,26 +63,24 @@ pub fn prefetch_supported_cpuid(kvm: BorrowedFd<'_>) {
     // SAFETY: `kvm` is an open /dev/kvm; ManuallyDrop keeps the borrowed
     // descriptor from being closed when this handle goes.
     let k = std::mem::ManuallyDrop::new(unsafe { Kvm::from_raw_fd(kvm.as_raw_fd()) });
+    cpuid_of(&k);
+}
+
+/// [`CPUID`], asked of `k` if no one has yet.
+fn cpuid_of(k: &Kvm) -> &'static std::result::Result<CpuId, i32> {
     CPUID.get_or_init(|| {
         k.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| e.errno())
-    });
+    })
 }
 
 fn supported_cpuid() -> Result<&'static CpuId> {
-    let k = kvm()?;
-    CPUID
-        .get_or_init(|| {
-            k.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                .map_err(|e| e.errno())
-        })
-        .as_ref()
-        .map_err(|e| {
-            Error::kvm(
-                "KVM_GET_SUPPORTED_CPUID",
-                std::io::Error::from_raw_os_error(*e),
-            )
-        })
+    cpuid_of(kvm()?).as_ref().map_err(|e| {
+        Error::kvm(
+            "KVM_GET_SUPPORTED_CPUID",
+            std::io::Error::from_raw_os_error(*e),
+        )
+    })
 }
 
 /// Power-on state of the in-kernel PIC/IOAPIC and PIT.
