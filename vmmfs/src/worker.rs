@@ -1208,6 +1208,9 @@ impl Inner {
             // A request in flight gets no reply: its sender goes.
             self.pending.lock().take();
         }
+        // Pollers learn of the end before the clean-up below (a cgroup
+        // rmdir can take milliseconds).
+        self.changed();
         if let Some(leaf) = &self.leaf {
             leaf.remove();
         }
@@ -1216,7 +1219,6 @@ impl Inner {
         }
         self.uids.lock().used.remove(&self.uid);
         self.reaped.notify_all();
-        self.changed();
     }
 }
 

@@ -246,6 +246,11 @@ fn a_forbidden_system_call_kills_only_its_vm() {
     assert!(st.contains("exit=error\nstatus=4\n"), "{st}");
     assert!(st.contains("seccomp"), "the cause names the filter: {st}");
     assert!(victim.failed(), "the daemon is told to destroy it");
+    // The reader thread wakes pollers just after it publishes the end.
+    let t = Instant::now();
+    while changed.load(Ordering::Relaxed) == 0 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(changed.load(Ordering::Relaxed) > 0, "pollers are woken");
     // The other VM lives on.
     exec(&other, "memory 64M", vec![]).unwrap();
