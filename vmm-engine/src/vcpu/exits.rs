@@ -1,6 +1,7 @@
 //! Decoding the exits that carry data in kvm_run: port I/O (string I/O
 //! split into accesses of its size), MMIO, and KVM's internal errors.
 
+use super::trail::{Access, Trail};
 use crate::cast;
 use crate::devices::Platform;
 use crate::events::ExitReason;
@@ -52,6 +53,7 @@ pub(super) fn handle_io(
     vcpu: &mut VcpuFd,
     run_size: usize,
     platform: &Platform,
+    trail: &mut Trail,
 ) -> Option<ExitReason> {
     let run = vcpu.get_kvm_run();
     // SAFETY: exit_reason said KVM_EXIT_IO: `io` is the active field.
@@ -69,19 +71,31 @@ pub(super) fn handle_io(
     // SAFETY: [off, off+total) was checked to lie inside the kvm_run mapping
     // of run_size bytes, which the kernel shares with us for data exchange.
     let data = unsafe { std::slice::from_raw_parts_mut(base.add(off), total) };
-    for chunk in data.chunks_mut(size) {
-        if u32::from(io.direction) == KVM_EXIT_IO_OUT {
+    let out = u32::from(io.direction) == KVM_EXIT_IO_OUT;
+    let access = Access::Io {
+        out,
+        port: io.port,
+        size: io.size,
+        count: io.count,
+    };
+    if out {
+        // Before the device sees it: an OUT can end the run.
+        trail.record(access, &data[..size]);
+        for chunk in data.chunks(size) {
             if let Some(r) = platform.io_out(io.port, chunk) {
                 return Some(r);
             }
-        } else {
+        }
+    } else {
+        for chunk in data.chunks_mut(size) {
             platform.io_in(io.port, chunk);
         }
+        trail.record(access, &data[..size]);
     }
     None
 }
 
-pub(super) fn handle_mmio(vcpu: &mut VcpuFd, platform: &Platform) {
+pub(super) fn handle_mmio(vcpu: &mut VcpuFd, platform: &Platform, trail: &mut Trail) {
     let run = vcpu.get_kvm_run();
     // SAFETY: exit_reason said KVM_EXIT_MMIO: `mmio` is the active field.
     let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
@@ -91,4 +105,10 @@ pub(super) fn handle_mmio(vcpu: &mut VcpuFd, platform: &Platform) {
     } else {
         platform.mmio_read(mmio.phys_addr, &mut mmio.data[..len]);
     }
+    let access = Access::Mmio {
+        write: mmio.is_write != 0,
+        addr: mmio.phys_addr,
+        len: u8::try_from(len).unwrap_or(u8::MAX),
+    };
+    trail.record(access, &mmio.data[..len]);
 }

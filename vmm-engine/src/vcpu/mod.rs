@@ -18,6 +18,7 @@ mod run;
 mod state;
 #[cfg(test)]
 mod tests;
+mod trail;
 
 pub use cpuid::cpuid_for;
 pub use ctx::RunCtx;

@@ -6,6 +6,7 @@ use super::exits::{describe_internal_error, handle_io, handle_mmio};
 use super::halt::check_halt;
 use super::kick::{unblock_kick_signal, KVM_RUN};
 use super::state::{describe_state, Vcpu};
+use super::trail::Trail;
 use crate::events::ExitReason;
 use kvm_bindings::{
     kvm_run, KVM_EXIT_DEBUG, KVM_EXIT_EXCEPTION, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT,
@@ -25,6 +26,8 @@ struct Loop<'a> {
     checked_round: u64,
     /// KVM_RUN's EAGAIN in a row.
     eagain: u32,
+    /// The last device accesses, for a run that ends badly.
+    trail: Trail,
 }
 
 impl Loop<'_> {
@@ -37,17 +40,22 @@ impl Loop<'_> {
         match exit_reason {
             KVM_EXIT_IO => {
                 ctx.counters.io_exits.fetch_add(1, Ordering::Relaxed);
-                return handle_io(&mut vcpu.fd, self.run_size, &ctx.platform);
+                return handle_io(&mut vcpu.fd, self.run_size, &ctx.platform, &mut self.trail);
             }
-            KVM_EXIT_MMIO => handle_mmio(&mut vcpu.fd, &ctx.platform),
+            KVM_EXIT_MMIO => handle_mmio(&mut vcpu.fd, &ctx.platform, &mut self.trail),
             KVM_EXIT_INTR => {
                 vcpu.fd.set_kvm_immediate_exit(0);
                 check_halt(vcpu, index, ctx, &mut self.checked_round);
             }
             KVM_EXIT_SHUTDOWN => {
-                // Rare and timing-dependent in CI: say where. (On AMD, KVM
-                // has re-initialised the vCPU by now: this is its reset state.)
-                log::warn!("triple fault on vCPU {index}: {}", describe_state(vcpu));
+                // Rare and timing-dependent in CI: say where. On AMD, KVM
+                // has re-initialised the vCPU by now (its reset state), so
+                // the device accesses before it are the better clue.
+                log::warn!(
+                    "triple fault on vCPU {index}: {}; its last device accesses: {}",
+                    describe_state(vcpu),
+                    self.trail
+                );
                 return Some(ExitReason::TripleFault);
             }
             KVM_EXIT_HLT => {
@@ -55,6 +63,7 @@ impl Loop<'_> {
                 check_halt(vcpu, index, ctx, &mut self.checked_round);
             }
             KVM_EXIT_INTERNAL_ERROR => {
+                log::warn!("vCPU {index}'s last device accesses: {}", self.trail);
                 let rip = vcpu.fd.get_regs().ok().map(|r| r.rip);
                 return Some(ExitReason::Error(describe_internal_error(
                     vcpu.fd.get_kvm_run(),
@@ -131,6 +140,7 @@ pub fn vcpu_thread(mut vcpu: Vcpu, index: usize, run_size: usize, ctx: Arc<RunCt
         ctx: &ctx,
         checked_round: 0,
         eagain: 0,
+        trail: Trail::default(),
     };
     let reason = loop {
         if ctx.stopping() {
