@@ -146,7 +146,10 @@ mod tests {
         }
         let s = t.to_string();
         assert!(s.starts_with("out 0x100/1 0x0; "), "{s}");
-        assert!(s.ends_with(&format!("; out {:#x}/1 0x0", 0x100 + LEN - 1)), "{s}");
+        assert!(
+            s.ends_with(&format!("; out {:#x}/1 0x0", 0x100 + LEN - 1)),
+            "{s}"
+        );
         assert_eq!(s.matches("; ").count(), LEN - 1);
         let string = Access::Io {
             out: false,
