@@ -61,7 +61,6 @@ pub fn exit_status(s: &mut Suite) {
         }
         t.send(cmd);
         let st = t.wait(RUN);
-        std::thread::sleep(Duration::from_millis(30));
         // An error exit (status 4) is explained on stderr; the others are quiet.
         let said = message(&t.stderr());
         let said =
@@ -90,7 +89,6 @@ pub fn exit_status(s: &mut Suite) {
         s.check(&case, format!("booted again; bhyve running; vmm/ {name}"), format!("{again}; {alive}; {}", ls(s)));
         t.send("p");
         let st = t.wait(RUN);
-        std::thread::sleep(Duration::from_millis(30));
         let obs = format!("{st}; {}; {}; {}", message(&t.stderr()), console(&t.stdout()), ls_after(s, &name));
         s.check(
             &format!("bhyve -M: after the reboot ({cmd}) the guest powers off -> 1, its output twice"),
@@ -327,7 +325,6 @@ fn other_users(s: &mut Suite, rom: &Path) {
     t.send("z");
     let end = s.env.run_tool(Who::root(), "bhyvectl", &[&format!("--vm={name}"), "--destroy"], RUN);
     let st = t.wait(RUN);
-    std::thread::sleep(Duration::from_millis(30));
     s.check(
         "bhyvectl: root --destroy of vmmtest1's running VM -> bhyve -M exits 4 (destroyed)",
         format!("status 0; bhyve status 4; bhyve: VM {name} was destroyed; vmm/ empty"),
@@ -387,7 +384,6 @@ pub fn jail(s: &mut Suite) {
     s.check("bhyve: jail B's ls vmm/ does not show jail A's VM", "vmm/ empty", ls_text("vmm/", &seen));
     t.send("p");
     let st = t.wait(RUN);
-    std::thread::sleep(Duration::from_millis(30));
     s.check(
         "bhyve: jail A's guest powers off -> 1, VM gone",
         format!("status 1; no message; {}; vmm/ empty", console("ready\n")),

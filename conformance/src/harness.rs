@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -219,8 +220,14 @@ pub struct Tool {
     stdin: Option<ChildStdin>,
     out: Arc<Mutex<Vec<u8>>>,
     err: Arc<Mutex<Vec<u8>>>,
+    /// Pipes (stdout, stderr) read to their end.
+    closed: Arc<[AtomicBool; 2]>,
     status: Option<String>,
 }
+
+/// How long, after a tool exits, its output is awaited: a process it forked
+/// (passt) may hold the pipes longer, and is not waited for.
+const DRAIN: Duration = Duration::from_millis(500);
 
 /// How a tool ended and what it printed.
 #[derive(Debug, Clone)]
@@ -271,7 +278,7 @@ impl Tool {
                 return true;
             }
             if Instant::now() >= end || !self.running() {
-                std::thread::sleep(Duration::from_millis(30));
+                self.drain();
                 return self.stdout().matches(what).count() >= n;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -300,7 +307,10 @@ impl Tool {
             return s.clone();
         }
         let s = match wait_timeout(&mut self.child, limit) {
-            Some(st) => exit_text(st),
+            Some(st) => {
+                self.drain();
+                exit_text(st)
+            }
             None => {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
@@ -309,6 +319,15 @@ impl Tool {
         };
         self.status = Some(s.clone());
         s
+    }
+
+    /// Wait (at most [`DRAIN`]) until what the tool wrote before it exited
+    /// is read: both pipes at their end.
+    fn drain(&self) {
+        let end = Instant::now() + DRAIN;
+        while !self.closed.iter().all(|c| c.load(Ordering::Acquire)) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// SIGKILL the process we started (nothing else).
@@ -665,13 +684,16 @@ impl Env {
         let stdin = child.stdin.take();
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
         let pipes: [(Box<dyn Read + Send>, _); 2] = [
             (Box::new(child.stdout.take().expect("piped")), out.clone()),
             (Box::new(child.stderr.take().expect("piped")), err.clone()),
         ];
-        // Not read to end-of-file by the runner: a process the tool forked
-        // (or the daemon) may keep copies of these pipes.
-        for (mut pipe, buf) in pipes {
+        // The runner waits for end-of-file only so long ([`Tool::drain`]):
+        // a process the tool forked (or the daemon) may keep copies of
+        // these pipes.
+        for (i, (mut pipe, buf)) in pipes.into_iter().enumerate() {
+            let closed = closed.clone();
             std::thread::spawn(move || {
                 let mut b = [0u8; 4096];
                 while let Ok(n) = pipe.read(&mut b) {
@@ -680,9 +702,10 @@ impl Env {
                     }
                     buf.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&b[..n]);
                 }
+                closed[i].store(true, Ordering::Release);
             });
         }
-        Ok(Tool { child, stdin, out, err, status: None })
+        Ok(Tool { child, stdin, out, err, closed, status: None })
     }
 
     /// Run a tool to its end (at most `limit`); see [`Env::tool`].
@@ -690,8 +713,6 @@ impl Env {
         match self.tool(who, tool, args) {
             Ok(mut t) => {
                 let status = t.wait(limit);
-                // Let the readers drain what was written before the exit.
-                std::thread::sleep(Duration::from_millis(30));
                 ToolEnd { status, stdout: t.stdout(), stderr: t.stderr() }
             }
             Err(e) => ToolEnd { status: e, stdout: String::new(), stderr: String::new() },
