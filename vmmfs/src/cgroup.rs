@@ -83,7 +83,7 @@ impl Cgroups {
         // enabled is fine, and a failure shows when the limits are written.
         let _ = write(&parent.join("cgroup.subtree_control"), "+memory +pids");
         let leaf = Leaf::at(parent.join(format!("vmm-worker-{uid}")));
-        let made = std::fs::create_dir(&leaf.path)
+        let made = make_leaf_dir(&leaf.path)
             .and_then(|()| write(&leaf.path.join("pids.max"), &self.pids.to_string()))
             .and_then(|()| write(&leaf.path.join("cgroup.procs"), &pid.to_string()));
         match made {
@@ -110,6 +110,21 @@ impl Cgroups {
     pub fn adopt(&self, pid: u32, uid: u32) -> Option<Leaf> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
         leaf_of(&self.mount, &text, uid)
+    }
+}
+
+/// Make the leaf directory at `path`. One left by a daemon that ended
+/// before cleaning up goes first: no process is in it, since the uid of a
+/// worker left running is reserved until adopted and not given out. It
+/// would otherwise start this worker without a cgroup, unlimited.
+fn make_leaf_dir(path: &Path) -> std::io::Result<()> {
+    match std::fs::create_dir(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            log::info!("{}: removing a stale leaf", path.display());
+            std::fs::remove_dir(path)?;
+            std::fs::create_dir(path)
+        }
+        r => r,
     }
 }
 

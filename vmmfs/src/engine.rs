@@ -3,6 +3,7 @@
 //! [`fake::FakeEngine`], which needs no /dev/kvm.
 
 use std::sync::Arc;
+use std::time::Duration;
 use vmm_engine::{Command, FdSource, Segment};
 
 pub use vmm_engine::Error as EngineError;
@@ -38,6 +39,14 @@ pub trait Engine: Send + Sync + 'static {
         Err(EngineError::Unsupported(
             "this engine's VMs end with the daemon".into(),
         ))
+    }
+    /// Wait until every destroyed VM has ended and what it left outside
+    /// the daemon is cleaned up (a worker's cgroup leaf and adoption
+    /// socket), for at most `within`: false if some has not. A daemon that
+    /// exits earlier leaves those behind, and a stale leaf would keep the
+    /// next daemon from giving that uid's worker a cgroup.
+    fn settle(&self, _within: Duration) -> bool {
+        true
     }
 }
 

@@ -1359,7 +1359,8 @@ impl<E: Engine> Service<E> {
         adopted
     }
 
-    /// Destroy every VM (shutdown): returns once all are gone or `within` passed.
+    /// Destroy every VM (shutdown): returns once all are gone, and the
+    /// engine has cleaned up after them, or `within` passed.
     pub fn shutdown(self: &Arc<Self>, within: Duration) -> bool {
         for (id, rt) in self.registry.destroy_all() {
             self.teardown(id, rt, None, None);
@@ -1371,7 +1372,7 @@ impl<E: Engine> Service<E> {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        true
+        self.engine.settle(within.saturating_sub(t0.elapsed()))
     }
 }
 

@@ -132,6 +132,9 @@ struct Uids {
     /// uids of workers an earlier daemon left, until they are adopted.
     reserved: BTreeSet<u32>,
     next: u32,
+    /// VMs whose worker has not ended and been cleaned up after yet (its
+    /// cgroup leaf and adoption socket removed): [`Engine::settle`].
+    vms: usize,
 }
 
 impl Uids {
@@ -218,6 +221,7 @@ impl Workers {
                 used: BTreeSet::new(),
                 reserved: config.reserved.iter().copied().collect(),
                 next: 0,
+                vms: 0,
             })),
             zygote: Mutex::new(Some(start_zygote(&config, &kvm)?)),
             config,
@@ -435,6 +439,17 @@ impl Engine for Workers {
             log::warn!("VM {name}: worker pid {} is ended: {e}", id.pid);
         }
         r
+    }
+
+    fn settle(&self, within: Duration) -> bool {
+        let t0 = Instant::now();
+        while self.spawner.uids.lock().vms > 0 {
+            if t0.elapsed() >= within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 }
 
@@ -913,7 +928,6 @@ struct Inner {
     uids: Arc<Mutex<Uids>>,
     leaf: Option<Leaf>,
     view: Mutex<View>,
-    reaped: Condvar,
     generation: AtomicU64,
     notifier: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     /// Where the reply to the request in flight goes.
@@ -940,6 +954,8 @@ impl WorkerVm {
     ) -> Result<WorkerVm, EngineError> {
         let uid = id.uid;
         let adopted = matches!(origin, Origin::Adopted);
+        // Counted down by `finish`, which every path below ends in.
+        uids.lock().vms += 1;
         let inner = Arc::new(Inner {
             name: name.into(),
             pid: child.pid,
@@ -966,7 +982,6 @@ impl WorkerVm {
                 failed: None,
                 reaped: false,
             }),
-            reaped: Condvar::new(),
             generation: AtomicU64::new(0),
             notifier: Mutex::new(None),
             pending: Mutex::new(None),
@@ -1217,8 +1232,9 @@ impl Inner {
         if let Some(p) = &self.socket {
             let _ = std::fs::remove_file(p);
         }
-        self.uids.lock().used.remove(&self.uid);
-        self.reaped.notify_all();
+        let mut u = self.uids.lock();
+        u.used.remove(&self.uid);
+        u.vms = u.vms.saturating_sub(1);
     }
 }
 
@@ -1418,6 +1434,7 @@ mod tests {
             used: BTreeSet::new(),
             reserved: BTreeSet::new(),
             next: 0,
+            vms: 0,
         };
         assert_eq!(u.take(&[1000]), Some(1001));
         assert_eq!(u.take(&[]), Some(1002));
