@@ -95,6 +95,17 @@ pub fn pid_t(id: u32) -> libc::pid_t {
     libc::pid_t::try_from(id).expect("a process id fits pid_t")
 }
 
+/// Wait until `f` holds, checking every 20 ms; panics naming `what` once
+/// `within` has passed. For effects that lag behind what a test can wait
+/// on by design (a reply that comes before the clean-up it announces).
+pub fn wait_for(what: &str, within: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "timed out waiting: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A close-on-exec pipe: (read end, write end).
 pub fn pipe() -> (OwnedFd, OwnedFd) {
     let mut p = [0; 2];

@@ -247,11 +247,9 @@ fn a_forbidden_system_call_kills_only_its_vm() {
     assert!(st.contains("seccomp"), "the cause names the filter: {st}");
     assert!(victim.failed(), "the daemon is told to destroy it");
     // The reader thread wakes pollers just after it publishes the end.
-    let t = Instant::now();
-    while changed.load(Ordering::Relaxed) == 0 && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(changed.load(Ordering::Relaxed) > 0, "pollers are woken");
+    test_support::wait_for("pollers to be woken", Duration::from_secs(5), || {
+        changed.load(Ordering::Relaxed) > 0
+    });
     // The other VM lives on.
     exec(&other, "memory 64M", vec![]).unwrap();
     assert!(other.status().contains("memory=67108864"));

@@ -15,7 +15,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A member of the vmm group (scripts/setup makes it), and the group.
 const MEMBER: &str = "vmmtest1";
@@ -72,14 +72,6 @@ fn start(dir: &Path, state: &Path) -> Child {
     child
 }
 
-fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < within, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn command(f: &File, line: &str) {
     let n = (&*f)
         .write(line.as_bytes())
@@ -87,7 +79,7 @@ fn command(f: &File, line: &str) {
     assert_eq!(n, line.len(), "{line}");
 }
 
-use test_support::pipe;
+use test_support::{pipe, wait_for};
 
 /// Start VM `name` (root's, persistent) on multi.rom, printing 'y' forever
 /// to `console`. Returns what must stay open: the input pipe's write end

@@ -33,7 +33,8 @@ pub(super) enum Access {
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     access: Access,
-    /// The bytes moved (little-endian); for string I/O the first access's.
+    /// The first 8 bytes the caller passed, little-endian: the bytes moved,
+    /// for string I/O only its first access's (`handle_io`).
     value: u64,
     times: u32,
 }
