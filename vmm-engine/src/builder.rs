@@ -475,6 +475,9 @@ fn make_irqchip(vm: &VmFd) -> Result<IrqSnapshot> {
     vm.create_pit2(pit)
         .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
     crate::devices::pit_drop_lost_ticks(vm);
+    // The PIT on IOAPIC pin 2 from the start, as the tables say: KVM's
+    // default puts it on pin 0 (devices::legacy_routes).
+    crate::devices::set_gsi_routing(vm, &[])?;
     let mut chips = Vec::new();
     for id in 0..3 {
         let mut c = kvm_irqchip {
@@ -502,6 +505,38 @@ mod tests {
         let gm = m.guest_memory();
         assert_eq!(gm.low_end(), memory::PCI_HOLE_START);
         assert_eq!(gm.high_len(), 1 << 30);
+    }
+
+    /// The PIT's GSI 0 reaches IOAPIC pin 2, where the MADT and the MP
+    /// table put ISA IRQ 0, and not KVM's default pin 0. Every pin starts
+    /// masked, so a raised line stays in the IOAPIC's IRR, which tells
+    /// the pin.
+    #[test]
+    fn the_pit_line_reaches_the_ioapic_pin_the_tables_name() {
+        let vm = kvm()
+            .expect("KVM must be available for engine tests")
+            .create_vm()
+            .unwrap();
+        make_irqchip(&vm).unwrap();
+        vm.set_irq_line(0, true).unwrap();
+        let mut c = kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut c).unwrap();
+        // SAFETY: chip_id IOAPIC selects the ioapic member of the union.
+        let irr = unsafe { c.chip.ioapic.irr };
+        assert_eq!(
+            irr,
+            1 << crate::devices::PIT_IOAPIC_PIN,
+            "IOAPIC IRR {irr:#x}"
+        );
+        // A serial port's line is still its own pin.
+        vm.set_irq_line(4, true).unwrap();
+        vm.get_irqchip(&mut c).unwrap();
+        // SAFETY: as above.
+        let irr = unsafe { c.chip.ioapic.irr };
+        assert_eq!(irr, (1 << 2) | (1 << 4), "IOAPIC IRR {irr:#x}");
     }
 
     #[test]

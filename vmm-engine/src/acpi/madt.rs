@@ -3,7 +3,7 @@
 
 use super::table::Table;
 use crate::cast;
-use crate::devices::SCI_IRQ;
+use crate::devices::{PIT_IOAPIC_PIN, SCI_IRQ};
 
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
@@ -27,8 +27,8 @@ pub(super) fn madt(cpus: u16) -> Vec<u8> {
     }
     // I/O APIC id = cpus (distinct from every LAPIC), GSI base 0.
     t.u8(1).u8(12).u8(cpus).u8(0).u32(IOAPIC_ADDR).u32(0);
-    // ISA IRQ 0 is wired to GSI 2.
-    t.u8(2).u8(10).u8(0).u8(0).u32(2).u16(0);
+    // ISA IRQ 0 is wired to GSI 2 (devices::legacy_routes).
+    t.u8(2).u8(10).u8(0).u8(0).u32(PIT_IOAPIC_PIN).u16(0);
     // SCI: level triggered, active high (KVM's IOAPIC line semantics).
     t.u8(2).u8(10).u8(0).u8(SCI_IRQ8).u32(SCI_IRQ).u16(0x000d);
     // LINT1 of every processor is NMI.

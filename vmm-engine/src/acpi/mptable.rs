@@ -4,7 +4,7 @@
 use super::madt::{apic_ids, IOAPIC_ADDR, LAPIC_ADDR};
 use super::table::checksum;
 use crate::cast;
-use crate::devices::{intx_route, SCI_IRQ};
+use crate::devices::{intx_route, PIT_IOAPIC_PIN, SCI_IRQ};
 
 /// Intel MP specification 1.4 configuration table: processors, the PCI
 /// and ISA buses, the I/O APIC, ISA and PCI interrupt routing (the same
@@ -38,12 +38,14 @@ pub(super) fn mp_config(cpus: u16) -> Vec<u8> {
         e.extend_from_slice(&[bus, irq, ioapic, pin]);
         count += 1;
     };
-    // The 8259 behind pin 0; ISA IRQ 0 (PIT) on pin 2, the rest identity.
+    // The 8259 behind pin 0; ISA IRQ 0 (PIT) on pin 2 (devices::legacy_routes),
+    // the rest identity.
+    const PIT_PIN: u8 = cast::const_u8(PIT_IOAPIC_PIN as u64);
     intr(3, 0, ISA_BUS, 0, 0);
     for irq in 0..16u8 {
         match irq {
-            0 => intr(0, 0, ISA_BUS, 0, 2),
-            2 => {}
+            0 => intr(0, 0, ISA_BUS, 0, PIT_PIN),
+            PIT_PIN => {}
             // SCI: level, active high (the MADT says the same).
             i if u32::from(i) == SCI_IRQ => intr(0, 0x0d, ISA_BUS, i, i),
             i => intr(0, 0, ISA_BUS, i, i),

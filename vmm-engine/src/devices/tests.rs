@@ -112,3 +112,36 @@ fn stop_requests_come_back_from_the_write_that_made_them() {
     assert_eq!(p.io_out(PM1A_CNT, &s5), Some(ExitReason::PowerOff));
     assert_eq!(p.io_out(0x80, &[1]), None);
 }
+
+/// Every IOAPIC pin but 0 (the 8259's ExtINT) has exactly one GSI; GSI 0,
+/// the PIT, is on pin 2 and on the master 8259's pin 0; GSI 2 (the 8259
+/// cascade) goes nowhere.
+#[test]
+fn legacy_routes_put_the_pit_on_pin_2() {
+    use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER};
+    let routes = super::legacy_routes();
+    let targets: Vec<(u32, u32, u32)> = routes
+        .iter()
+        .map(|e| {
+            // SAFETY: legacy_routes only makes irqchip entries.
+            let (chip, pin) = unsafe { (e.u.irqchip.irqchip, e.u.irqchip.pin) };
+            (e.gsi, chip, pin)
+        })
+        .collect();
+    for pin in 0..24u32 {
+        let gsis: Vec<u32> = targets
+            .iter()
+            .filter(|&&(_, chip, p)| chip == KVM_IRQCHIP_IOAPIC && p == pin)
+            .map(|&(g, _, _)| g)
+            .collect();
+        let want = match pin {
+            0 => vec![],
+            2 => vec![0],
+            p => vec![p],
+        };
+        assert_eq!(gsis, want, "IOAPIC pin {pin}");
+    }
+    assert!(targets.contains(&(0, KVM_IRQCHIP_PIC_MASTER, 0)));
+    assert!(!targets.iter().any(|&(g, _, _)| g == 2));
+    assert_eq!(super::PIT_IOAPIC_PIN, 2);
+}

@@ -7,10 +7,7 @@
 //! remembered until the guest unmasks it (as the PCI spec requires).
 
 use crate::cast;
-use kvm_bindings::{
-    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
-};
+use kvm_bindings::{kvm_irq_routing_entry, KVM_IRQ_ROUTING_MSI};
 use kvm_ioctls::VmFd;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -33,8 +30,9 @@ struct RouterState {
 }
 
 /// The VM's GSI routing table. Setting routes replaces KVM's whole table,
-/// so the default IOAPIC/PIC entries are always written along with the MSI
-/// ones (without them the legacy IRQs of the serial ports would stop).
+/// so the legacy IOAPIC/PIC entries ([`crate::devices::legacy_routes`])
+/// are always written along with the MSI ones (without them the legacy
+/// IRQs of the serial ports and the PIT would stop).
 pub struct GsiRouter {
     vm: Arc<VmFd>,
     st: Mutex<RouterState>,
@@ -62,54 +60,26 @@ impl GsiRouter {
         Some(base)
     }
 
-    fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
-        let mut e = kvm_irq_routing_entry {
-            gsi,
-            type_: KVM_IRQ_ROUTING_IRQCHIP,
-            ..Default::default()
-        };
-        e.u.irqchip.irqchip = chip;
-        e.u.irqchip.pin = pin;
-        e
-    }
-
     fn commit(&self, st: &RouterState) -> bool {
-        // KVM's default x86 table: GSIs 0..15 to both PICs and the IOAPIC,
-        // 16..23 to the IOAPIC only.
-        let mut v = Vec::new();
-        for gsi in 0..24u32 {
-            if gsi < 16 {
-                let (chip, pin) = if gsi < 8 {
-                    (KVM_IRQCHIP_PIC_MASTER, gsi)
-                } else {
-                    (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+        let msi: Vec<kvm_irq_routing_entry> = st
+            .msi
+            .iter()
+            .map(|(&gsi, &(addr, data))| {
+                let mut e = kvm_irq_routing_entry {
+                    gsi,
+                    type_: KVM_IRQ_ROUTING_MSI,
+                    ..Default::default()
                 };
-                v.push(Self::irqchip(gsi, chip, pin));
-            }
-            v.push(Self::irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
-        }
-        for (&gsi, &(addr, data)) in &st.msi {
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_MSI,
-                ..Default::default()
-            };
-            e.u.msi.address_lo = cast::low_u32(addr);
-            e.u.msi.address_hi = cast::high_u32(addr);
-            e.u.msi.data = data;
-            v.push(e);
-        }
-        let table = match KvmIrqRouting::from_entries(&v) {
-            Ok(t) => t,
-            Err(e) => {
-                log::warn!("GSI routing table: {e:?}");
-                return false;
-            }
-        };
-        match self.vm.set_gsi_routing(&table) {
+                e.u.msi.address_lo = cast::low_u32(addr);
+                e.u.msi.address_hi = cast::high_u32(addr);
+                e.u.msi.data = data;
+                e
+            })
+            .collect();
+        match crate::devices::set_gsi_routing(&self.vm, &msi) {
             Ok(()) => true,
             Err(e) => {
-                log::warn!("KVM_SET_GSI_ROUTING: {e}");
+                log::warn!("{e}");
                 false
             }
         }
