@@ -295,10 +295,11 @@ impl Machine {
         Ok(())
     }
 
-    /// Build the platform, load the boot image and start the threads.
-    /// `config` has been validated.
+    /// Build the platform, load the boot image and start the threads of
+    /// the VM named `name`. `config` has been validated.
     pub(crate) fn start(
         &mut self,
+        name: &str,
         config: &VmConfig,
         counters: &Arc<Counters>,
         on_exit: OnExit,
@@ -309,7 +310,8 @@ impl Machine {
         let mem = self.guest_memory();
         let coms = crate::devices::com_present(&config.serial_configured());
         if mem.low_end() >= 0x10_0000 {
-            crate::acpi::write_tables(&mem, config.topology.cpus, config.options.mptable, coms)?;
+            let (topology, mptable) = (&config.topology, config.options.mptable);
+            crate::acpi::write_tables(&mem, topology, mptable, coms, name)?;
         }
         self.load_kernel(config, &mem)?;
         let vm = self.vm()?.clone();

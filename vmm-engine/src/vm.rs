@@ -436,7 +436,10 @@ impl Op<'_> {
             }
         });
         let ctl = &mut *self.ctl;
-        if let Err(e) = ctl.machine.start(&ctl.config, &core.counters, on_exit) {
+        if let Err(e) = ctl
+            .machine
+            .start(&self.vm.name, &ctl.config, &core.counters, on_exit)
+        {
             core.set_state(VmState::Configuring);
             return Err(e);
         }

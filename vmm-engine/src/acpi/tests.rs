@@ -9,8 +9,11 @@ use super::madt::madt;
 use super::mcfg::mcfg;
 use super::mptable::{mp_config, mp_floating};
 use super::root::{rsdp, xsdt};
+use super::smbios::{self, System};
 use super::table::checksum;
 use crate::cast;
+use crate::command::Topology;
+use crate::memory::{ram_layout, FOUR_GIB};
 
 fn sum(b: &[u8]) -> u8 {
     b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
@@ -48,6 +51,31 @@ fn tables_checksum_and_fit() {
     assert!(MCFG_ADDR + mcfg().len() as u64 <= MPC_ADDR);
     assert!(MPC_ADDR + mp_config(255).len() as u64 <= DSDT_ADDR);
     assert!(DSDT_ADDR + dsdt([true; 4]).len() as u64 <= ACPI_END);
+}
+
+/// The SMBIOS structures for 1 and 255 vCPUs and RAM below the PCI hole,
+/// around it and beyond the 32 GiB of the short size field fit between
+/// the entry point (after the ACPI tables, bios.rs checks at build time)
+/// and TABLES_END.
+#[test]
+fn smbios_fits_after_the_acpi_tables() {
+    for cpus in [1, 255] {
+        for size in [256 << 20, (4 << 30) + (256 << 20), 64 << 30] {
+            let (low, high) = ram_layout(size);
+            let ram = [(0, low), (FOUR_GIB, high)];
+            let t = smbios::structures(&System {
+                topology: Topology {
+                    cpus,
+                    sockets: cpus,
+                    cores: 1,
+                    threads: 1,
+                },
+                ram: if high > 0 { &ram } else { &ram[..1] },
+                uuid: smbios::vm_uuid("vm1"),
+            });
+            assert!(SMBIOS_TABLE_ADDR + t.bytes.len() as u64 <= TABLES_END);
+        }
+    }
 }
 
 /// Run the loader script as firmware would (allocate at made-up

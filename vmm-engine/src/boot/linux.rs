@@ -7,7 +7,7 @@
 //! The image comes from the user: every header field is range-checked before
 //! it is used as an offset or an address.
 
-use crate::acpi::{ACPI_END, RSDP_ADDR};
+use crate::acpi::{RSDP_ADDR, TABLES_END};
 use crate::cast;
 use crate::devices::{ECAM_BASE, ECAM_SIZE};
 use crate::error::{Error, Result};
@@ -283,8 +283,9 @@ pub fn load(
 }
 
 /// The guest's physical memory map: RAM around the legacy hole and the PCI
-/// hole; the BIOS area holding the ACPI tables and the PCIe configuration
-/// window (ECAM: Linux uses it only if it is reserved) are reserved.
+/// hole; the BIOS area holding the ACPI, MP and SMBIOS tables and the PCIe
+/// configuration window (ECAM: Linux uses it only if it is reserved) are
+/// reserved.
 pub fn e820_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
     let low_end = mem.low_end();
     let mut v = vec![
@@ -292,7 +293,7 @@ pub fn e820_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
         (EBDA_START, 0xa_0000 - EBDA_START, E820_RESERVED),
         (
             0xe_0000,
-            ACPI_END.max(HIMEM_START) - 0xe_0000,
+            TABLES_END.max(HIMEM_START) - 0xe_0000,
             E820_RESERVED,
         ),
     ];
