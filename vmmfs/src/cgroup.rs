@@ -78,7 +78,7 @@ impl Cgroups {
     pub fn place(&self, pid: i32, uid: u32, creator: u32) -> Option<Leaf> {
         let parent = self
             .parent_for(creator)
-            .unwrap_or_else(|| self.mount.clone());
+            .map_or_else(|| self.mount.clone(), |p| root_owned(&self.mount, p));
         // Controllers must be enabled for the parent's children; already
         // enabled is fine, and a failure shows when the limits are written.
         let _ = write(&parent.join("cgroup.subtree_control"), "+memory +pids");
@@ -126,6 +126,26 @@ fn make_leaf_dir(path: &Path) -> std::io::Result<()> {
         }
         r => r,
     }
+}
+
+/// `dir` or its nearest ancestor under `mount` that root owns: where a
+/// leaf may go. A cgroup directory its user owns is delegated to them
+/// (systemd's user@UID.service and the slices and scopes below it): there
+/// they could make `vmm-worker-UID` first and keep a process in it, so that
+/// it can be neither removed nor made again, or take the controllers away
+/// from it, and their worker would run without limits. Above a delegated
+/// subtree is the user's own slice, so the accounting stays theirs.
+fn root_owned(mount: &Path, mut dir: PathBuf) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    while dir != mount && dir.starts_with(mount) {
+        if std::fs::metadata(&dir).is_ok_and(|m| m.uid() == 0) {
+            return dir;
+        }
+        if !dir.pop() {
+            break;
+        }
+    }
+    mount.to_path_buf()
 }
 
 fn leaf_of(mount: &Path, text: &str, uid: u32) -> Option<Leaf> {
@@ -245,6 +265,30 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup"))
         );
         assert_eq!(parent_of(m, "4:memory:/x\n"), None, "no cgroup v2 line");
+    }
+
+    /// A delegated subtree (its directories owned by the user) is passed
+    /// over for the nearest root-owned ancestor; the mount bounds the walk.
+    #[test]
+    fn leaves_go_only_where_root_owns_the_directory() {
+        let m = std::env::temp_dir().join(format!("vmmfs-cg-{}", std::process::id()));
+        let slice = m.join("user.slice/user-1002.slice");
+        let delegated = slice.join("user@1002.service/app.slice");
+        std::fs::create_dir_all(&delegated).unwrap();
+        let root = nix::unistd::geteuid().is_root();
+        if root {
+            for d in [slice.join("user@1002.service"), delegated.clone()] {
+                std::os::unix::fs::chown(&d, Some(1002), Some(1002)).unwrap();
+            }
+            assert_eq!(root_owned(&m, delegated.clone()), slice);
+            assert_eq!(root_owned(&m, slice.clone()), slice);
+        } else {
+            // Nothing here is root's: the walk ends at the mount.
+            assert_eq!(root_owned(&m, delegated.clone()), m);
+        }
+        assert_eq!(root_owned(&m, m.clone()), m);
+        assert_eq!(root_owned(&m, PathBuf::from("/elsewhere")), m);
+        std::fs::remove_dir_all(&m).unwrap();
     }
 
     #[test]
