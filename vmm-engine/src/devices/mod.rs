@@ -11,6 +11,7 @@ pub mod fwcfg;
 pub mod legacy;
 pub mod pci;
 pub mod pm;
+pub mod routing;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;
@@ -20,10 +21,6 @@ use crate::command::{ComPort, PciSlot};
 use crate::error::{Error, Result};
 use crate::events::{ExitReason, VmEvents};
 use crate::memory::Region;
-use kvm_bindings::{
-    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-};
 use kvm_ioctls::VmFd;
 use legacy::{BootTimer, IrqLine, PciConfigIo, PciEcam, PmBlock, SerialPort, I8042};
 use parking_lot::Mutex;
@@ -35,6 +32,7 @@ pub use crate::events::Counters;
 pub use emulation::PciEmulation;
 pub use legacy::RESET_PORT;
 pub use pm::{PM1A_CNT, PM1A_EVT, PM_TMR, SCI_IRQ};
+pub use routing::{legacy_routes, set_gsi_routing, PIT_IOAPIC_PIN};
 
 /// COM1-COM4 I/O bases and ISA IRQs (COM3 shares IRQ 4 with COM1, COM4
 /// IRQ 3 with COM2, as on a PC).
@@ -87,62 +85,6 @@ pub fn pit_drop_lost_ticks(vm: &VmFd) {
     if r < 0 {
         log::debug!("KVM_REINJECT_CONTROL: {}", std::io::Error::last_os_error());
     }
-}
-
-/// IOAPIC pin of ISA IRQ 0, the PIT: pin 0 carries the 8259's ExtINT, as on
-/// a PC. The MADT's interrupt source override and the MP table say so.
-pub const PIT_IOAPIC_PIN: u32 = 2;
-
-/// The legacy lines of KVM's GSI routing table: GSI n is ISA IRQ n on the
-/// 8259s (0..15 but 2, their cascade) and IOAPIC pin n (0..23), except that
-/// GSI 0, which KVM's in-kernel PIT raises, goes to IOAPIC pin 2.
-///
-/// KVM's own default table puts GSI 0 on pin 0. With ACPI, Linux never
-/// notices: it runs on the local APIC timer, calibrated against the PM
-/// timer. With `acpi=off` it checks that timer against PIT ticks on pin 2,
-/// finds none, disables it and is left with no timer interrupt at all: the
-/// boot then crawls on device interrupts and hangs in the first wait for a
-/// timer. QEMU routes GSI 0 the same way. KVM_SET_GSI_ROUTING replaces the
-/// whole table, so every table the engine sets starts with these.
-pub fn legacy_routes() -> Vec<kvm_irq_routing_entry> {
-    let route = |gsi: u32, chip: u32, pin: u32| {
-        let mut e = kvm_irq_routing_entry {
-            gsi,
-            type_: KVM_IRQ_ROUTING_IRQCHIP,
-            ..Default::default()
-        };
-        e.u.irqchip.irqchip = chip;
-        e.u.irqchip.pin = pin;
-        e
-    };
-    let mut v = Vec::with_capacity(40);
-    for gsi in 0..24u32 {
-        match gsi {
-            0..=7 if gsi != 2 => v.push(route(gsi, KVM_IRQCHIP_PIC_MASTER, gsi)),
-            8..=15 => v.push(route(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8)),
-            _ => {}
-        }
-        match gsi {
-            0 => v.push(route(0, KVM_IRQCHIP_IOAPIC, PIT_IOAPIC_PIN)),
-            g if g == PIT_IOAPIC_PIN => {}
-            g => v.push(route(g, KVM_IRQCHIP_IOAPIC, g)),
-        }
-    }
-    v
-}
-
-/// Set the VM's GSI routing to [`legacy_routes`] plus `extra` (MSI routes).
-pub fn set_gsi_routing(vm: &VmFd, extra: &[kvm_irq_routing_entry]) -> Result<()> {
-    let mut v = legacy_routes();
-    v.extend_from_slice(extra);
-    let table = KvmIrqRouting::from_entries(&v).map_err(|e| {
-        Error::io(
-            "KVM_SET_GSI_ROUTING",
-            std::io::Error::other(format!("{e:?}")),
-        )
-    })?;
-    vm.set_gsi_routing(&table)
-        .map_err(|e| Error::kvm("KVM_SET_GSI_ROUTING", e))
 }
 
 /// Pin (0 = INTA) and IOAPIC line of a PCI function's INTx: function f uses

@@ -30,7 +30,7 @@ struct RouterState {
 }
 
 /// The VM's GSI routing table. Setting routes replaces KVM's whole table,
-/// so the legacy IOAPIC/PIC entries ([`crate::devices::legacy_routes`])
+/// so the legacy IOAPIC/PIC entries ([`crate::devices::routing::legacy_routes`])
 /// are always written along with the MSI ones (without them the legacy
 /// IRQs of the serial ports and the PIT would stop).
 pub struct GsiRouter {
@@ -76,7 +76,7 @@ impl GsiRouter {
                 e
             })
             .collect();
-        match crate::devices::set_gsi_routing(&self.vm, &msi) {
+        match crate::devices::routing::set_gsi_routing(&self.vm, &msi) {
             Ok(()) => true,
             Err(e) => {
                 log::warn!("{e}");
