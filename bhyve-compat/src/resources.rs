@@ -415,7 +415,7 @@ pub fn open_resources(plan: &Plan) -> Result<Resources> {
     Ok(r)
 }
 
-/// One command for the VM; `optional` ones may be refused by the engine.
+/// One command for the VM; `optional` ones an engine may not know (EOPNOTSUPP).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmCommand {
     pub cmd: VmmCommand,

@@ -32,6 +32,23 @@ pub fn exit_status(s: &mut Suite) {
     );
     cleanup(s, "be-hello");
 
+    // -U: FreeBSD's one UUID form becomes the guest's SMBIOS UUID; anything
+    // else ends bhyve before the guest runs, as bhyve's smbios_build does.
+    for (uuid, status, said, out) in [
+        ("3b1a2c4d-0000-4000-8000-000000000001", 1, "no message", "hello from bootrom\n"),
+        ("not-a-uuid", 4, "says why", ""),
+    ] {
+        let end = run_bhyve(s, m1, &["-M", "-U", uuid], &hello, "be-uuid");
+        let msg = message(&end.stderr);
+        let msg = if status == 4 && msg.contains("is not a UUID") { "says why".into() } else { msg };
+        s.check(
+            &format!("bhyve: vmmtest1 bhyve -M -U {uuid} hello.rom -> {status}"),
+            format!("status {status}; {said}; {}; vmm/ empty", console(out)),
+            format!("{}; {msg}; {}; {}", end.status, console(&end.stdout), ls_after(s, "be-uuid")),
+        );
+        cleanup(s, "be-uuid");
+    }
+
     // multi.rom's letters (vmm-engine/guests/multi.s). 'n' is int3 at CPL0,
     // which KVM cannot emulate here: an engine error exit.
     for (cmd, status, what) in [

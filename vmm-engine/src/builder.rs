@@ -311,7 +311,11 @@ impl Machine {
         let coms = crate::devices::com_present(&config.serial_configured());
         if mem.low_end() >= 0x10_0000 {
             let (topology, mptable) = (&config.topology, config.options.mptable);
-            crate::acpi::write_tables(&mem, topology, mptable, coms, name)?;
+            let uuid = config
+                .options
+                .uuid
+                .unwrap_or_else(|| crate::acpi::vm_uuid(name));
+            crate::acpi::write_tables(&mem, topology, mptable, coms, uuid)?;
         }
         self.load_kernel(config, &mem)?;
         let vm = self.vm()?.clone();

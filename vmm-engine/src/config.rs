@@ -38,6 +38,9 @@ pub struct PlatformOptions {
     pub mptable: bool,
     /// `lpc.fwcfg=qemu`: the platform UEFI firmware (OVMF) expects.
     pub fwcfg: bool,
+    /// `uuid` (bhyve `-U`): the system UUID in SMBIOS, RFC 4122 byte order;
+    /// otherwise one derived from the VM's name.
+    pub uuid: Option<[u8; 16]>,
 }
 
 impl Default for PlatformOptions {
@@ -46,6 +49,7 @@ impl Default for PlatformOptions {
             rtc_localtime: true,
             mptable: true,
             fwcfg: false,
+            uuid: None,
         }
     }
 }
@@ -67,6 +71,10 @@ impl PlatformOptions {
             };
             return Ok(());
         }
+        if key == "uuid" {
+            self.uuid = Some(parse_uuid(value)?);
+            return Ok(());
+        }
         let slot = match key {
             "rtc.use_localtime" => &mut self.rtc_localtime,
             "x86.mptable" => &mut self.mptable,
@@ -83,6 +91,22 @@ impl PlatformOptions {
             }
         };
         Ok(())
+    }
+}
+
+/// A UUID in the one form FreeBSD's uuid_from_string(3) takes, as bhyve
+/// `-U` gets it: 36 characters, hex digits in groups of 8-4-4-4-12.
+fn parse_uuid(value: &str) -> Result<[u8; 16]> {
+    let groups: Vec<&str> = value.split('-').collect();
+    let shaped = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
+    match uuid::Uuid::try_parse(value) {
+        Ok(u) if shaped => Ok(u.into_bytes()),
+        _ => Err(Error::InvalidCommand(format!(
+            "uuid: '{value}' is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+        ))),
     }
 }
 
@@ -210,7 +234,11 @@ mod tests {
     #[test]
     fn every_protocol_set_key_is_accepted() {
         for key in vmm_protocol::command::SET_KEYS {
-            let value = if *key == "lpc.fwcfg" { "qemu" } else { "true" };
+            let value = match *key {
+                "lpc.fwcfg" => "qemu",
+                "uuid" => "6ba7b810-9dad-11d1-80b4-00c04fd430c8",
+                _ => "true",
+            };
             PlatformOptions::default().set(key, value).unwrap();
         }
         assert!(matches!(
@@ -230,13 +258,44 @@ mod tests {
             PlatformOptions {
                 rtc_localtime: false,
                 mptable: false,
-                fwcfg: true
+                fwcfg: true,
+                uuid: None,
             }
         );
         o.set("lpc.fwcfg", "bhyve").unwrap();
         assert!(!o.fwcfg);
         for (k, v) in [("x86.mptable", "maybe"), ("lpc.fwcfg", "uefi")] {
             assert_eq!(o.set(k, v).unwrap_err().errno(), libc::EINVAL);
+        }
+    }
+
+    /// bhyve -U: the hyphenated form only, either case; anything else is
+    /// EINVAL and leaves the UUID as it was.
+    #[test]
+    fn a_uuid_takes_freebsds_one_form() {
+        let mut o = PlatformOptions::default();
+        o.set("uuid", "6BA7B810-9dad-11d1-80b4-00c04fd430c8")
+            .unwrap();
+        let want = [
+            0x6b, 0xa7, 0xb8, 0x10, 0x9d, 0xad, 0x11, 0xd1, 0x80, 0xb4, 0x00, 0xc0, 0x4f, 0xd4,
+            0x30, 0xc8,
+        ];
+        assert_eq!(o.uuid, Some(want));
+        for bad in [
+            "",
+            "6ba7b8109dad11d180b400c04fd430c8",
+            "{6ba7b810-9dad-11d1-80b4-00c04fd430c8}",
+            "urn:uuid:6ba7b810-9dad-11d1-80b4-00c04fd430c8",
+            "6ba7b810-9dad-11d1-80b4-00c04fd430cg",
+            "6ba7b810-9dad-11d1-80b4-00c04fd430c8-",
+            "6ba7b81-09dad-11d1-80b4-00c04fd430c8",
+        ] {
+            assert_eq!(
+                o.set("uuid", bad).unwrap_err().errno(),
+                libc::EINVAL,
+                "{bad}"
+            );
+            assert_eq!(o.uuid, Some(want), "{bad}");
         }
     }
 

@@ -113,7 +113,7 @@ impl ComPort {
 /// The `set` keys the engine acts on. A client does not send others: each
 /// would cost a round trip to be refused (EOPNOTSUPP). bhyve's other
 /// configuration variables are accepted by bhyve-compat and have no effect.
-pub const SET_KEYS: &[&str] = &["lpc.fwcfg", "rtc.use_localtime", "x86.mptable"];
+pub const SET_KEYS: &[&str] = &["lpc.fwcfg", "rtc.use_localtime", "uuid", "x86.mptable"];
 
 /// One parsed command. Descriptor fields hold the client's descriptor numbers.
 #[derive(Debug, Clone, PartialEq, Eq)]

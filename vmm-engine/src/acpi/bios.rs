@@ -52,13 +52,13 @@ const _: () = assert!(
 
 /// Write the whole table set for the vCPUs of `topology` into guest RAM;
 /// the MP table unless `mptable` is false (bhyve -Y). The SMBIOS tables
-/// describe `mem` and take their UUID from `vm_name`.
+/// describe `mem`, with `uuid` (RFC 4122 byte order) as the system's.
 pub fn write_tables(
     mem: &GuestMemory,
     topology: &Topology,
     mptable: bool,
     coms: [bool; 4],
-    vm_name: &str,
+    uuid: [u8; 16],
 ) -> Result<()> {
     let cpus = topology.cpus;
     mem.zero(RSDP_ADDR, cast::usize_from(TABLES_END - RSDP_ADDR))?;
@@ -77,7 +77,7 @@ pub fn write_tables(
     let table = smbios::structures(&System {
         topology: *topology,
         ram: &ram,
-        uuid: smbios::vm_uuid(vm_name),
+        uuid,
     });
     mem.write(SMBIOS_TABLE_ADDR, &table.bytes)?;
     mem.write(

@@ -484,7 +484,7 @@ pub(super) fn entry_point(table: &StructureTable, table_addr: u32) -> Vec<u8> {
 /// its machine id from it), and VMs of different names differ. bhyve
 /// hashes the name with the host name; here the host name is no help: a
 /// worker process runs in a UTS namespace of its own named "vmm-worker".
-pub(super) fn vm_uuid(name: &str) -> [u8; 16] {
+pub fn vm_uuid(name: &str) -> [u8; 16] {
     uuid::Uuid::new_v5(&uuid::Uuid::from_bytes(VM_NAMESPACE), name.as_bytes()).into_bytes()
 }
 

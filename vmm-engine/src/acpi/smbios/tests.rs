@@ -325,7 +325,7 @@ fn guest(size: usize) -> (Vec<u8>, GuestMemory) {
 #[test]
 fn guest_finds_the_entry_point() {
     let (_buf, gm) = guest(2 << 20);
-    write_tables(&gm, &topology(2, 2, 1, 1), true, [true; 4], "vm1").unwrap();
+    write_tables(&gm, &topology(2, 2, 1, 1), true, [true; 4], vm_uuid("vm1")).unwrap();
     let mut area = vec![0u8; 0x1_0000];
     gm.read(0xf_0000, &mut area).unwrap();
     let found: Vec<usize> = (0..area.len() - 32)
