@@ -309,17 +309,17 @@ impl Machine {
         self.ensure_vcpus(config)?;
         let mem = self.guest_memory();
         let coms = crate::devices::com_present(&config.serial_configured());
+        let uuid = config
+            .options
+            .uuid
+            .unwrap_or_else(|| crate::acpi::vm_uuid(name));
         if mem.low_end() >= 0x10_0000 {
             let (topology, mptable) = (&config.topology, config.options.mptable);
-            let uuid = config
-                .options
-                .uuid
-                .unwrap_or_else(|| crate::acpi::vm_uuid(name));
             crate::acpi::write_tables(&mem, topology, mptable, coms, uuid)?;
         }
         self.load_kernel(config, &mem)?;
         let vm = self.vm()?.clone();
-        let firmware = self.firmware(config, &mem, coms)?;
+        let firmware = self.firmware(config, &mem, coms, uuid)?;
         let platform = Arc::new(Platform::new(
             vm,
             PlatformConfig {
@@ -356,12 +356,14 @@ impl Machine {
             .map_err(|e| Error::kvm("KVM_SET_REGS", e))
     }
 
-    /// UEFI's platform (fw_cfg, variable store) for a boot ROM with `lpc.fwcfg=qemu`.
+    /// UEFI's platform (fw_cfg, variable store) for a boot ROM with
+    /// `lpc.fwcfg=qemu`; `uuid` is the system's in SMBIOS.
     fn firmware(
         &self,
         config: &VmConfig,
         mem: &GuestMemory,
         coms: [bool; 4],
+        uuid: [u8; 16],
     ) -> Result<Option<FirmwareConfig>> {
         let (Some((_, rom_size)), true) = (&self.bootrom, config.options.fwcfg) else {
             return Ok(None);
@@ -369,9 +371,9 @@ impl Machine {
         Ok(Some(crate::firmware::config(
             self.vm()?,
             mem,
-            config.topology.cpus,
+            config,
+            uuid,
             *rom_size,
-            config.vars.as_ref(),
             SLOT_VARS,
             coms,
         )?))

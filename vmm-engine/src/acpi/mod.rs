@@ -24,4 +24,4 @@ mod tests;
 pub use bios::{write_tables, RSDP_ADDR, TABLES_END};
 pub use loader::{loader_files, LoaderFiles, LOADER_FILE, RSDP_FILE, TABLES_FILE};
 pub use madt::{IOAPIC_ADDR, LAPIC_ADDR};
-pub use smbios::vm_uuid;
+pub use smbios::{fw_cfg_files as smbios_fw_cfg_files, vm_uuid};

@@ -479,6 +479,28 @@ pub(super) fn entry_point(table: &StructureTable, table_addr: u32) -> Vec<u8> {
     v
 }
 
+/// The tables as fw_cfg hands them to UEFI firmware (QEMU's layout, which
+/// OVMF reads): `etc/smbios/smbios-anchor`, the entry point, whose version
+/// the firmware takes, and `etc/smbios/smbios-tables`, the structures,
+/// which it installs and points its own entry point at (the address here
+/// is 0). Without them OVMF publishes its own defaults instead of bhyve's.
+pub fn fw_cfg_files(
+    topology: &Topology,
+    ram: &[(u64, u64)],
+    uuid: [u8; 16],
+) -> [(&'static str, Vec<u8>); 2] {
+    let table = structures(&System {
+        topology: *topology,
+        ram,
+        uuid,
+    });
+    let anchor = entry_point(&table, 0);
+    [
+        ("etc/smbios/smbios-anchor", anchor),
+        ("etc/smbios/smbios-tables", table.bytes),
+    ]
+}
+
 /// The UUID of the VM named `name`: name-based (RFC 4122 version 5), so a
 /// VM keeps it across runs and re-creations (a guest's systemd may derive
 /// its machine id from it), and VMs of different names differ. bhyve

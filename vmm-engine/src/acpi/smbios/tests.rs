@@ -451,3 +451,33 @@ fn dmidecode(t: &StructureTable) -> Option<String> {
     assert_eq!(stderr, "", "dmidecode warned");
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// What UEFI firmware gets through fw_cfg: the same structures, and an
+/// entry point with valid checksums that describes them (address 0: the
+/// firmware places the table). A given UUID is the system's.
+#[test]
+fn firmware_gets_the_same_tables() {
+    let (t, size) = (topology(2, 2, 1, 1), 256 * MIB);
+    let uuid = [0x11; 16];
+    let [(anchor_name, anchor), (tables_name, tables)] = fw_cfg_files(&t, &ram(size), uuid);
+    assert_eq!(
+        (anchor_name, tables_name),
+        ("etc/smbios/smbios-anchor", "etc/smbios/smbios-tables")
+    );
+    assert_eq!(&anchor[..4], b"_SM_");
+    assert_eq!(anchor.len(), usize::from(ENTRY_POINT_LEN));
+    assert_eq!(sum(&anchor), 0);
+    assert_eq!(sum(&anchor[0x10..]), 0);
+    assert_eq!(
+        u32::from_le_bytes([anchor[0x18], anchor[0x19], anchor[0x1a], anchor[0x1b]]),
+        0
+    );
+    assert_eq!(
+        usize::from(u16::from_le_bytes([anchor[0x16], anchor[0x17]])),
+        tables.len()
+    );
+    let s = parse(&tables);
+    let kinds: Vec<u8> = s.iter().map(|x| x.kind).collect();
+    assert_eq!(kinds, [0, 1, 2, 3, 4, 4, 16, 17, 19, 32, 127]);
+    assert_eq!(&one_of_kind(&s, kind::SYSTEM).area[0x08..0x18], &[0x11; 16]);
+}
