@@ -368,15 +368,20 @@ impl Machine {
         let (Some((_, rom_size)), true) = (&self.bootrom, config.options.fwcfg) else {
             return Ok(None);
         };
-        Ok(Some(crate::firmware::config(
+        let mut fw = crate::firmware::config(
             self.vm()?,
             mem,
-            config,
-            uuid,
+            config.topology.cpus,
             *rom_size,
+            config.vars.as_ref(),
             SLOT_VARS,
             coms,
-        )?))
+        )?;
+        // SMBIOS as a directly booted guest finds it, for OVMF to install.
+        let ram: Vec<(u64, u64)> = mem.regions().iter().map(|r| (r.gpa, r.len)).collect();
+        let smbios = crate::acpi::smbios_fw_cfg_files(&config.topology, &ram, uuid);
+        crate::firmware::add_files(&mut fw.fwcfg, smbios)?;
+        Ok(Some(fw))
     }
 
     /// Start the run's threads on the first vCPUs.

@@ -6,7 +6,6 @@
 use crate::acpi;
 use crate::boot::linux::e820_map;
 use crate::cast;
-use crate::config::VmConfig;
 use crate::devices::flash::{FlashConfig, BLOCK};
 use crate::devices::fwcfg::FwCfgItems;
 use crate::devices::FirmwareConfig;
@@ -70,37 +69,41 @@ fn e820_file(mem: &GuestMemory) -> Vec<u8> {
     v
 }
 
-/// What the platform gives firmware for this run of `config`: fw_cfg items
-/// (ACPI, and SMBIOS with `uuid` as the system's) and, with a variable
-/// store, its flash just below the `rom_size`-byte boot ROM.
-pub fn config(
-    vm: &Arc<VmFd>,
-    mem: &GuestMemory,
-    config: &VmConfig,
-    uuid: [u8; 16],
-    rom_size: u64,
-    vars_slot: u32,
-    coms: [bool; 4],
-) -> Result<FirmwareConfig> {
-    let (topology, vars) = (&config.topology, config.vars.as_ref());
-    let cpus = topology.cpus;
-    let ram = mem.regions().iter().map(|r| r.len).sum();
-    let mut items = FwCfgItems::new(cpus, ram);
-    let loader = acpi::loader_files(cpus, coms);
-    let regions: Vec<(u64, u64)> = mem.regions().iter().map(|r| (r.gpa, r.len)).collect();
-    let files = [
-        ("etc/e820", e820_file(mem)),
-        (acpi::TABLES_FILE, loader.tables),
-        (acpi::RSDP_FILE, loader.rsdp),
-        (acpi::LOADER_FILE, loader.loader),
-    ]
-    .into_iter()
-    .chain(acpi::smbios_fw_cfg_files(topology, &regions, uuid));
+/// Add fw_cfg files; one refused (a name too long, too many files) is an
+/// error.
+pub fn add_files<'a>(
+    items: &mut FwCfgItems,
+    files: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+) -> Result<()> {
     for (name, data) in files {
         if !items.add_file(name, data) {
             return Err(Error::InvalidCommand(format!("fw_cfg: cannot add {name}")));
         }
     }
+    Ok(())
+}
+
+/// What the platform gives firmware for this run: fw_cfg items and, with
+/// a variable store, its flash just below the `rom_size`-byte boot ROM.
+pub fn config(
+    vm: &Arc<VmFd>,
+    mem: &GuestMemory,
+    cpus: u16,
+    rom_size: u64,
+    vars: Option<&BootVars>,
+    vars_slot: u32,
+    coms: [bool; 4],
+) -> Result<FirmwareConfig> {
+    let ram = mem.regions().iter().map(|r| r.len).sum();
+    let mut items = FwCfgItems::new(cpus, ram);
+    let loader = acpi::loader_files(cpus, coms);
+    let files = [
+        ("etc/e820", e820_file(mem)),
+        (acpi::TABLES_FILE, loader.tables),
+        (acpi::RSDP_FILE, loader.rsdp),
+        (acpi::LOADER_FILE, loader.loader),
+    ];
+    add_files(&mut items, files)?;
     let flash = match vars {
         None => None,
         Some(v) => {
