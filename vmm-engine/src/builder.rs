@@ -378,8 +378,7 @@ impl Machine {
             coms,
         )?;
         // SMBIOS as a directly booted guest finds it, for OVMF to install.
-        let ram: Vec<(u64, u64)> = mem.regions().iter().map(|r| (r.gpa, r.len)).collect();
-        let smbios = crate::acpi::smbios_fw_cfg_files(&config.topology, &ram, uuid);
+        let smbios = crate::acpi::smbios_fw_cfg_files(&config.topology, mem, uuid);
         crate::firmware::add_files(&mut fw.fwcfg, smbios)?;
         Ok(Some(fw))
     }

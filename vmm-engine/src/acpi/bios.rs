@@ -9,7 +9,7 @@ use super::madt::madt;
 use super::mcfg::mcfg;
 use super::mptable::{mp_config, mp_floating};
 use super::root::{rsdp, xsdt};
-use super::smbios::{self, System};
+use super::smbios;
 use crate::cast;
 use crate::command::Topology;
 use crate::error::Result;
@@ -73,12 +73,7 @@ pub fn write_tables(
     mem.write(MCFG_ADDR, &mcfg())?;
     mem.write(XSDT_ADDR, &xsdt(&[FADT_ADDR, MADT_ADDR, MCFG_ADDR]))?;
     mem.write(RSDP_ADDR, &rsdp(XSDT_ADDR))?;
-    let ram: Vec<(u64, u64)> = mem.regions().iter().map(|r| (r.gpa, r.len)).collect();
-    let table = smbios::structures(&System {
-        topology: *topology,
-        ram: &ram,
-        uuid,
-    });
+    let table = smbios::for_guest(topology, mem, uuid);
     mem.write(SMBIOS_TABLE_ADDR, &table.bytes)?;
     mem.write(
         SMBIOS_ADDR,

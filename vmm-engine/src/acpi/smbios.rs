@@ -17,6 +17,7 @@
 use super::table::checksum;
 use crate::cast;
 use crate::command::Topology;
+use crate::memory::GuestMemory;
 
 #[cfg(test)]
 mod tests;
@@ -479,6 +480,17 @@ pub(super) fn entry_point(table: &StructureTable, table_addr: u32) -> Vec<u8> {
     v
 }
 
+/// The structure table for a VM of `topology` whose guest RAM is `mem`,
+/// with `uuid` as the system's: what both the BIOS area and fw_cfg carry.
+pub(super) fn for_guest(topology: &Topology, mem: &GuestMemory, uuid: [u8; 16]) -> StructureTable {
+    let ram: Vec<(u64, u64)> = mem.regions().iter().map(|r| (r.gpa, r.len)).collect();
+    structures(&System {
+        topology: *topology,
+        ram: &ram,
+        uuid,
+    })
+}
+
 /// The tables as fw_cfg hands them to UEFI firmware (QEMU's layout, which
 /// OVMF reads): `etc/smbios/smbios-anchor`, the entry point, whose version
 /// the firmware takes, and `etc/smbios/smbios-tables`, the structures,
@@ -486,14 +498,10 @@ pub(super) fn entry_point(table: &StructureTable, table_addr: u32) -> Vec<u8> {
 /// is 0). Without them OVMF publishes its own defaults instead of bhyve's.
 pub fn fw_cfg_files(
     topology: &Topology,
-    ram: &[(u64, u64)],
+    mem: &GuestMemory,
     uuid: [u8; 16],
 ) -> [(&'static str, Vec<u8>); 2] {
-    let table = structures(&System {
-        topology: *topology,
-        ram,
-        uuid,
-    });
+    let table = for_guest(topology, mem, uuid);
     let anchor = entry_point(&table, 0);
     [
         ("etc/smbios/smbios-anchor", anchor),

@@ -457,9 +457,10 @@ fn dmidecode(t: &StructureTable) -> Option<String> {
 /// firmware places the table). A given UUID is the system's.
 #[test]
 fn firmware_gets_the_same_tables() {
-    let (t, size) = (topology(2, 2, 1, 1), 256 * MIB);
+    let (_buf, gm) = guest(2 << 20);
     let uuid = [0x11; 16];
-    let [(anchor_name, anchor), (tables_name, tables)] = fw_cfg_files(&t, &ram(size), uuid);
+    let [(anchor_name, anchor), (tables_name, tables)] =
+        fw_cfg_files(&topology(2, 2, 1, 1), &gm, uuid);
     assert_eq!(
         (anchor_name, tables_name),
         ("etc/smbios/smbios-anchor", "etc/smbios/smbios-tables")
